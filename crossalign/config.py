@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 METHOD_NAMES = ("concat_mlp", "cross_attention", "contrastive", "joint")
 
@@ -45,7 +45,7 @@ class SyntheticParams(Section):
     @model_validator(mode="after")
     def _objects_range(self) -> "SyntheticParams":
         if self.min_objects > self.max_objects:
-            raise ValueError(f"min_objects ({self.min_objects}) must be <= max_objects ({self.max_objects})")
+            raise ValueError(f"data.synthetic.min_objects ({self.min_objects}) must be <= max_objects ({self.max_objects})")
         return self
 
 
@@ -69,13 +69,18 @@ class DataParams(Section):
     synthetic: SyntheticParams = Field(default_factory=SyntheticParams)
     coco: CocoParams = Field(default_factory=CocoParams)
 
-    @model_validator(mode="after")
-    def _dataset_known(self) -> "DataParams":
+    @field_validator("dataset")
+    @classmethod
+    def _dataset_known(cls, value: str) -> str:
         allowed = ("synthetic", "coco2017", "coco-karpathy", "coco-folder")
-        if self.dataset not in allowed:
-            raise ValueError(f"dataset {self.dataset!r} is not one of {allowed}")
+        if value not in allowed:
+            raise ValueError(f"allowed: {', '.join(allowed)}")
+        return value
+
+    @model_validator(mode="after")
+    def _folder_given(self) -> "DataParams":
         if self.dataset == "coco-folder" and not self.folder:
-            raise ValueError("dataset 'coco-folder' needs data.folder: a folder in COCO caption format")
+            raise ValueError("data.dataset 'coco-folder' needs data.folder: a folder in COCO caption format")
         return self
 
 
@@ -160,14 +165,15 @@ class TrainParams(Section):
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     threads: int = Field(0, ge=0, description="CPU threads; 0 = all cores")
 
-    @model_validator(mode="after")
-    def _methods_known(self) -> "TrainParams":
-        unknown = [m for m in self.methods if m not in METHOD_NAMES]
+    @field_validator("methods")
+    @classmethod
+    def _methods_known(cls, value: list[str]) -> list[str]:
+        unknown = [m for m in value if m not in METHOD_NAMES]
         if unknown:
             raise ValueError(f"unknown methods {unknown}; allowed: {list(METHOD_NAMES)}")
-        if len(set(self.methods)) != len(self.methods):
-            raise ValueError(f"methods listed twice: {self.methods}")
-        return self
+        if len(set(value)) != len(value):
+            raise ValueError("a method is listed twice")
+        return value
 
 
 # ------------------------------------------------------------------------------------- evaluate
@@ -230,6 +236,8 @@ def _format_error(source: str, err: ValidationError) -> str:
         key = ".".join(str(p) for p in e["loc"]) or "<root>"
         if e["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown key (value {e['input']!r}); check the spelling against params.yaml")
+        elif isinstance(e.get("input"), dict):  # a check across several keys of a section
+            lines.append(f"  {key}: {e['msg']}")
         else:
             lines.append(f"  {key} = {e.get('input')!r}: {e['msg']}")
     return "\n".join(lines)

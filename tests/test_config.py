@@ -1,0 +1,78 @@
+"""The shipped params.yaml loads; broken ones fail at load naming the key, value and what is allowed."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from crossalign import config
+
+
+def test_shipped_params_load(repo_root: Path) -> None:
+    cfg = config.load(repo_root / "params.yaml")
+    assert cfg.data.dataset == "synthetic"
+    assert cfg.train.methods == ["concat_mlp", "cross_attention", "contrastive", "joint"]
+    assert cfg.select.baseline in cfg.train.methods
+    # the shipped file spells out every key: nothing is left to a silent default
+    shipped = yaml.safe_load((repo_root / "params.yaml").read_text())
+    assert set(config.Config().flat()) == set(config.from_dict(shipped).flat())
+    assert _keys(shipped) == set(config.Config().flat())
+
+
+def _keys(tree: dict, prefix: str = "") -> set[str]:
+    out: set[str] = set()
+    for k, v in tree.items():
+        key = f"{prefix}.{k}" if prefix else k
+        out |= _keys(v, key) if isinstance(v, dict) else {key}
+    return out
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ({"train": {"epochs": 0}}, ["train.epochs", "0", "greater than or equal to 1"]),
+        ({"train": {"epoch": 3}}, ["train.epoch", "unknown key"]),
+        ({"trian": {}}, ["trian", "unknown key"]),
+        ({"preprocess": {"resize": "stretch"}}, ["preprocess.resize", "'stretch'", "squash", "center_crop"]),
+        ({"preprocess": {"on_bad_input": "ignore"}}, ["preprocess.on_bad_input", "'error'", "'skip'"]),
+        ({"data": {"dataset": "imagenet"}}, ["data", "imagenet", "synthetic", "coco2017"]),
+        ({"data": {"dataset": "coco-folder"}}, ["data.folder"]),
+        ({"data": {"synthetic": {"min_objects": 5, "max_objects": 2}}}, ["min_objects", "max_objects"]),
+        ({"train": {"methods": ["contrastive", "clip"]}}, ["train.methods", "clip", "concat_mlp"]),
+        ({"train": {"methods": ["contrastive"]}}, ["select.baseline", "concat_mlp"]),
+        ({"train": {"lr": "fast"}}, ["train.lr", "'fast'", "number"]),
+        ({"methods": {"contrastive": {"temperature": -1}}}, ["methods.contrastive.temperature", "-1"]),
+        ({"train": {"seeds": []}}, ["train.seeds", "at least 1"]),
+    ],
+)
+def test_broken_params_name_key_value_and_allowed(tmp_path: Path, raw: dict, expected: list[str]) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(config.ConfigError) as err:
+        config.load(path)
+    message = str(err.value)
+    assert str(path) in message
+    for fragment in expected:
+        assert fragment in message, f"{fragment!r} missing from:\n{message}"
+
+
+def test_not_yaml_and_missing_file(tmp_path: Path) -> None:
+    bad = tmp_path / "params.yaml"
+    bad.write_text("train: [epochs: 3\n")
+    with pytest.raises(config.ConfigError, match="not valid YAML"):
+        config.load(bad)
+    with pytest.raises(config.ConfigError, match="not found"):
+        config.load(tmp_path / "absent.yaml")
+    bad.write_text("- just\n- a list\n")
+    with pytest.raises(config.ConfigError, match="expected a mapping"):
+        config.load(bad)
+
+
+def test_flat_and_roundtrip() -> None:
+    cfg = config.Config()
+    flat = cfg.flat()
+    assert flat["methods.joint.shortlist_k"] == 16
+    assert flat["train.seeds"] == [0]
+    again = config.from_dict(yaml.safe_load(config.dump_params(cfg)))
+    assert again == cfg
