@@ -1,0 +1,198 @@
+"""``compare-aligners``: crossalign's DAG, read from ``dvc.yaml``, as a Prefect 3 flow.
+
+Each pipeline stage becomes one task run, submitted in dependency order with its upstream futures
+as ``wait_for``; the ``foreach`` branches (``train@<m>``, ``evaluate@<m>``) run side by side, at most
+``max_parallel`` commands at once, each pinned to its own GPU when there are several. A stage that
+``dvc status`` reports up to date is skipped; a stage that ran is committed to ``dvc.lock``
+(flows/dvc_dag.py), so ``dvc repro`` and this flow each find the other's work up to date.
+
+Failure: a stage whose upstream failed does not run, except a stage that gathers several branches
+of one ``foreach`` (``select``): it runs once every branch has finished, so that it can report
+which branches are missing (and fail) rather than choose among the rest. The flow run then fails
+with a message naming the failed stages and the last lines the gathering stage printed.
+
+    python -m flows.compare [--methods a,b] [--dataset synthetic] [--epochs N] [--max-parallel N]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from contextlib import chdir
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import PrefectFuture, wait
+from prefect.states import Cancelled, State
+from prefect.tasks import exponential_backoff
+from prefect.utilities.annotations import allow_failure, quote
+
+from flows import artifacts
+from flows.dvc_dag import (DvcBookkeeper, SlotPool, StageNode, describe_status, gpu_ids, read_dag,
+                           run_commands, stage_env)
+from flows.overrides import apply_overrides, overrides_from
+
+# Retry policy, by stage name: the data stage downloads (coco2017 / coco-karpathy), the one step
+# that meets the network; every other stage is deterministic, and a retry would only repeat its error.
+RETRIES: dict[str, dict[str, Any]] = {
+    "data": {"retries": 3, "retry_delay_seconds": exponential_backoff(backoff_factor=10),
+             "retry_jitter_factor": 0.2},
+}
+
+
+class StageFailed(RuntimeError):
+    """A stage command exited non-zero; the message holds its last output lines."""
+
+
+class PipelineFailed(RuntimeError):
+    """Some stages failed or could not run; the message names them."""
+
+
+@task(cache_policy=NO_CACHE, task_run_name="{name}")
+def run_stage(name: str, node: StageNode, books: DvcBookkeeper, slots: SlotPool,
+              branches: list[PrefectFuture] | None = None) -> dict[str, Any] | State:
+    """Run one DVC stage unless DVC reports it up to date; commit it to ``dvc.lock`` when it ran.
+
+    ``branches``: for a stage gathering ``foreach`` branches, their (finished) futures; it runs
+    when at least one branch completed, to report the missing ones, and is cancelled otherwise.
+    Returns ``{"stage", "outcome": "skipped" | "ran", "seconds", "gpu"}``; raises
+    :class:`StageFailed` with the command's last output lines when it fails.
+    """
+    log = get_run_logger()
+    if branches is not None and not any(f.state.is_completed() for f in branches):
+        return Cancelled(message=f"{name}: no upstream branch completed")
+    status = books.status(node.target)
+    if not status:
+        log.info("%s is up to date (dvc status): skipped", name)
+        return {"stage": name, "outcome": "skipped", "seconds": 0.0, "gpu": None}
+    log.info("%s: %s", name, describe_status(status))
+    gpu = slots.acquire()
+    try:
+        books.prepare(node.target)
+        log.info("%s: running%s", name, f" on GPU {gpu}" if gpu is not None else "")
+        result = run_commands(node, stage_env(node, books.root, gpu), echo=log.info)
+    finally:
+        slots.release(gpu)
+    if result.returncode != 0:
+        raise StageFailed(f"stage {name} failed (exit {result.returncode}); last output:\n{result.tail}")
+    books.commit(node.target)
+    log.info("%s: done in %.1f s, committed to dvc.lock", name, result.seconds)
+    return {"stage": name, "outcome": "ran", "seconds": round(result.seconds, 3), "gpu": gpu}
+
+
+def _task_for(node: StageNode):
+    policy = RETRIES.get(node.name)
+    return run_stage.with_options(**policy) if policy else run_stage
+
+
+def _gathers_branches(node: StageNode, dag: dict[str, StageNode]) -> bool:
+    """True for a stage that reads two or more branches of one ``foreach`` (select <- evaluate@*)."""
+    groups = [dag[u].group for u in node.upstream if "@" in u]
+    return any(groups.count(g) > 1 for g in set(groups))
+
+
+def submit_dag(dag: dict[str, StageNode], books: DvcBookkeeper, slots: SlotPool) -> dict[str, PrefectFuture]:
+    """Submit every stage with its upstream futures as ``wait_for`` (``dag`` is in dependency order)."""
+    futures: dict[str, PrefectFuture] = {}
+    for name, node in dag.items():
+        upstream = [futures[u] for u in node.upstream]
+        branches = None
+        if _gathers_branches(node, dag):
+            branches, upstream = quote(upstream), [allow_failure(f) for f in upstream]
+        futures[name] = _task_for(node).submit(name, node, books, slots, branches, wait_for=upstream)
+    return futures
+
+
+def outcomes(futures: dict[str, PrefectFuture]) -> list[dict[str, Any]]:
+    """One row per stage: outcome (ran / skipped / failed / not run) and the failure message."""
+    wait(list(futures.values()))
+    rows = []
+    for name, fut in futures.items():
+        state: State = fut.state
+        if state.is_completed():
+            rows.append({**fut.result(), "message": ""})
+        elif state.is_failed() or state.is_crashed():
+            try:
+                fut.result()
+                message = state.message or ""
+            except Exception as err:  # noqa: BLE001 - the task's own error is the message
+                message = str(err) or repr(err)
+            rows.append({"stage": name, "outcome": "failed", "seconds": None, "gpu": None, "message": message})
+        else:
+            rows.append({"stage": name, "outcome": "not run", "seconds": None, "gpu": None,
+                         "message": state.message or f"upstream failed ({state.name})"})
+    return rows
+
+
+def failure_message(rows: list[dict[str, Any]]) -> str | None:
+    """The flow's failure message: the failed stages with their last output line, the skipped ones."""
+    failed = [r for r in rows if r["outcome"] == "failed"]
+    if not failed:
+        return None
+    lines = [f"{len(failed)} stage(s) failed: {', '.join(r['stage'] for r in failed)}"]
+    for r in failed:
+        last = [ln for ln in r["message"].splitlines() if ln.strip()]
+        lines.append(f"  {r['stage']}: {last[-1] if last else 'failed'}")
+    not_run = [r["stage"] for r in rows if r["outcome"] == "not run"]
+    if not_run:
+        lines.append(f"  not run (upstream failed): {', '.join(not_run)}")
+    return "\n".join(lines)
+
+
+def default_parallelism() -> int:
+    """One stage at a time per CUDA GPU, at least one."""
+    return max(1, len(gpu_ids()))
+
+
+@flow(name="compare-aligners", log_prints=True)
+def compare_aligners(root: str = ".", methods: list[str] | None = None, dataset: str | None = None,
+                     epochs: int | None = None, max_parallel: int | None = None) -> dict[str, Any]:
+    """Train, evaluate and select crossalign's aligners: the DAG of ``<root>/dvc.yaml``.
+
+    ``methods`` / ``dataset`` / ``epochs`` (``None``: as in params.yaml) are written into
+    ``params.yaml`` first, so DVC sees them; ``max_parallel`` (``None``: the number of GPUs, at
+    least 1) bounds the stage commands running at once. Returns the stage outcomes and the
+    selection; raises :class:`PipelineFailed` when a stage failed.
+    """
+    log = get_run_logger()
+    start = time.monotonic()
+    project = Path(root).resolve()
+    cfg = apply_overrides(project, overrides_from(methods, dataset, epochs))
+    parallel = max_parallel if max_parallel is not None else default_parallelism()
+    gpus = gpu_ids()
+    slots = SlotPool(parallel, gpus)
+    effective = {"root": str(project), "methods": cfg.train.methods, "dataset": cfg.data.dataset,
+                 "epochs": cfg.train.epochs, "max_parallel": parallel, "gpus": gpus}
+    log.info("effective parameters: %s", effective)
+    dag = read_dag(project)
+    log.info("DAG from dvc.yaml: %s", " -> ".join(dag))
+    books = DvcBookkeeper(project)
+    from crossalign import tracking  # mlflow is heavy: imported only when the flow runs
+
+    tracking.setup(cfg, project)  # the MLflow store, once, before branches race to create it
+    with chdir(project):  # as `dvc repro` in the project root: DVC resolves paths against the cwd
+        rows = outcomes(submit_dag(dag, books, slots))
+    message = failure_message(rows)
+    selection = artifacts.publish(project, rows, effective, message, time.monotonic() - start)
+    if message:
+        raise PipelineFailed(message)
+    return {"stages": rows, "selection": selection, "parameters": effective}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Run crossalign's DVC DAG as the Prefect flow compare-aligners.")
+    parser.add_argument("--root", default=".", help="DVC project (default: .)")
+    parser.add_argument("--methods", help="comma-separated methods (default: params.yaml train.methods)")
+    parser.add_argument("--dataset", help="data.dataset (default: params.yaml)")
+    parser.add_argument("--epochs", type=int, help="train.epochs (default: params.yaml)")
+    parser.add_argument("--max-parallel", type=int, help="stage commands at once (default: GPUs, >= 1)")
+    args = parser.parse_args(argv)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    state = compare_aligners(root=args.root, methods=methods, dataset=args.dataset, epochs=args.epochs,
+                             max_parallel=args.max_parallel, return_state=True)
+    return 0 if state.is_completed() else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,229 @@
+"""The Prefect flow (flows/compare.py) on toy DVC projects: the DAG read from dvc.yaml, skipping
+what DVC reports up to date, both directions of flow <-> ``dvc repro``, concurrency and GPU
+pinning, retries on the data stage, a failed method, parameters, artifacts.
+
+Flows run under ONE session-scoped ``prefect_test_harness`` (a temporary server, ~15 s).
+"""
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from flows_toy import METHODS, dvc, make_toy_project, toy_log
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+from prefect.logging import disable_run_logger
+from prefect.testing.utilities import prefect_test_harness
+
+from crossalign import config
+from flows import compare
+from flows.artifacts import leaderboard_rows, summary_markdown
+from flows.dvc_dag import DvcBookkeeper, SlotPool, read_dag
+from flows.overrides import apply_overrides, overrides_from
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture
+def toy(tmp_path: Path, monkeypatch) -> Path:
+    for key in ("TOY_FAIL", "TOY_FLAKY", "TOY_SLEEP", "CUDA_VISIBLE_DEVICES"):
+        monkeypatch.delenv(key, raising=False)
+    return make_toy_project(tmp_path / "toy")
+
+
+def run_flow(root: Path, **params):
+    """Run the flow in-process; return its final state."""
+    return compare.compare_aligners(root=str(root), return_state=True, **params)
+
+
+def artifacts_of(state) -> dict[str, object]:
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    return {a.key: a for a in found}
+
+
+# ------------------------------------------------------------------------- DAG and bookkeeping
+def test_read_dag_follows_dvc_yaml_and_params(toy: Path):
+    dag = read_dag(toy)
+    names = list(dag)
+    assert set(names) == {"data", "features", "select", *(f"{s}@{m}" for s in ("train", "evaluate") for m in METHODS)}
+    for name, node in dag.items():  # dependency order: every upstream comes first
+        assert all(names.index(u) < names.index(name) for u in node.upstream), name
+    assert dag["train@joint"].upstream == ("features",)
+    assert dag["evaluate@joint"].upstream == ("train@joint",)
+    assert dag["select"].upstream == tuple(sorted(f"evaluate@{m}" for m in METHODS))
+    assert dag["train@joint"].cmds == ("python toy.py train joint",)
+    assert dag["train@joint"].target == f"{toy / 'dvc.yaml'}:train@joint"
+    apply_overrides(toy, overrides_from(methods=["concat_mlp"]))
+    assert [n for n in read_dag(toy) if "@" in n] == ["train@concat_mlp", "evaluate@concat_mlp"]
+
+
+def test_read_dag_without_dvc_yaml_names_the_file(tmp_path: Path):
+    with pytest.raises(ValueError, match="dvc.yaml: no such file"):
+        read_dag(tmp_path)
+
+
+def test_bookkeeper_status_is_empty_only_after_commit(toy: Path):
+    books = DvcBookkeeper(toy)
+    target = read_dag(toy)["data"].target
+    assert books.status(target)  # never ran
+    dvc(toy, "repro", "data")
+    assert books.status(target) == {}
+    (toy / "raw" / "data.txt").write_text("tampered")
+    assert "data" in books.status(target)
+    books.commit(target)
+    assert books.status(target) == {}
+
+
+def test_overrides_write_params_keep_comments_and_fail_fast(toy: Path):
+    text = (toy / "params.yaml").read_text()
+    cfg = apply_overrides(toy, overrides_from(methods=["concat_mlp", "joint"], dataset="synthetic", epochs=3))
+    assert cfg.train.methods == ["concat_mlp", "joint"] and cfg.train.epochs == 3
+    raw = yaml.safe_load((toy / "params.yaml").read_text())
+    assert raw["train"]["methods"] == ["concat_mlp", "joint"] and raw["train"]["epochs"] == 3
+    assert (toy / "params.yaml").read_text().startswith("# toy params")
+    before = (toy / "params.yaml").read_text()
+    assert before != text
+    with pytest.raises(config.ConfigError, match=r"unknown methods \['clip'\]; allowed: \['concat_mlp'"):
+        apply_overrides(toy, overrides_from(methods=["concat_mlp", "clip"]))
+    with pytest.raises(config.ConfigError, match=r"data.dataset = 'imagenet'.*allowed: synthetic"):
+        apply_overrides(toy, overrides_from(dataset="imagenet"))
+    assert (toy / "params.yaml").read_text() == before  # a refused override leaves the file as it was
+
+
+def test_slot_pool_pins_one_gpu_per_slot_and_blocks_when_full():
+    pool = SlotPool(2, ["3", "5"])
+    a, b = pool.acquire(), pool.acquire()
+    assert {a, b} == {"3", "5"}
+    got = []
+    waiter = threading.Thread(target=lambda: got.append(pool.acquire()))
+    waiter.start()
+    time.sleep(0.2)
+    assert got == []  # both slots taken: the third stage waits
+    pool.release(a)
+    waiter.join(5)
+    assert got == [a]
+    assert SlotPool(3, ["0"]).acquire() is None  # one GPU: nothing to pin
+    with pytest.raises(ValueError, match="max_parallel must be >= 1"):
+        SlotPool(0, [])
+
+
+def test_leaderboard_rows_flatten_and_mark_champion():
+    selection = {"champion": "joint", "leaderboard": [
+        {"method": "joint", "val": {"rsum": 300.123456}, "test": {"rsum": 290.0}},
+        {"method": "concat_mlp", "val": {"rsum": 200.0}, "test": {"rsum": 190.0}, "seeds": [0, 1]}]}
+    rows = leaderboard_rows(selection)
+    assert rows[0] == {"champion": "*", "method": "joint", "val.rsum": 300.1235, "test.rsum": 290.0}
+    assert rows[1]["champion"] == "" and rows[1]["seeds"] == "[0, 1]"
+    assert leaderboard_rows({"leaderboard": {"a": {"rsum": 1.0}}}) == [{"method": "a", "rsum": 1.0}]
+    with pytest.raises(ValueError, match="no 'leaderboard' key"):
+        leaderboard_rows({"champion": "a"})
+
+
+def test_summary_markdown_states_failure_parameters_and_report():
+    stages = [{"stage": "data", "outcome": "skipped", "seconds": 0.0},
+              {"stage": "train@joint", "outcome": "failed", "seconds": None}]
+    md = summary_markdown({"methods": ["joint"]}, stages, "1 stage(s) failed: train@joint", "# Report", 2.0)
+    assert "**FAILED**" in md and "1 stage(s) failed: train@joint" in md
+    assert "| methods | `['joint']` |" in md and "| train@joint | failed |  |" in md
+    assert md.rstrip().endswith("# Report")
+
+
+def test_run_stage_task_runs_commits_then_skips(toy: Path, monkeypatch):
+    dag, books, slots = read_dag(toy), DvcBookkeeper(toy), SlotPool(1, [])
+    monkeypatch.setenv("TOY_FLAKY", str(toy.parent / "flaky-marker"))
+    with disable_run_logger():
+        with pytest.raises(compare.StageFailed, match="(?s)stage data failed \\(exit 1\\).*download interrupted"):
+            compare.run_stage.fn("data", dag["data"], books, slots)
+        first = compare.run_stage.fn("data", dag["data"], books, slots)
+        again = compare.run_stage.fn("data", dag["data"], books, slots)
+    assert first["outcome"] == "ran" and again["outcome"] == "skipped"
+    assert (toy / "raw" / "data.txt").read_text() == "synthetic"
+    assert books.status(dag["data"].target) == {}
+
+
+# --------------------------------------------------------------------------------- flow runs
+def test_flow_runs_dag_concurrently_retries_data_and_dvc_finds_it_up_to_date(toy: Path, prefect_harness, monkeypatch):
+    monkeypatch.setenv("TOY_FLAKY", str(toy.parent / "flaky-marker"))
+    monkeypatch.setenv("TOY_SLEEP", "1.0")
+    monkeypatch.setitem(compare.RETRIES, "data", {"retries": 2, "retry_delay_seconds": 0})
+    state = run_flow(toy, max_parallel=2)
+    assert state.is_completed(), state.message
+    result = state.result()
+    assert {r["stage"]: r["outcome"] for r in result["stages"]} == {n: "ran" for n in read_dag(toy)}
+    log = toy_log(toy)
+    assert [e["step"] for e in log][:2] == ["data", "features"]  # data succeeded on its retry
+    trains = [e for e in log if e["step"] == "train"]
+    at_once = max(sum(o["start"] <= t["start"] < o["end"] for o in trains) for t in trains)
+    assert at_once == 2, "max_parallel=2: two trainings at once, never three"
+    # direction 1: after the flow, DVC finds everything up to date and repro runs nothing
+    assert DvcBookkeeper(toy).status() == {}
+    assert "Data and pipelines are up to date." in dvc(toy, "repro").stdout
+    assert len(toy_log(toy)) == len(log)
+    keys = artifacts_of(state)
+    assert {"crossalign-leaderboard", "crossalign-stages", "crossalign-summary"} <= set(keys)
+    assert "champion: contrastive" in keys["crossalign-summary"].data
+    assert "contrastive" in keys["crossalign-leaderboard"].data
+    # a second flow run skips every stage
+    again = run_flow(toy, max_parallel=2)
+    assert {r["outcome"] for r in again.result()["stages"]} == {"skipped"}
+
+
+def test_flow_after_dvc_repro_skips_every_stage(toy: Path, prefect_harness):
+    dvc(toy, "repro")
+    ran = len(toy_log(toy))
+    state = run_flow(toy)
+    assert state.is_completed(), state.message
+    assert {r["outcome"] for r in state.result()["stages"]} == {"skipped"}
+    assert len(toy_log(toy)) == ran
+
+
+def test_failed_method_fails_its_branch_and_select_names_it(toy: Path, prefect_harness, monkeypatch):
+    monkeypatch.setenv("TOY_FAIL", "contrastive")
+    state = run_flow(toy, max_parallel=2)
+    assert state.is_failed()
+    assert "train@contrastive" in state.message
+    assert "missing methods ['contrastive']" in state.message  # select's own error, surfaced
+    steps = {(e["step"], e["item"]) for e in toy_log(toy)}
+    assert ("evaluate", "joint") in steps and ("evaluate", "concat_mlp") in steps
+    assert ("evaluate", "contrastive") not in steps and ("select", None) not in steps
+    assert "not run (upstream failed): evaluate@contrastive" in state.message
+    status = DvcBookkeeper(toy).status()
+    assert {"train@contrastive", "evaluate@contrastive", "select"} <= set(status)
+    assert "train@joint" not in status  # the healthy branches are committed
+    assert "FAILED" in artifacts_of(state)["crossalign-summary"].data
+
+
+def test_flow_parameters_take_effect_and_pin_gpus(toy: Path, prefect_harness, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    state = run_flow(toy, methods=["concat_mlp", "joint"], epochs=3)
+    assert state.is_completed(), state.message
+    assert state.result()["parameters"]["max_parallel"] == 2  # default: one per visible GPU
+    assert (toy / "models" / "joint" / "w.txt").read_text() == "joint epochs=3"
+    assert not (toy / "models" / "contrastive").exists()
+    cudas = {e["item"]: e["cuda"] for e in toy_log(toy) if e["step"] == "train"}
+    assert set(cudas) == {"concat_mlp", "joint"} and set(cudas.values()) <= {"0", "1"}
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(state.state_details.flow_run_id)
+    assert run.parameters["methods"] == ["concat_mlp", "joint"] and run.parameters["epochs"] == 3
+    bad = run_flow(toy, methods=["concat_mlp", "clip"])
+    assert bad.is_failed() and "allowed: ['concat_mlp'" in bad.message
+
+
+def test_failed_data_stage_stops_everything_after_it(toy: Path, prefect_harness, monkeypatch):
+    monkeypatch.setenv("TOY_FLAKY", str(toy.parent / "flaky-marker"))
+    monkeypatch.setitem(compare.RETRIES, "data", {"retries": 0})
+    state = run_flow(toy)
+    assert state.is_failed() and "1 stage(s) failed: data" in state.message
+    assert "download interrupted" in state.message
+    assert toy_log(toy) == []  # nothing downstream ran, select included (no branch completed)
+    rows = artifacts_of(state)["crossalign-stages"].data
+    assert '"select"' in rows and "not run" in rows
