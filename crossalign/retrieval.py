@@ -2,7 +2,10 @@
 
 ``scores`` is always ``[n_images, n_captions]`` (higher = better match) and
 ``caption_image`` maps each caption column to its image row, so images may have any number of
-captions (COCO has 5-7). Chain: encode -> :func:`score_matrix` -> :func:`retrieval_metrics`.
+captions (COCO has 5-7). Chain: encode -> :func:`score_states` -> ranks -> metrics.
+
+Ties are broken against the query everywhere (a true item tied with a false one ranks below
+it), so a constant scorer scores chance, never R@1 = 100.
 """
 from __future__ import annotations
 
@@ -14,72 +17,153 @@ from crossalign.io import FeatureSplit
 from crossalign.methods.base import Aligner, State, cat_states, index_state
 
 RECALL_KS = (1, 5, 10)
+METRIC_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
+FOLD_IMAGES = 1000  # COCO 1K protocol: five folds of 1,000 images of the 5K test split
+FOLDS = 5
+_ROW_CHUNK = 512  # image rows ranked at once (bounds the (rows, M) comparison masks)
+
+
+def _check(scores: np.ndarray, caption_image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    scores = np.asarray(scores, dtype=np.float32)
+    caption_image = np.asarray(caption_image, dtype=np.int64)
+    if scores.ndim != 2 or caption_image.ndim != 1 or scores.shape[1] != caption_image.shape[0]:
+        raise ValueError(f"scores {scores.shape} must be [n_images, n_captions] with one caption_image "
+                         f"entry per column, got caption_image {caption_image.shape}")
+    if caption_image.size and (caption_image.min() < 0 or caption_image.max() >= scores.shape[0]):
+        raise ValueError(f"caption_image holds rows outside [0, {scores.shape[0]}): "
+                         f"min {caption_image.min()}, max {caption_image.max()}")
+    missing = np.setdiff1d(np.arange(scores.shape[0]), caption_image)
+    if missing.size:
+        raise ValueError(f"images {missing[:10].tolist()} have no caption; every image needs at least one")
+    if np.isnan(scores).any():
+        bad = np.argwhere(np.isnan(scores))[0].tolist()
+        raise ValueError(f"scores contain NaN (first at image row {bad[0]}, caption column {bad[1]})")
+    return scores, caption_image
 
 
 def i2t_ranks(scores: np.ndarray, caption_image: np.ndarray) -> np.ndarray:
     """Rank (0 = first) of each image's best-ranked true caption -> (n_images,).
 
-    Ties count against the query: a true caption's rank is the number of captions scoring
-    strictly higher plus the number of *false* captions scoring equal (pessimistic), so a
-    constant scorer cannot reach R@1 = 100.
+    A true caption's rank is the number of captions scoring strictly higher plus the number of
+    *false* captions scoring equal (pessimistic ties).
     """
-    n_img = scores.shape[0]
-    ranks = np.empty(n_img, dtype=np.int64)
-    for i in range(n_img):
-        row = scores[i]
-        true = caption_image == i
-        best = row[true].max()
-        ranks[i] = int((row > best).sum() + ((row == best) & ~true).sum())
+    scores, caption_image = _check(scores, caption_image)
+    n, m = scores.shape
+    own = scores[caption_image, np.arange(m)]  # (M,) score of each caption with its own image
+    best = np.full(n, -np.inf, dtype=np.float32)
+    np.maximum.at(best, caption_image, own)  # (N,) best true-caption score per image
+    ranks = np.empty(n, dtype=np.int64)
+    for s in range(0, n, _ROW_CHUNK):
+        rows = scores[s:s + _ROW_CHUNK]  # (C, M)
+        b = best[s:s + _ROW_CHUNK, None]  # (C, 1)
+        false = caption_image[None, :] != np.arange(s, s + rows.shape[0])[:, None]  # (C, M)
+        ranks[s:s + rows.shape[0]] = (rows > b).sum(1) + ((rows == b) & false).sum(1)
     return ranks
 
 
 def t2i_ranks(scores: np.ndarray, caption_image: np.ndarray) -> np.ndarray:
     """Rank (0 = first) of each caption's image among all images -> (n_captions,); ties pessimistic."""
-    cols = np.arange(scores.shape[1])
-    true = scores[caption_image, cols]  # (M,)
-    higher = (scores > true[None, :]).sum(0)
-    ties = (scores == true[None, :]).sum(0) - 1
+    scores, caption_image = _check(scores, caption_image)
+    true = scores[caption_image, np.arange(scores.shape[1])]  # (M,)
+    higher = (scores > true[None, :]).sum(0)  # (M,)
+    ties = (scores == true[None, :]).sum(0) - 1  # (M,) other images tied with the true one
     return (higher + ties).astype(np.int64)
 
 
 def recall_from_ranks(ranks: np.ndarray, prefix: str) -> dict[str, float]:
+    """R@1/5/10 (percent) and the 1-based median rank of one direction's per-query ranks."""
+    ranks = np.asarray(ranks)
     out = {f"{prefix}_r{k}": float(100.0 * (ranks < k).mean()) for k in RECALL_KS}
     out[f"{prefix}_medr"] = float(np.floor(np.median(ranks)) + 1)
     return out
 
 
-def retrieval_metrics(scores: np.ndarray, caption_image: np.ndarray) -> dict[str, float]:
-    """COCO protocol: i2t R@1/5/10 (hit when *any* caption of the image is in the top K),
-    t2i R@1/5/10, RSUM (sum of the six, max 600) and median ranks (1-based)."""
-    scores = np.asarray(scores, dtype=np.float32)
-    caption_image = np.asarray(caption_image, dtype=np.int64)
-    if scores.shape[1] != caption_image.shape[0]:
-        raise ValueError(f"scores has {scores.shape[1]} caption columns, caption_image {caption_image.shape[0]}")
-    missing = np.setdiff1d(np.arange(scores.shape[0]), caption_image)
-    if missing.size:
-        raise ValueError(f"images {missing[:10].tolist()} have no caption; every image needs at least one")
-    out = recall_from_ranks(i2t_ranks(scores, caption_image), "i2t")
-    out.update(recall_from_ranks(t2i_ranks(scores, caption_image), "t2i"))
+def metrics_from_ranks(i2t: np.ndarray, t2i: np.ndarray) -> dict[str, float]:
+    """The COCO metrics from per-query ranks of both directions (used again by the bootstrap)."""
+    out = recall_from_ranks(i2t, "i2t")
+    out.update(recall_from_ranks(t2i, "t2i"))
     out["rsum"] = sum(out[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in RECALL_KS)
     return out
 
 
+def retrieval_metrics(scores: np.ndarray, caption_image: np.ndarray,
+                      scores_t2i: np.ndarray | None = None) -> dict[str, float]:
+    """COCO protocol: i2t R@1/5/10 (hit when *any* caption of the image is in the top K),
+    t2i R@1/5/10, RSUM (sum of the six, max 600) and median ranks (1-based).
+
+    ``scores_t2i``: a separate matrix for text->image when the method ranks the two directions
+    differently (shortlist re-rank); defaults to ``scores``.
+    """
+    t2i_scores = scores if scores_t2i is None else scores_t2i
+    if np.shape(t2i_scores) != np.shape(scores):
+        raise ValueError(f"scores_t2i {np.shape(t2i_scores)} differs from scores {np.shape(scores)}")
+    return metrics_from_ranks(i2t_ranks(scores, caption_image), t2i_ranks(t2i_scores, caption_image))
+
+
+def fold_slices(n_images: int) -> list[slice]:
+    """The 1K folds of the COCO protocol: five 1,000-image slices when the split has 5,000
+    images, else none (the 1K numbers only mean something on the 5K test split)."""
+    if n_images != FOLD_IMAGES * FOLDS:
+        return []
+    return [slice(f * FOLD_IMAGES, (f + 1) * FOLD_IMAGES) for f in range(FOLDS)]
+
+
+def coco_metrics(i2t_scores: np.ndarray, t2i_scores: np.ndarray,
+                 caption_image: np.ndarray) -> tuple[dict, np.ndarray, np.ndarray]:
+    """Full-split metrics (5K when N = 5,000) plus ``"1k"``: the mean over the five 1K folds,
+    each fold with its own images' captions. Returns (metrics, i2t ranks, t2i ranks)."""
+    caption_image = np.asarray(caption_image, dtype=np.int64)
+    i2t, t2i = i2t_ranks(i2t_scores, caption_image), t2i_ranks(t2i_scores, caption_image)
+    out: dict = metrics_from_ranks(i2t, t2i)
+    folds = []
+    for rows in fold_slices(np.shape(i2t_scores)[0]):
+        cols = np.flatnonzero((caption_image >= rows.start) & (caption_image < rows.stop))  # (Mf,)
+        sub_ci = caption_image[cols] - rows.start
+        folds.append(retrieval_metrics(np.asarray(i2t_scores)[rows][:, cols], sub_ci,
+                                       np.asarray(t2i_scores)[rows][:, cols]))
+    if folds:
+        out["1k"] = {k: float(np.mean([f[k] for f in folds])) for k in folds[0]}
+    return out, i2t, t2i
+
+
 # ------------------------------------------------------------------------------------ scoring
-def _encode(model: Aligner, split: FeatureSplit, device: torch.device, batch: int) -> tuple[State, State]:
-    """Project every image and caption of the split once -> (image state, text state)."""
-    img_states, txt_states = [], []
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> the first CUDA device when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def describe_protocol(model: Aligner, block_images: int, block_texts: int) -> str:
+    """How ``model`` is ranked, in words (written into the metrics)."""
+    if model.embeds and model.rerank is not None:
+        return f"shortlist k={model.rerank.k} re-rank alpha={model.rerank.alpha}"
+    if model.embeds:
+        return "embedding similarity"
+    return f"exact all-pairs (blocks {block_images}x{block_texts})"
+
+
+def encode_images(model: Aligner, split: FeatureSplit, device: torch.device, batch: int = 512) -> State:
+    """Project every image of the split once -> image state (batch-first tensors)."""
+    states = []
     for s in range(0, split.n_images, batch):
-        tok = torch.from_numpy(np.asarray(split.image_tokens[s:s + batch])).to(device).float()
-        pool = torch.from_numpy(np.asarray(split.image_pooled[s:s + batch])).to(device).float()
-        img_states.append(model.encode_images(tok, pool))
+        tok = torch.from_numpy(np.array(split.image_tokens[s:s + batch])).to(device).float()  # (B, R, Di)
+        pool = torch.from_numpy(np.array(split.image_pooled[s:s + batch])).to(device).float()  # (B, Di)
+        states.append(model.encode_images(tok, pool))
+    return cat_states(states)
+
+
+def encode_texts(model: Aligner, split: FeatureSplit, device: torch.device, batch: int = 512) -> State:
+    """Project every caption of the split once -> text state; token dims padded to the longest."""
+    states = []
     for s in range(0, split.n_captions, batch):
-        lengths = torch.from_numpy(np.asarray(split.text_lengths[s:s + batch])).long()
-        width = int(lengths.max())
-        tok = torch.from_numpy(np.asarray(split.text_tokens[s:s + batch, :width])).to(device).float()
+        lengths = torch.from_numpy(np.array(split.text_lengths[s:s + batch])).long()  # (B,)
+        width = max(int(lengths.max()), 1)
+        tok = torch.from_numpy(np.array(split.text_tokens[s:s + batch, :width])).to(device).float()  # (B, L, Dt)
         mask = (torch.arange(width)[None, :] < lengths[:, None]).to(device)  # (B, L)
-        pool = torch.from_numpy(np.asarray(split.text_pooled[s:s + batch])).to(device).float()
-        txt_states.append(model.encode_texts(tok, mask, pool))
-    return cat_states(img_states), _pad_cat(txt_states)
+        pool = torch.from_numpy(np.array(split.text_pooled[s:s + batch])).to(device).float()  # (B, Dt)
+        states.append(model.encode_texts(tok, mask, pool))
+    return _pad_cat(states)
 
 
 def _pad_cat(states: list[State]) -> State:
@@ -94,56 +178,69 @@ def _pad_cat(states: list[State]) -> State:
     return out
 
 
-@torch.inference_mode()
-def score_matrix(model: Aligner, split: FeatureSplit, device: torch.device | str = "cpu",
-                 block_images: int = 64, block_texts: int = 512, encode_batch: int = 512) -> np.ndarray:
-    """All images x all captions scores (float32 [N, M]) with the ranking the method defines:
+def _rows(state: State) -> int:
+    return int(next(iter(state.values())).shape[0])
 
-    - embeds only: embedding similarity;
-    - matches only: exact all-pairs matching, tiled in (block_images x block_texts) blocks so
-      memory is bounded by a block, never by the split;
-    - both (``model.rerank`` set): similarity, then each image's top-k captions and each
-      caption's top-k images re-scored by ``alpha * match + (1 - alpha) * sim``, placed above
-      every non-shortlisted candidate. Rows rank captions for i2t, columns images for t2i, so
-      the two directions get separate matrices: returns the i2t matrix; use
-      :func:`score_matrices` for both.
+
+@torch.inference_mode()
+def score_states(model: Aligner, images: State, texts: State, block_images: int = 64,
+                 block_texts: int = 512, pair_chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """(i2t scores, t2i scores), both float32 [N, M], from encoded states, ranking as the method
+    defines (identical matrices unless it re-ranks):
+
+    - embeds only: embedding similarity, ``block_images`` rows at a time;
+    - matches only: exact all-pairs matching tiled in ``block_images x block_texts`` blocks, so
+      memory is bounded by one block, never by the split;
+    - both (``model.rerank`` set): similarity, then each image's top-k captions (rows, for i2t)
+      and each caption's top-k images (columns, for t2i) re-scored by
+      ``alpha * match + (1 - alpha) * sim`` in chunks of ``pair_chunk`` pairs.
     """
-    return score_matrices(model, split, device, block_images, block_texts, encode_batch)[0]
+    n, m = _rows(images), _rows(texts)
+    if model.embeds:
+        sim = torch.cat([model.similarity(index_state(images, slice(s, s + block_images)), texts).float()
+                         for s in range(0, n, block_images)])  # (N, M)
+        if model.rerank is None:
+            out = sim.cpu().numpy()
+            return out, out
+        return _rerank(model, images, texts, sim, pair_chunk)
+    if not model.matches:
+        raise TypeError(f"{type(model).__name__} neither embeds nor matches: it cannot rank")
+    out_t = torch.empty(n, m)
+    for i in range(0, n, block_images):
+        img = index_state(images, slice(i, i + block_images))
+        for t in range(0, m, block_texts):
+            out_t[i:i + block_images, t:t + block_texts] = model.match_block(
+                img, index_state(texts, slice(t, t + block_texts))).float().cpu()  # (bi, bt)
+    out = out_t.numpy()
+    return out, out
 
 
 @torch.inference_mode()
 def score_matrices(model: Aligner, split: FeatureSplit, device: torch.device | str = "cpu",
-                   block_images: int = 64, block_texts: int = 512,
-                   encode_batch: int = 512) -> tuple[np.ndarray, np.ndarray]:
-    """(i2t scores, t2i scores), both [N, M]; identical unless the method re-ranks."""
+                   block_images: int = 64, block_texts: int = 512, encode_batch: int = 512,
+                   pair_chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """Encode a feature split once and score all images x all captions: (i2t, t2i), both
+    float32 [N, M]; see :func:`score_states`."""
     device = torch.device(device)
     model = model.eval().to(device)
-    images, texts = _encode(model, split, device, encode_batch)
-    n, m = split.n_images, split.n_captions
-    if model.embeds:
-        sim = torch.cat([model.similarity(index_state(images, slice(s, s + block_images)), texts)
-                         for s in range(0, n, block_images)]).float()  # (N, M)
-        if model.rerank is None:
-            out = sim.cpu().numpy()
-            return out, out
-        return _rerank(model, images, texts, sim)
-    if not model.matches:
-        raise TypeError(f"{type(model).__name__} neither embeds nor matches")
-    out = torch.empty(n, m)
-    for i in range(0, n, block_images):
-        img = index_state(images, slice(i, i + block_images))
-        for t in range(0, m, block_texts):
-            out[i:i + block_images, t:t + block_texts] = model.match_block(
-                img, index_state(texts, slice(t, t + block_texts))).float().cpu()
-    out_np = out.numpy()
-    return out_np, out_np
+    images = encode_images(model, split, device, encode_batch)
+    texts = encode_texts(model, split, device, encode_batch)
+    return score_states(model, images, texts, block_images, block_texts, pair_chunk)
 
 
-def _rerank(model: Aligner, images: State, texts: State, sim: Tensor) -> tuple[np.ndarray, np.ndarray]:
+def score_matrix(model: Aligner, split: FeatureSplit, device: torch.device | str = "cpu",
+                 block_images: int = 64, block_texts: int = 512, encode_batch: int = 512) -> np.ndarray:
+    """The i2t matrix of :func:`score_matrices` (equal to the t2i one unless the method re-ranks)."""
+    return score_matrices(model, split, device, block_images, block_texts, encode_batch)[0]
+
+
+def _rerank(model: Aligner, images: State, texts: State, sim: Tensor,
+            pair_chunk: int) -> tuple[np.ndarray, np.ndarray]:
     """ALBEF two-stage ranking: shortlist top-k by similarity, re-rank it by the fused score.
 
-    Shortlisted entries are shifted by one constant so they all lie above every non-shortlisted
-    score (order among them unchanged); the rest keep their similarity order.
+    ``match`` runs on at most ``pair_chunk`` pairs at a time. Shortlisted entries are then
+    shifted by one constant (over all chunks) so they lie above every non-shortlisted score,
+    their order unchanged; the rest keep their similarity order.
     """
     assert model.rerank is not None
     k, alpha = model.rerank.k, model.rerank.alpha
@@ -151,16 +248,65 @@ def _rerank(model: Aligner, images: State, texts: State, sim: Tensor) -> tuple[n
     ceiling = float(sim.max()) + 1.0
 
     def lifted(ii: Tensor, tt: Tensor) -> Tensor:
-        match = model.match(index_state(images, ii), index_state(texts, tt)).float()  # (P,)
-        fused = alpha * match + (1 - alpha) * sim[ii, tt]
+        fused = torch.empty(ii.shape[0], device=sim.device)  # (P,)
+        for s in range(0, ii.shape[0], pair_chunk):
+            a, b = ii[s:s + pair_chunk], tt[s:s + pair_chunk]
+            match = model.match(index_state(images, a), index_state(texts, b)).float()  # (p,)
+            fused[s:s + pair_chunk] = alpha * match + (1 - alpha) * sim[a, b]
         return fused - fused.min() + ceiling
 
     i2t = sim.clone()
     top = sim.topk(min(k, m), dim=1).indices.reshape(-1)  # (N*k,)
-    ii = torch.arange(n, device=sim.device).repeat_interleave(min(k, m))
+    ii = torch.arange(n, device=sim.device).repeat_interleave(min(k, m))  # (N*k,)
     i2t[ii, top] = lifted(ii, top)
     t2i = sim.clone()
     top = sim.topk(min(k, n), dim=0).indices.reshape(-1)  # (k*M,) row-major over (k, M)
-    tt = torch.arange(m, device=sim.device).repeat(min(k, n))
+    tt = torch.arange(m, device=sim.device).repeat(min(k, n))  # (k*M,)
     t2i[top, tt] = lifted(top, tt)
     return i2t.cpu().numpy(), t2i.cpu().numpy()
+
+
+# ------------------------------------------------------------------------------ binding probe
+def binding_probe(i2t_scores: np.ndarray, t2i_scores: np.ndarray, caption_image: np.ndarray,
+                  twins: list[dict]) -> dict:
+    """How often the true item beats its binding twin's (chance: 50 %).
+
+    For each unordered twin pair (a, b) and each side x in {a, b} with twin y:
+    i2t compares every true caption of x with every caption of y for image x; t2i compares, for
+    every caption of x, image x with image y. A win scores 1, a tie 0.5. Returns percentages
+    overall and per swap kind, with the number of pairs and comparisons.
+    """
+    caption_image = np.asarray(caption_image, dtype=np.int64)
+    caps = {int(i): np.flatnonzero(caption_image == i) for i in np.unique(caption_image)}
+    seen: set[frozenset] = set()
+    tallies: dict[str, list[float]] = {}
+
+    def win(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return (a > b) + 0.5 * (a == b)
+
+    for j, twin in enumerate(twins):
+        try:
+            a, b, kind = int(twin["image"]), int(twin["twin"]), str(twin.get("swap") or "unknown")
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"twins[{j}] = {twin!r}: expected {{'image': row, 'twin': row, 'swap': kind}}") from None
+        if a not in caps or b not in caps:
+            raise ValueError(f"twins[{j}]: image row {a if a not in caps else b} has no caption in the split")
+        if a == b or frozenset((a, b)) in seen:
+            continue
+        seen.add(frozenset((a, b)))
+        t = tallies.setdefault(kind, [0, 0.0, 0, 0.0, 0])  # pairs, i2t wins, i2t n, t2i wins, t2i n
+        t[0] += 1
+        for x, y in ((a, b), (b, a)):
+            w = win(i2t_scores[x, caps[x]][:, None], i2t_scores[x, caps[y]][None, :])  # (cx, cy)
+            t[1] += float(w.sum()); t[2] += w.size
+            w = win(t2i_scores[x, caps[x]], t2i_scores[y, caps[x]])  # (cx,)
+            t[3] += float(w.sum()); t[4] += w.size
+
+    def summary(rows: list[list[float]]) -> dict:
+        pairs, iw, i_n, tw, t_n = (sum(r[c] for r in rows) for c in range(5))
+        return {"i2t": 100.0 * iw / i_n if i_n else None, "t2i": 100.0 * tw / t_n if t_n else None,
+                "pairs": int(pairs), "i2t_comparisons": int(i_n), "t2i_comparisons": int(t_n)}
+
+    out = {"chance": 50.0, "overall": summary(list(tallies.values())),
+           "per_swap": {kind: summary([t]) for kind, t in sorted(tallies.items())}}
+    return out

@@ -1,0 +1,142 @@
+"""``evaluate@<method>``: the COCO retrieval protocol on val and test for every trained seed.
+
+Reads ``models/<m>/final/seed-<s>/`` (one per ``train.seeds``), ``data/features/{val,test}`` and
+``eval/test_index.json``; writes ``eval/<m>/`` (test score matrix of the seed chosen by val RSUM,
+per-query ranks of every seed) and ``metrics/<m>.json``, and logs the metrics to each seed's
+MLflow run. The same pure chain serves every method: encode -> score -> ranks -> metrics.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from crossalign import registry
+from crossalign.config import Config
+from crossalign.io import FeatureSplit, atomic_dir, load_features, read_json, write_json
+from crossalign.retrieval import (METRIC_KEYS, binding_probe, coco_metrics, describe_protocol, fold_slices,
+                                  resolve_device, score_matrices)
+
+log = logging.getLogger(__name__)
+RUN_ID_KEYS = ("mlflow_run_id", "run_id")  # where model.json may name the seed's MLflow run
+Loader = Callable[[Path], tuple[Any, dict]]
+
+
+def model_dir(root: Path, method: str, seed: int) -> Path:
+    return Path(root) / "models" / method / "final" / f"seed-{seed}"
+
+
+def check_test_index(index: dict, split: FeatureSplit, path: Path) -> None:
+    """``eval/test_index.json`` must describe the test features' row and column order."""
+    for key in ("image_ids", "caption_image_ids"):
+        if key not in index:
+            raise ValueError(f"{path}: missing key {key!r} (expected image_ids, caption_image_ids, captions, twins)")
+    image_ids = np.asarray(index["image_ids"], dtype=np.int64)
+    caption_image_ids = np.asarray(index["caption_image_ids"], dtype=np.int64)
+    if not np.array_equal(image_ids, np.asarray(split.image_ids)):
+        raise ValueError(f"{path}: image_ids ({image_ids.size}) differ from {split.root}/image_ids.npy "
+                         f"({split.n_images}): the score rows would not follow the index")
+    expected = np.asarray(split.image_ids)[np.asarray(split.caption_image_index)]
+    if not np.array_equal(caption_image_ids, expected):
+        raise ValueError(f"{path}: caption_image_ids differ from the test features' caption order "
+                         f"({caption_image_ids.size} vs {expected.size} captions)")
+
+
+def _mean_std(values: list[Any]) -> tuple[Any, Any]:
+    """Mean and (population) std of numeric leaves of equally shaped nested dicts."""
+    if isinstance(values[0], dict):
+        pairs = {k: _mean_std([v[k] for v in values]) for k in values[0]}
+        return {k: p[0] for k, p in pairs.items()}, {k: p[1] for k, p in pairs.items()}
+    if any(v is None for v in values) or not isinstance(values[0], (int, float)):
+        return values[0], None
+    return float(np.mean(values)), float(np.std(values))
+
+
+def _aggregate(per_seed: dict[int, dict]) -> dict:
+    """Seed mean at the top level; ``std`` and ``per_seed`` beside it when there are several."""
+    mean, std = _mean_std(list(per_seed.values()))
+    out = dict(mean)
+    if len(per_seed) > 1:
+        out["std"] = std
+        out["per_seed"] = {str(s): m for s, m in per_seed.items()}
+    return out
+
+
+def evaluate_model(model: torch.nn.Module, split: FeatureSplit, cfg: Config,
+                   device: torch.device) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Score one split with one model -> (metrics, i2t scores, t2i scores, i2t ranks, t2i ranks)."""
+    ev = cfg.evaluate
+    i2t, t2i = score_matrices(model, split, device, ev.block_images, ev.block_texts, pair_chunk=ev.pair_chunk)
+    metrics, r_i2t, r_t2i = coco_metrics(i2t, t2i, split.caption_image_index)
+    metrics.update(n_images=split.n_images, n_captions=split.n_captions)
+    return metrics, i2t, t2i, r_i2t, r_t2i
+
+
+def run(cfg: Config, method: str, root: Path, loader: Loader | None = None) -> dict:
+    """Evaluate every seed of ``method``; write ``eval/<method>/`` and ``metrics/<method>.json``."""
+    root = Path(root)
+    if loader is None:
+        from crossalign.methods import load_aligner as loader
+    device = resolve_device(cfg.evaluate.device)
+    val = load_features(root / "data" / "features" / "val")
+    test = load_features(root / "data" / "features" / "test")
+    index_path = root / "eval" / "test_index.json"
+    index = read_json(index_path)
+    check_test_index(index, test, index_path)
+    twins = index.get("twins") or []
+
+    per_seed = {"val": {}, "test": {}}
+    ranks: dict[int, dict[str, np.ndarray]] = {}
+    run_ids: dict[str, str | None] = {}
+    protocol, best = None, None  # best: (val rsum, seed, test i2t scores, test t2i scores)
+    for seed in cfg.train.seeds:
+        path = model_dir(root, method, seed)
+        if not (path / "model.json").exists():
+            raise FileNotFoundError(f"{path}/model.json: no trained model for method {method!r} seed {seed} "
+                                    f"(train.seeds = {cfg.train.seeds}; has train@{method} run?)")
+        model, meta = loader(path)
+        if meta.get("method", method) != method:
+            raise ValueError(f"{path}/model.json: method {meta.get('method')!r}, expected {method!r}")
+        protocol = describe_protocol(model, cfg.evaluate.block_images, cfg.evaluate.block_texts)
+        run_ids[str(seed)] = next((meta[k] for k in RUN_ID_KEYS if meta.get(k)), None)
+        v_metrics, *_, v_i2t, v_t2i = evaluate_model(model, val, cfg, device)
+        t_metrics, s_i2t, s_t2i, t_i2t, t_t2i = evaluate_model(model, test, cfg, device)
+        if twins:
+            t_metrics["binding_probe"] = binding_probe(s_i2t, s_t2i, test.caption_image_index, twins)
+        per_seed["val"][seed], per_seed["test"][seed] = v_metrics, t_metrics
+        ranks[seed] = {"val_i2t": v_i2t, "val_t2i": v_t2i, "test_i2t": t_i2t, "test_t2i": t_t2i}
+        if best is None or v_metrics["rsum"] > best[0]:
+            best = (v_metrics["rsum"], seed, s_i2t, s_t2i)
+        log.info("%s seed %d: val rsum %.1f, test rsum %.1f", method, seed, v_metrics["rsum"], t_metrics["rsum"])
+
+    folds = " + 1K (mean of 5 folds, 1K sub-matrices of the 5K scores)" if fold_slices(test.n_images) else ""
+    result = {
+        "method": method,
+        "protocol": f"{protocol}; COCO {'5K' if folds else 'full split'}{folds}; i2t hit when any "
+                    "caption is in the top K; ties count against the query",
+        "seeds": list(cfg.train.seeds),
+        "scores_seed": best[1],
+        "mlflow_run_ids": run_ids,
+        "val": _aggregate(per_seed["val"]),
+        "test": _aggregate(per_seed["test"]),
+    }
+    for seed, run_id in run_ids.items():
+        if run_id is None:
+            log.warning("%s seed %s: model.json names no MLflow run; metrics not logged", method, seed)
+            continue
+        flat = {f"eval_{split}_{k}": per_seed[split][int(seed)][k] for split in ("val", "test") for k in METRIC_KEYS}
+        registry.log_to_run(cfg, root, run_id, flat)
+
+    with atomic_dir(root / "eval" / method) as tmp:
+        np.save(tmp / "test_scores.npy", best[2].astype(np.float32))
+        if best[3] is not best[2]:
+            np.save(tmp / "test_scores_t2i.npy", best[3].astype(np.float32))
+        for seed, arrays in ranks.items():
+            (tmp / "ranks" / f"seed-{seed}").mkdir(parents=True)
+            for name, arr in arrays.items():
+                np.save(tmp / "ranks" / f"seed-{seed}" / f"{name}.npy", arr.astype(np.int64))
+    write_json(root / "metrics" / f"{method}.json", result)
+    return result

@@ -1,0 +1,133 @@
+"""MLflow side of evaluation and selection: logging evaluation metrics to a method's run, one
+registered-model version per method, and the ``champion`` alias.
+
+The tracking URI comes from ``params.yaml:tracking``; a relative ``sqlite:///`` path is taken
+relative to the project root so library calls with another ``root`` (tests) stay inside it.
+"""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.entities import Metric
+from mlflow.exceptions import MlflowException
+
+from crossalign import tracking
+from crossalign.config import Config
+
+CHAMPION = "champion"
+MODEL_ARTIFACT = "model"  # artifact path of each (method, seed) run's logged model
+
+
+def tracking_uri(cfg: Config, root: Path) -> str:
+    """The configured tracking URI with a relative sqlite path resolved against ``root``."""
+    uri = tracking.resolve_uri(cfg.tracking.tracking_uri, Path(root))
+    if uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    return uri
+
+
+@contextmanager
+def using(cfg: Config, root: Path) -> Iterator[MlflowClient]:
+    """Point the fluent MLflow API (and a client) at this project's store, restoring after."""
+    previous, previous_registry = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    uri = tracking_uri(cfg, root)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield MlflowClient(tracking_uri=uri, registry_uri=uri)
+    finally:
+        mlflow.set_tracking_uri(previous)
+        mlflow.set_registry_uri(previous_registry)
+
+
+def _metrics(values: dict[str, float]) -> list[Metric]:
+    now = int(time.time() * 1000)
+    return [Metric(k, float(v), now, 0) for k, v in values.items()]
+
+
+def champion_uri(cfg: Config) -> str:
+    return f"models:/{cfg.tracking.registered_model}@{CHAMPION}"
+
+
+def log_to_run(cfg: Config, root: Path, run_id: str, metrics: dict[str, float],
+               artifacts: list[Path] = ()) -> None:
+    """Log final metrics (and files) to an existing run; a run id that the store does not know
+    is an error naming the store."""
+    with using(cfg, root) as client:
+        try:
+            client.get_run(run_id)
+        except MlflowException:
+            raise ValueError(f"MLflow run {run_id!r} not found in {tracking_uri(cfg, root)} "
+                             "(model.json names a run of another tracking store?)") from None
+        client.log_batch(run_id, metrics=_metrics(metrics))
+        for path in artifacts:
+            client.log_artifact(run_id, str(path), artifact_path="evaluation")
+
+
+def register_versions(cfg: Config, root: Path, candidates: dict[str, dict]) -> dict[str, str]:
+    """Make each method's model a version of ``tracking.registered_model``.
+
+    ``candidates``: method -> {"run_id", "seed", "tags": {...}}. Idempotent: a version already
+    registered from the same run (training registers each run's model) is reused, its tags refreshed.
+    Returns method -> version.
+    """
+    name = cfg.tracking.registered_model
+    versions: dict[str, str] = {}
+    with using(cfg, root) as client:
+        for method, cand in candidates.items():
+            run_id = cand["run_id"]
+            tags = {"method": method, "seed": str(cand["seed"]),
+                    **{k: f"{v:.4f}" if isinstance(v, float) else str(v) for k, v in cand.get("tags", {}).items()}}
+            existing = [v for v in _versions(client, name) if v.run_id == run_id]  # training may have registered it
+            if existing:
+                version = existing[0].version
+                for k, v in tags.items():
+                    client.set_model_version_tag(name, version, k, v)
+            else:
+                try:
+                    version = mlflow.register_model(f"runs:/{run_id}/{MODEL_ARTIFACT}", name, tags=tags).version
+                except MlflowException as err:
+                    raise ValueError(f"cannot register {method} (run {run_id}) as a version of {name!r}: "
+                                     f"{err.message}") from None
+            versions[method] = str(version)
+    return versions
+
+
+def _versions(client: MlflowClient, name: str) -> list:
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        return []
+    return list(client.search_model_versions(f"name='{name}'"))
+
+
+def set_champion(cfg: Config, root: Path, version: str) -> None:
+    """Move the ``champion`` alias of the registered model to ``version``."""
+    with using(cfg, root) as client:
+        client.set_registered_model_alias(cfg.tracking.registered_model, CHAMPION, str(version))
+
+
+def current_champion(cfg: Config, root: Path):
+    """The model version holding the ``champion`` alias, or None when there is none yet."""
+    with using(cfg, root) as client:
+        try:
+            return client.get_model_version_by_alias(cfg.tracking.registered_model, CHAMPION)
+        except MlflowException:
+            return None
+
+
+def log_selection(cfg: Config, root: Path, files: list[Path], metrics: dict[str, float]) -> str:
+    """Record a ``select`` run in the experiment holding the selection and the report files."""
+    with using(cfg, root) as client:
+        exp_id = tracking.setup(cfg, root)
+        run = client.create_run(exp_id, run_name="select", tags={"stage": "select"})
+        client.log_batch(run.info.run_id, metrics=_metrics(metrics))
+        for path in files:
+            client.log_artifact(run.info.run_id, str(path), artifact_path="reports")
+        client.set_terminated(run.info.run_id)
+        return run.info.run_id

@@ -1,0 +1,221 @@
+"""``reports/``: the comparison a reader checks before trusting a champion.
+
+``comparison.md`` (leaderboard, gains with CIs, binding probe, protocol) and four PNGs: R@K
+bars per method, training curves from ``plots/train/<m>.csv``, and a retrieval gallery of the
+champion on test (captions -> top-5 images with the true one marked; images -> top-5 captions).
+"""
+from __future__ import annotations
+
+import csv
+import textwrap
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from crossalign.config import Config  # noqa: E402
+from crossalign.io import atomic_file, load_npy, read_json  # noqa: E402
+from crossalign.retrieval import METRIC_KEYS  # noqa: E402
+
+RECALL_PNG, CURVES_PNG = "recall_at_k.png", "training_curves.png"
+T2I_PNG, I2T_PNG = "gallery_text_to_image.png", "gallery_image_to_text.png"
+TOP = 5
+CURVE_SERIES = ("train_loss", "val_rsum")  # the series plotted when logged (dvc.yaml's training plot)
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    with atomic_file(path, "wb") as fh:
+        fig.savefig(fh, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def plot_recall(board: list[dict], path: Path) -> Path:
+    """Grouped bars: test R@1/5/10 of both directions per method (std as error bars)."""
+    keys = [k for k in METRIC_KEYS if k != "rsum"]
+    fig, ax = plt.subplots(figsize=(9, 4))
+    width = 0.8 / len(board)
+    for j, row in enumerate(board):
+        x = np.arange(len(keys)) + j * width  # (6,)
+        err = [row["test_std"].get(k, 0.0) for k in keys]
+        ax.bar(x, [row["test"][k] for k in keys], width, yerr=err, label=f"{row['method']} (RSUM {row['test']['rsum']:.1f})")
+    ax.set_xticks(np.arange(len(keys)) + 0.4 - width / 2, [k.replace("_r", " R@") for k in keys])
+    ax.set_ylabel("recall on test (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title("Retrieval recall per method (test split; champion chosen on val)")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def read_curve(path: Path) -> dict[str, np.ndarray]:
+    """Numeric columns of a training-curve CSV (``epoch`` plus any logged series)."""
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows or "epoch" not in rows[0]:
+        raise ValueError(f"{path}: expected a CSV with an 'epoch' column and at least one row")
+    cols: dict[str, np.ndarray] = {}
+    for key in rows[0]:
+        try:
+            cols[key] = np.array([float(r[key]) if r[key] not in ("", None) else np.nan for r in rows])
+        except ValueError:
+            continue
+    return cols
+
+
+def plot_curves(curves: dict[str, dict[str, np.ndarray]], path: Path) -> Path:
+    """A panel for train loss and one for val RSUM (else the first four series logged), one line
+    per method (and seed)."""
+    logged = sorted({k for c in curves.values() for k in c if k not in ("epoch", "seed", "step")})
+    series = [k for k in CURVE_SERIES if k in logged] or logged[:4]
+    fig, axes = plt.subplots(1, max(len(series), 1), figsize=(4.5 * max(len(series), 1), 3.5), squeeze=False)
+    for ax, name in zip(axes[0], series):
+        for method, cols in curves.items():
+            if name not in cols:
+                continue
+            seeds = np.unique(cols["seed"]) if "seed" in cols else [None]
+            for s in seeds:
+                keep = (cols["seed"] == s) if s is not None else np.ones_like(cols["epoch"], bool)
+                label = method if s is None or len(seeds) == 1 else f"{method} seed {int(s)}"
+                ax.plot(cols["epoch"][keep], cols[name][keep], marker="o", ms=3, label=label)
+        ax.set_xlabel("epoch")
+        ax.set_title(name)
+        ax.legend(fontsize=7)
+    if not series:
+        axes[0][0].text(0.5, 0.5, "no training curves found", ha="center")
+    return _save(fig, path)
+
+
+def plot_gallery_t2i(images: np.ndarray, captions: list[str], caption_image: np.ndarray,
+                     t2i: np.ndarray, queries: list[int], path: Path) -> Path:
+    """Rows: a test caption and its top-5 images by the champion's score; true image framed green."""
+    fig, axes = plt.subplots(len(queries), TOP + 1, figsize=(2.2 * (TOP + 1), 2.6 * len(queries)), squeeze=False)
+    for r, q in enumerate(queries):
+        ranking = np.argsort(-t2i[:, q], kind="stable")  # (N,) image rows, best first
+        true_rank = int(np.flatnonzero(ranking == caption_image[q])[0])
+        shown = [(c, i) for c, i in enumerate(ranking[:TOP])]
+        if true_rank >= TOP:  # the true image, outside the top 5, in the last column
+            shown.append((true_rank, ranking[true_rank]))
+        axes[r][TOP].axis("off")
+        for col, (c, i) in enumerate(shown):
+            ax = axes[r][col]
+            ax.axis("on")
+            ax.imshow(np.asarray(images[i]).transpose(1, 2, 0))
+            true = i == caption_image[q]
+            ax.set_xticks([]), ax.set_yticks([])
+            for side in ax.spines.values():
+                side.set_edgecolor("green" if true else "lightgrey")
+                side.set_linewidth(5 if true else 1)
+            ax.set_xlabel(f"#{c + 1}  {t2i[i, q]:.2f}" + ("  TRUE" if true else ""), fontsize=8,
+                          color="green" if true else "black")
+        axes[r][0].set_title("\n".join(textwrap.wrap(f'"{captions[q]}"', 60)), fontsize=8, loc="left")
+    fig.suptitle("Text -> image: top-5 test images per caption (true image framed green; "
+                 "shown last with its rank when outside the top 5)", fontsize=10)
+    return _save(fig, path)
+
+
+def plot_gallery_i2t(images: np.ndarray, captions: list[str], caption_image: np.ndarray,
+                     i2t: np.ndarray, queries: list[int], path: Path) -> Path:
+    """Rows: a test image and its top-5 captions; a true caption is marked [TRUE] in green."""
+    fig, axes = plt.subplots(len(queries), 2, figsize=(11, 2.4 * len(queries)), squeeze=False,
+                             gridspec_kw={"width_ratios": [1, 4]})
+    for r, i in enumerate(queries):
+        axes[r][0].imshow(np.asarray(images[i]).transpose(1, 2, 0))
+        axes[r][0].axis("off")
+        ranking = np.argsort(-i2t[i], kind="stable")  # (M,) caption columns, best first
+        shown = list(enumerate(ranking[:TOP]))
+        first_true = int(np.flatnonzero(caption_image[ranking] == i)[0])
+        if first_true >= TOP:  # the best-ranked true caption, outside the top 5
+            shown.append((first_true, ranking[first_true]))
+        ax = axes[r][1]
+        ax.axis("off")
+        for line, (c, j) in enumerate(shown):
+            true = caption_image[j] == i
+            text = textwrap.shorten(captions[j], 90)
+            ax.text(0, 0.95 - 0.17 * line, f"#{c + 1} {i2t[i, j]:.2f} {'[TRUE] ' if true else ''}{text}",
+                    fontsize=8, color="green" if true else "black", transform=ax.transAxes, va="top")
+    fig.suptitle("Image -> text: top-5 test captions per image (true captions in green; the best true "
+                 "one added with its rank when outside the top 5)", fontsize=10)
+    return _save(fig, path)
+
+
+def _fmt(row: dict, key: str) -> str:
+    std = row["test_std"].get(key)
+    return f"{row['test'][key]:.1f}" + (f" ± {std:.1f}" if std is not None else "")
+
+
+def markdown(cfg: Config, selection: dict, metrics: dict[str, dict], figures: list[str], notes: list[str]) -> str:
+    board = selection["leaderboard"]
+    lines = ["# Method comparison", "",
+             f"Champion: **{selection['champion']}** — best validation RSUM "
+             f"({board[0]['val_rsum']:.1f}); the test split below is reported, never used to choose.", "",
+             "## Leaderboard (test; mean ± std over seeds)", "",
+             "| method | val RSUM | " + " | ".join(METRIC_KEYS) + " | medr i2t/t2i | seeds |",
+             "|---" * (len(METRIC_KEYS) + 4) + "|"]
+    for row in board:
+        medr = f"{row['test'].get('i2t_medr', float('nan')):.0f}/{row['test'].get('t2i_medr', float('nan')):.0f}"
+        lines.append(f"| {row['method']} | {row['val_rsum']:.1f} | " + " | ".join(_fmt(row, k) for k in METRIC_KEYS)
+                     + f" | {medr} | {len(row['seeds'])} |")
+    if any("test_1k" in r for r in board):
+        lines += ["", "1K (mean of five 1,000-image folds): " + "; ".join(
+            f"{r['method']} RSUM {r['test_1k']['rsum']:.1f}" for r in board if "test_1k" in r)]
+    lines += ["", f"## Gain over {cfg.select.baseline} (paired bootstrap over test queries, "
+                  f"{cfg.select.bootstrap} resamples)", ""]
+    for method, g in selection["gain_over_baseline"].items():
+        flag = "" if g["rsum"]["significant"] else " — RSUM gain not distinguishable from noise"
+        lines.append(f"- **{method}**: {g['text']}{flag}")
+    lines += ["", "## Binding probe (true vs binding twin, chance 50%)", ""]
+    probes = {m: x["test"].get("binding_probe") for m, x in metrics.items()}
+    if any(probes.values()):
+        kinds = sorted({k for p in probes.values() if p for k in p["per_swap"]})
+        lines += ["| method | i2t | t2i | " + " | ".join(f"{k} i2t/t2i" for k in kinds) + " |",
+                  "|---" * (3 + len(kinds)) + "|"]
+        for m, p in probes.items():
+            if p:
+                per = [f"{p['per_swap'][k]['i2t']:.1f}/{p['per_swap'][k]['t2i']:.1f}" if k in p["per_swap"] else "–"
+                       for k in kinds]
+                lines.append(f"| {m} | {p['overall']['i2t']:.1f} | {p['overall']['t2i']:.1f} | " + " | ".join(per) + " |")
+        lines += ["", "Near 50% means the method cannot tell a scene from its attribute-swapped twin."]
+    else:
+        lines.append("The test split has no binding twins (eval/test_index.json `twins` is empty).")
+    lines += ["", "## Protocol", ""] + [f"- {m}: {x.get('protocol', '')}" for m, x in metrics.items()]
+    lines += ["", "## Figures", ""] + [f"![{f}]({f})" for f in figures] + [f"- {n}" for n in notes]
+    return "\n".join(lines) + "\n"
+
+
+def run(cfg: Config, root: Path, selection: dict) -> list[Path]:
+    """Write ``reports/comparison.md`` and its PNGs; returns the files written."""
+    root = Path(root)
+    out = root / "reports"
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = {r["method"]: read_json(root / "metrics" / f"{r['method']}.json") for r in selection["leaderboard"]}
+    files, notes = [plot_recall(selection["leaderboard"], out / RECALL_PNG)], []
+    curves = {m: read_curve(root / "plots" / "train" / f"{m}.csv") for m in metrics
+              if (root / "plots" / "train" / f"{m}.csv").exists()}
+    notes += [f"no training curve for {m} (plots/train/{m}.csv absent)" for m in metrics if m not in curves]
+    files.append(plot_curves(curves, out / CURVES_PNG))
+    prepared = root / "data" / "prepared" / "test"
+    champ = selection["champion"]
+    if cfg.select.gallery and (prepared / "images.npy").exists():
+        images = load_npy(prepared / "images.npy")  # (N, 3, S, S) uint8
+        captions = read_json(prepared / "captions.json")
+        caption_image = np.asarray(load_npy(prepared / "caption_image_index.npy"))  # (M,)
+        i2t = np.asarray(load_npy(root / "eval" / champ / "test_scores.npy"))  # (N, M)
+        t2i_path = root / "eval" / champ / "test_scores_t2i.npy"
+        t2i = np.asarray(load_npy(t2i_path)) if t2i_path.exists() else i2t
+        if i2t.shape != (images.shape[0], len(captions)):
+            raise ValueError(f"eval/{champ}/test_scores.npy is {i2t.shape}, data/prepared/test has "
+                             f"{images.shape[0]} images x {len(captions)} captions")
+        n = cfg.select.gallery
+        files.append(plot_gallery_t2i(images, captions, caption_image, t2i,
+                                      np.linspace(0, len(captions) - 1, n).astype(int).tolist(), out / T2I_PNG))
+        files.append(plot_gallery_i2t(images, captions, caption_image, i2t,
+                                      np.linspace(0, images.shape[0] - 1, n).astype(int).tolist(), out / I2T_PNG))
+    else:
+        notes.append("no retrieval gallery: select.gallery is 0 or data/prepared/test/images.npy is absent")
+    text = markdown(cfg, selection, metrics, [f.name for f in files], notes)
+    with atomic_file(out / "comparison.md") as fh:
+        fh.write(text)
+    return [*files, out / "comparison.md"]

@@ -1,0 +1,83 @@
+"""The MLflow registry against a real sqlite store in tmp: versions, tags, the champion alias."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from crossalign import registry, selection
+from crossalign.io import read_json
+from eval_helpers import save_model, write_eval_outputs, write_split_features
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One sqlite store holding a logged model per method (each test registers its own model)."""
+    root = tmp_path_factory.mktemp("store")
+    cfg = tiny_config(root, train={"methods": ["concat_mlp", "contrastive"]})
+    write_split_features(root)
+    runs = {m: read_json(save_model(cfg, root, m, 0) / "model.json")["mlflow_run_id"] for m in cfg.train.methods}
+    return root, runs
+
+
+def _project(tmp_path, store, name):
+    root, runs = store
+    cfg = tiny_config(root, train={"methods": ["concat_mlp", "contrastive"]},
+                      tracking={"registered_model": name}, select={"gallery": 0})
+    return cfg, runs
+
+
+def _evaluated(tmp_path, method, val_rsum, run_id, p_hit=0.5, seed=0):
+    rng = np.random.default_rng(seed)
+    write_eval_outputs(tmp_path, method, val_rsum,
+                       {0: (np.where(rng.random(16) < p_hit, 0, 9), np.where(rng.random(32) < p_hit, 0, 9))},
+                       {0: run_id})
+
+
+def test_every_method_is_a_tagged_version_and_the_alias_follows_val(tmp_path, store):
+    cfg, runs = _project(tmp_path, store, "follows-val")
+    assert registry.current_champion(cfg, tmp_path) is None
+    _evaluated(tmp_path, "concat_mlp", 120.0, runs["concat_mlp"])
+    _evaluated(tmp_path, "contrastive", 250.0, runs["contrastive"])
+    first = selection.run(cfg, tmp_path)
+    versions = first["registry"]["versions"]
+    assert len(set(versions.values())) == 2
+    champ = registry.current_champion(cfg, tmp_path)
+    assert str(champ.version) == versions["contrastive"] and champ.run_id == runs["contrastive"]
+    assert champ.tags["method"] == "contrastive" and float(champ.tags["val_rsum"]) == 250.0
+    assert "test_rsum" in champ.tags and champ.tags["seed"] == "0"
+
+    # a new evaluation makes the baseline the best on val: the alias moves, no duplicate versions
+    _evaluated(tmp_path, "concat_mlp", 400.0, runs["concat_mlp"])
+    second = selection.run(cfg, tmp_path)
+    assert second["registry"]["versions"] == versions
+    champ = registry.current_champion(cfg, tmp_path)
+    assert str(champ.version) == versions["concat_mlp"] and float(champ.tags["val_rsum"]) == 400.0
+
+
+def test_failed_evaluation_leaves_the_previous_champion(tmp_path, store):
+    cfg, runs = _project(tmp_path, store, "failed-eval")
+    _evaluated(tmp_path, "concat_mlp", 120.0, runs["concat_mlp"])
+    _evaluated(tmp_path, "contrastive", 250.0, runs["contrastive"])
+    before = selection.run(cfg, tmp_path)["registry"]["champion_version"]
+    # contrastive's re-evaluation failed (its metrics are gone) while the baseline now looks best
+    (tmp_path / "metrics" / "contrastive.json").unlink()
+    _evaluated(tmp_path, "concat_mlp", 999.0, runs["concat_mlp"])
+    with pytest.raises(ValueError, match="contrastive"):
+        selection.run(cfg, tmp_path)
+    assert str(registry.current_champion(cfg, tmp_path).version) == before
+
+
+def test_unregistrable_model_is_a_clear_error(tmp_path, store):
+    cfg, runs = _project(tmp_path, store, "unregistrable")
+    _evaluated(tmp_path, "concat_mlp", 120.0, runs["concat_mlp"])
+    _evaluated(tmp_path, "contrastive", 250.0, None)
+    with pytest.raises(ValueError, match="contrastive.json names no MLflow run"):
+        selection.run(cfg, tmp_path)
+    assert registry.current_champion(cfg, tmp_path) is None
+
+
+def test_relative_sqlite_uri_resolves_under_root(tmp_path):
+    cfg = tiny_config(tmp_path, tracking={"tracking_uri": "sqlite:///mlruns/mlflow.db"})
+    assert registry.tracking_uri(cfg, tmp_path) == f"sqlite:///{(tmp_path / 'mlruns' / 'mlflow.db').resolve()}"
+    assert registry.champion_uri(cfg) == "models:/crossalign-aligner@champion"
