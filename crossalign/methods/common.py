@@ -1,0 +1,216 @@
+"""Building blocks shared by the methods: projections, the contrastive embedding, the
+cross-attention matching encoder (``cross_attention`` and ``joint``), and the pair bookkeeping that
+turns mined negatives into matching-head inputs.
+
+Everything here is an ``nn.Module`` of a few lines or a pure function; the method modules compose
+them. Shapes: B = batch, R = image tokens, L = text tokens, D = ``methods.embed_dim``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from crossalign.methods.base import Batch, State, index_state
+from crossalign.mining import mine_negatives
+
+MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps the learnable logit scale at 100
+PAIR_CHUNK_ELEMENTS = 1 << 22  # most pair x token x dim elements scored at once without gradients
+
+
+class Projection(nn.Module):
+    """Linear -> LayerNorm -> Dropout: frozen features of any scale into the shared space D.
+    (Normalising after the projection costs D, not the encoder's width, per token.)"""
+
+    def __init__(self, in_dim: int, out_dim: int, dropout: float):
+        super().__init__()
+        self.linear = nn.Linear(in_dim, out_dim)
+        self.norm = nn.LayerNorm(out_dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:  # (..., in_dim) -> (..., D)
+        return self.dropout(self.norm(self.linear(x)))
+
+
+class EmbeddingHead(nn.Module):
+    """Projection followed by a residual GELU MLP: the embedding used for similarity."""
+
+    def __init__(self, in_dim: int, dim: int, dropout: float):
+        super().__init__()
+        self.proj = Projection(in_dim, dim, dropout)
+        self.mlp = nn.Sequential(nn.GELU(), nn.Linear(dim, dim), nn.Dropout(dropout))
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, in_dim) -> (B, D), unnormalised
+        h = self.proj(x)
+        return h + self.mlp(h)
+
+
+def masked_mean(x: Tensor, mask: Tensor | None) -> Tensor:
+    """Mean over dim 1 of x (P, L, D), counting only mask (P, L) True positions -> (P, D)."""
+    if mask is None:
+        return x.mean(1)
+    w = mask.to(x.dtype).unsqueeze(-1)  # (P, L, 1)
+    return (x * w).sum(1) / w.sum(1).clamp_min(1.0)
+
+
+class CrossBlock(nn.Module):
+    """Multi-head cross-attention (queries from one modality, keys/values from the other) with a
+    key padding mask, then residual + LayerNorm. Leading batch dims broadcast, so one code path
+    serves aligned pairs (P,) and image x caption grids (Bi, 1) x (1, Bt).
+
+    The output projection is folded into the values per head (``U_h = V_h W_o,h^T``, computed once
+    per image / caption by :meth:`keys`), so a pair costs H*Lq*Lk*D multiply-adds for the values
+    instead of Lq*Lk*D + Lq*D*D: the same function as ``nn.MultiheadAttention``, cheaper per pair.
+    """
+
+    def __init__(self, dim: int, heads: int, dropout: float):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"methods.embed_dim ({dim}) must be divisible by the attention heads ({heads})")
+        self.heads = heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.drop = nn.Dropout(dropout)  # on the attention output (none on the weights: pair-sized)
+        self.norm = nn.LayerNorm(dim)
+
+    def split(self, x: Tensor) -> Tensor:  # (..., L, D) -> (..., H, L, D/H)
+        return x.unflatten(-1, (self.heads, -1)).transpose(-2, -3)
+
+    def keys(self, kv: Tensor) -> tuple[Tensor, Tensor]:
+        """Key side, once per item: keys (B, Lk, D) and per-head projected values (B, Lk, H, D)."""
+        vh = self.v(kv).unflatten(-1, (self.heads, -1))  # (B, Lk, H, dh)
+        w_o = self.o.weight.t().unflatten(0, (self.heads, -1))  # (H, dh, D)
+        return self.k(kv), torch.einsum("blhe,hed->blhd", vh, w_o)  # (B, Lk, D), (B, Lk, H, D)
+
+    def forward(self, x: Tensor, q: Tensor, k: Tensor, u: Tensor, pad: Tensor | None) -> Tensor:
+        # x (..., Lq, D) query-side input; q (..., Lq, D) = self.q(x); k (..., Lk, D); u (..., Lk, H, D)
+        # pad (..., Lk) True = padding
+        qh, kh = self.split(q), self.split(k)  # (..., H, L, dh)
+        att = qh @ kh.transpose(-1, -2) / math.sqrt(qh.shape[-1])  # (..., H, Lq, Lk)
+        if pad is not None:
+            att = att.masked_fill(pad[..., None, None, :], float("-inf"))
+        out = (att.softmax(-1) @ u.transpose(-2, -3)).sum(-3) + self.o.bias  # (..., Lq, D)
+        return self.norm(x + self.drop(out))
+
+
+class CrossEncoder(nn.Module):
+    """Separate text->image and image->text stacks, pooled, then a matching head -> logit.
+
+    States (all batch-first, token dim second so states of different caption widths can be padded
+    and concatenated): image ``x_img``, ``x_i2t_q``, ``x_t2i_k{l}`` (B, R, D), ``x_t2i_u{l}``
+    (B, R, H, D); text ``x_txt``, ``x_t2i_q``, ``x_i2t_k{l}`` (B, L, D), ``x_i2t_u{l}`` (B, L, H, D),
+    ``x_mask`` (B, L).
+    """
+
+    def __init__(self, dim: int, heads: int, layers: int, dropout: float):
+        super().__init__()
+        self.t2i = nn.ModuleList(CrossBlock(dim, heads, dropout) for _ in range(layers))
+        self.i2t = nn.ModuleList(CrossBlock(dim, heads, dropout) for _ in range(layers))
+        self.head = nn.Sequential(nn.Linear(3 * dim, dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(dim, 1))
+
+    def image_state(self, img: Tensor) -> State:  # img (B, R, D)
+        state = {"x_img": img, "x_i2t_q": self.i2t[0].q(img)}
+        for l, blk in enumerate(self.t2i):
+            state[f"x_t2i_k{l}"], state[f"x_t2i_u{l}"] = blk.keys(img)
+        return state
+
+    def text_state(self, txt: Tensor, mask: Tensor) -> State:  # txt (B, L, D), mask (B, L)
+        mask = mask.clone()
+        mask[:, 0] |= ~mask.any(1)  # an empty caption keeps one (zero) key so softmax is defined
+        state = {"x_txt": txt, "x_mask": mask, "x_t2i_q": self.t2i[0].q(txt)}
+        for l, blk in enumerate(self.i2t):
+            state[f"x_i2t_k{l}"], state[f"x_i2t_u{l}"] = blk.keys(txt)
+        return state
+
+    def score(self, im: State, tx: State) -> Tensor:
+        """Logits for broadcastable leading dims of the two states, e.g. (P,) & (P,) -> (P,)."""
+        t, q = tx["x_txt"], tx["x_t2i_q"]
+        for l, blk in enumerate(self.t2i):  # captions read the image grid
+            t = blk(t, q if l == 0 else blk.q(t), im[f"x_t2i_k{l}"], im[f"x_t2i_u{l}"], None)
+        i, q = im["x_img"], im["x_i2t_q"]
+        for l, blk in enumerate(self.i2t):  # image tokens read the caption, padding masked
+            i = blk(i, q if l == 0 else blk.q(i), tx[f"x_i2t_k{l}"], tx[f"x_i2t_u{l}"], ~tx["x_mask"])
+        tv = masked_mean(t.flatten(0, -3), tx["x_mask"].expand(t.shape[:-1]).flatten(0, -2))  # (P, D)
+        iv = i.flatten(0, -3).mean(1)  # (P, D)
+        logits = self.head(torch.cat([tv, iv, tv * iv], -1)).squeeze(-1)  # (prod(batch dims),)
+        return logits.view(t.shape[:-2])
+
+    def pair_elements(self, im: State, tx: State) -> int:
+        """Largest per-pair intermediate: heads x tokens x D (attention output before the head sum)."""
+        return self.t2i[0].heads * max(im["x_img"].shape[1], tx["x_txt"].shape[1]) * im["x_img"].shape[2]
+
+    def pairs(self, im: State, tx: State) -> Tensor:
+        """Aligned pairs im[p] with tx[p] -> (P,), chunked when no gradient is needed."""
+        n = im["x_img"].shape[0]
+        if torch.is_grad_enabled() or n == 0:
+            return self.score(im, tx)
+        step = max(1, PAIR_CHUNK_ELEMENTS // self.pair_elements(im, tx))
+        return torch.cat([self.score(index_state(im, slice(s, s + step)), index_state(tx, slice(s, s + step)))
+                          for s in range(0, n, step)])
+
+    def grid(self, im: State, tx: State) -> Tensor:
+        """Every image with every caption -> (Bi, Bt), a chunk of images at a time."""
+        bi, bt = im["x_img"].shape[0], tx["x_txt"].shape[0]
+        step = max(1, PAIR_CHUNK_ELEMENTS // (self.pair_elements(im, tx) * max(bt, 1)))
+        txt = {k: v[None] for k, v in tx.items()}  # (1, Bt, ...)
+        return torch.cat([self.score({k: v[s:s + step, None] for k, v in im.items()}, txt)  # (c, Bt)
+                          for s in range(0, bi, step)])
+
+
+def cosine_logits(img: Tensor, txt: Tensor, logit_scale: Tensor) -> Tensor:
+    """img (Bi, D), txt (Bt, D) L2-normalised -> scaled cosine similarities (Bi, Bt)."""
+    return logit_scale.clamp(max=MAX_LOGIT_SCALE).exp() * img @ txt.t()
+
+
+def logit_scale_param(temperature: float, learnable: bool) -> nn.Parameter:
+    """CLIP's log(1/T): a parameter when learnable, a frozen one otherwise (saved either way)."""
+    return nn.Parameter(torch.tensor(math.log(1.0 / temperature)), requires_grad=learnable)
+
+
+def same_image(batch: Batch) -> Tensor:
+    """(B, B) bool: pair i's image is pair j's image (their captions are mutual positives)."""
+    return batch.image_index[:, None] == batch.image_index[None, :]
+
+
+def mine_both(scores: Tensor, positive: Tensor, caption_side: tuple[int, int], image_side: tuple[int, int],
+              hard_k: int | None = None, replace_fraction: float = 0.0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Negatives of both directions for the matching head, from in-batch scores (B, B) whose row i
+    / column j is the image of pair i / the caption of pair j.
+
+    ``caption_side`` = (hard, random) negative captions per image, ``image_side`` = (hard, random)
+    negative images per caption (see :func:`crossalign.mining.mine_negatives`). Returns
+    (caption rows (B, nc), their validity, image rows (B, ni), their validity).
+    """
+    cap, cap_ok = mine_negatives(scores, positive, *caption_side, hard_k, replace_fraction)  # (B, nc) per image
+    img, img_ok = mine_negatives(scores.t(), positive.t(), *image_side, hard_k, replace_fraction)  # (B, ni) per caption
+    return cap, cap_ok, img, img_ok
+
+
+def pooled_cosine(img_tokens: Tensor, txt_tokens: Tensor, txt_mask: Tensor) -> Tensor:
+    """Cosine similarity (B, B) of mean-pooled projected tokens: the hardness proxy of methods
+    without an embedding space of their own."""
+    iv = F.normalize(img_tokens.mean(1), dim=-1)  # (B, D)
+    tv = F.normalize(masked_mean(txt_tokens, txt_mask), dim=-1)  # (B, D)
+    return iv @ tv.t()
+
+
+def gather(state: State, index: Tensor) -> State:
+    """Rows of every state tensor at ``index`` (any shape) -> tensors of shape index.shape + (...)."""
+    return {k: v[index] for k, v in state.items()}
+
+
+def unsqueeze(state: State) -> State:
+    """(B, ...) -> (B, 1, ...): a state broadcast against a gathered (B, n, ...) one."""
+    return {k: v[:, None] for k, v in state.items()}
+
+
+def pair_logits(score, im: State, tx: State, cap: Tensor, img: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Matching logits of the batch's positives and mined negatives without expanding both sides
+    to pairs: image i against its caption and its negative captions cap (B, nc), caption j against
+    its negative images img (B, ni). ``score(im, tx)`` broadcasts leading dims.
+    Returns (positives (B,), caption negatives (B, nc), image negatives (B, ni))."""
+    rows = torch.arange(cap.shape[0], device=cap.device)[:, None]  # (B, 1)
+    with_pos = score(unsqueeze(im), gather(tx, torch.cat([rows, cap], 1)))  # (B, 1 + nc)
+    img_neg = score(gather(im, img), unsqueeze(tx))  # (B, ni)
+    return with_pos[:, 0], with_pos[:, 1:], img_neg

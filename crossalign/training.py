@@ -1,0 +1,266 @@
+"""The training loop shared by every method (``train@<method>``).
+
+One loop for all methods: batches of (image, caption) pairs over every training caption, shuffled
+by a generator seeded from (seed, epoch); ``model(batch)`` -> named outputs -> the method's loss
+module -> named terms, summed. AdamW with linear warm-up then cosine decay, gradient clipping,
+early stopping on validation RSUM (COCO protocol) with patience; the best epoch's weights are the
+result. A checkpoint each epoch (``crossalign.checkpoint``) makes a killed run resume to identical
+weights. CUDA with bf16 autocast when present, CPU (deterministic) otherwise.
+
+Layout under ``root``: ``models/<m>/final/seed-<s>/{model.safetensors,model.json}``,
+``models/<m>/checkpoints/seed-<s>/``, ``plots/train/<m>.csv``.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from crossalign import checkpoint
+from crossalign.config import Config
+from crossalign.io import FeatureSplit, atomic_dir, atomic_file, load_features
+from crossalign.methods import get_method, method_params, save_aligner
+from crossalign.methods.base import Aligner, Batch
+from crossalign.retrieval import retrieval_metrics, score_matrices
+
+
+class NonFiniteLossError(ValueError):
+    """The loss became NaN or infinite; the message names method, seed, epoch and step."""
+
+
+@dataclass
+class SplitTensors:
+    """A feature split held in RAM as float32 (the default set is < 1 GB; fp16 gathers are slow on CPU)."""
+
+    image_tokens: torch.Tensor  # (N, R, Di)
+    image_pooled: torch.Tensor  # (N, Di)
+    text_tokens: torch.Tensor  # (M, L, Dt)
+    text_lengths: torch.Tensor  # (M,) long
+    text_pooled: torch.Tensor  # (M, Dt)
+    caption_image: torch.Tensor  # (M,) long
+
+    @classmethod
+    def of(cls, split: FeatureSplit) -> "SplitTensors":
+        t = lambda a, dt: torch.from_numpy(np.ascontiguousarray(a)).to(dt)  # noqa: E731
+        return cls(t(split.image_tokens, torch.float32), t(split.image_pooled, torch.float32),
+                   t(split.text_tokens, torch.float32), t(split.text_lengths, torch.long),
+                   t(split.text_pooled, torch.float32), t(split.caption_image_index, torch.long))
+
+    def to(self, device: torch.device) -> "SplitTensors":
+        """Move the whole split (to the GPU: batches are then gathered there)."""
+        return SplitTensors(**{k: v.to(device) for k, v in vars(self).items()})
+
+    def batch(self, captions: torch.Tensor, device: torch.device) -> Batch:
+        """Pairs (image of caption c, caption c) for the caption rows ``captions`` (B,)."""
+        captions = captions.to(self.caption_image.device)
+        img = self.caption_image[captions]  # (B,)
+        lengths = self.text_lengths[captions]  # (B,)
+        width = max(int(lengths.max()), 1)
+        return Batch(image_tokens=self.image_tokens[img],  # (B, R, Di)
+                     image_pooled=self.image_pooled[img],  # (B, Di)
+                     text_tokens=self.text_tokens[captions, :width],  # (B, L, Dt)
+                     text_mask=torch.arange(width, device=lengths.device)[None, :] < lengths[:, None],  # (B, L)
+                     text_pooled=self.text_pooled[captions],  # (B, Dt)
+                     image_index=img).to(device)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"train.device is {name!r} but CUDA is not available; use 'auto' or 'cpu'")
+    return device
+
+
+def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
+    """Linear warm-up over ``warmup`` steps to ``peak``, then cosine decay to 0 at ``total``."""
+    if warmup and step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def validation_metrics(model: Aligner, split: FeatureSplit, device: torch.device) -> dict[str, float]:
+    """COCO retrieval metrics of ``model`` on a split (t2i from its own matrix when re-ranking)."""
+    i2t, t2i = score_matrices(model, split, device)
+    return retrieval_metrics(i2t, split.caption_image_index, t2i)
+
+
+def first_images(split: FeatureSplit, n: int) -> FeatureSplit:
+    """The first ``n`` images of a split and their captions (all when n is 0 or too large)."""
+    if not n or n >= split.n_images:
+        return split
+    keep = np.flatnonzero(np.asarray(split.caption_image_index) < n)  # (M',)
+    return FeatureSplit(root=split.root, meta=split.meta, image_tokens=split.image_tokens[:n],
+                        image_pooled=split.image_pooled[:n], image_ids=split.image_ids[:n],
+                        text_tokens=split.text_tokens[keep], text_lengths=split.text_lengths[keep],
+                        text_pooled=split.text_pooled[keep], caption_image_index=split.caption_image_index[keep],
+                        caption_ids=split.caption_ids[keep])
+
+
+def fingerprint(cfg: Config, method: str, seed: int, train: FeatureSplit, val: FeatureSplit) -> str:
+    """Hash of everything that determines a run's weights: a checkpoint with another is stale."""
+    t = cfg.train
+    blob = {"methods": method_params(cfg, method), "seed": seed,
+            "train": [t.epochs, t.batch_size, t.lr, t.weight_decay, t.warmup_fraction, t.grad_clip, t.patience,
+                      t.val_images],
+            "features": [list(train.image_tokens.shape), list(train.text_tokens.shape), list(val.text_tokens.shape),
+                         float(np.asarray(train.image_pooled[:4], np.float32).sum())]}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class NullTracker:
+    """Tracking off: the interface :class:`crossalign.tracking.MlflowTracker` implements."""
+
+    def start(self, method: str, seed: int, run_id: str | None) -> str | None:
+        return None
+
+    def log_epoch(self, metrics: dict[str, float], epoch: int) -> None:
+        pass
+
+    def finish(self, final_dir: Path, ckpt_dir: Path, history: list[dict]) -> dict[str, Any]:
+        return {}
+
+    def abort(self) -> None:
+        pass
+
+
+def _epochs(cfg: Config, method: str, seed: int, model: Aligner, loss_fn: torch.nn.Module,
+            opt: torch.optim.Optimizer, data: SplitTensors, val: FeatureSplit, state: dict[str, Any],
+            best: dict[str, torch.Tensor], ckpt_dir: Path, tracker: Any, log) -> dict[str, torch.Tensor]:
+    """Run the remaining epochs (updating ``state`` and the checkpoint) -> best weights."""
+    t, device = cfg.train, next(model.parameters()).device
+    n_cap = data.caption_image.shape[0]
+    steps_per_epoch = max(1, n_cap // t.batch_size + (n_cap % t.batch_size >= 2))
+    total = t.epochs * steps_per_epoch
+    warmup = int(t.warmup_fraction * total)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                else contextlib.nullcontext())
+    for epoch in range(state["epoch"] + 1, t.epochs + 1):
+        if state["done"]:
+            break
+        started = time.perf_counter()
+        model.train()
+        order = torch.randperm(n_cap, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        sums: dict[str, float] = {}
+        for b in range(steps_per_epoch):
+            idx = order[b * t.batch_size:(b + 1) * t.batch_size]
+            lr = lr_at(state["step"], total, warmup, t.lr)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            batch = data.batch(idx, device)
+            with autocast:
+                terms = loss_fn(model(batch), batch)
+            loss = sum(terms.values())
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(
+                    f"{method} seed {seed}: loss is {float(loss.detach())} at epoch {epoch}, step {b + 1}/{steps_per_epoch} "
+                    f"(global step {state['step'] + 1}); terms {({k: float(v.detach()) for k, v in terms.items()})}; "
+                    f"lower train.lr or check the features")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+            opt.step()
+            state["step"] += 1
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
+        metrics = validation_metrics(model, val, device)
+        row = {"epoch": epoch, "seed": seed, "train_loss": sum(sums.values()) / steps_per_epoch,
+               **{k: v / steps_per_epoch for k, v in sums.items()}, "lr": lr,
+               **{f"val_{k}": v for k, v in metrics.items()}, "epoch_seconds": time.perf_counter() - started}
+        state["history"].append(row)
+        if metrics["rsum"] > state["best_rsum"]:
+            state.update(best_rsum=metrics["rsum"], best_epoch=epoch, bad_epochs=0, best_metrics=metrics)
+            best = checkpoint.state_tensors(model)
+        else:
+            state["bad_epochs"] += 1
+        state["epoch"] = epoch
+        state["done"] = state["bad_epochs"] >= t.patience or epoch == t.epochs
+        checkpoint.save_checkpoint(ckpt_dir, model, best, opt, state)
+        tracker.log_epoch({k: v for k, v in row.items() if k not in ("epoch", "seed")}, epoch)
+        log(f"[{method} seed {seed}] epoch {epoch}: loss {row['train_loss']:.4f} val rsum {metrics['rsum']:.1f} "
+            f"({row['epoch_seconds']:.1f}s)")
+    return best
+
+
+def train_seed(cfg: Config, root: Path, method: str, seed: int, train: FeatureSplit, val: FeatureSplit,
+               final_dir: Path, tracker: Any = None, log=print) -> dict[str, Any]:
+    """Train one (method, seed) to ``final_dir`` (model.safetensors + model.json); returns meta."""
+    tracker = tracker or NullTracker()
+    t, device = cfg.train, resolve_device(cfg.train.device)
+    spec = get_method(method)
+    torch.manual_seed(seed)
+    model = spec.build_model(cfg, train.image_dim, train.text_dim).to(device)
+    loss_fn = spec.build_loss(cfg)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t.lr, weight_decay=t.weight_decay)
+    data = SplitTensors.of(train)
+    if device.type == "cuda":  # the default set is < 1 GB: gather batches on the GPU
+        data = data.to(device)
+    ckpt_dir = root / "models" / method / "checkpoints" / f"seed-{seed}"
+    fp = fingerprint(cfg, method, seed, train, val)
+    state: dict[str, Any] = {"epoch": 0, "step": 0, "best_rsum": -1.0, "best_epoch": 0, "bad_epochs": 0,
+                             "done": False, "history": [], "fingerprint": fp, "run_id": None}
+    best = checkpoint.state_tensors(model)
+    previous = checkpoint.read_state(ckpt_dir)
+    if previous is not None and previous.get("fingerprint") == fp:
+        state, best = checkpoint.load_checkpoint(ckpt_dir, model, opt, device)
+        log(f"[{method} seed {seed}] resuming after epoch {state['epoch']} from {ckpt_dir}")
+    elif previous is not None:
+        log(f"[{method} seed {seed}] {ckpt_dir} was written with other params or data: starting afresh")
+    state["run_id"] = tracker.start(method, seed, state.get("run_id"))
+    try:
+        best = _epochs(cfg, method, seed, model, loss_fn, opt, data, val, state, best, ckpt_dir, tracker, log)
+    except BaseException:
+        tracker.abort()
+        raise
+    model.load_state_dict({k: v.to(device) for k, v in best.items()})
+    meta = {"method": method, "image_dim": train.image_dim, "text_dim": train.text_dim,
+            "methods": method_params(cfg, method), "seed": seed, "best_epoch": state["best_epoch"],
+            "epochs_run": state["epoch"], "val_metrics": state.get("best_metrics", {}),
+            "mlflow_run_id": state["run_id"]}
+    save_aligner(model.cpu(), final_dir, meta)
+    meta.update(tracker.finish(final_dir, ckpt_dir, state["history"]))
+    save_aligner(model, final_dir, meta)
+    return {**meta, "history": state["history"]}
+
+
+def write_curves(path: Path, history: list[dict]) -> None:
+    """Per-epoch rows for ``dvc plots`` (one CSV per method, a ``seed`` column)."""
+    fields = list(dict.fromkeys(k for row in history for k in row))
+    with atomic_file(path) as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(history)
+
+
+def run(cfg: Config, root: Path, method: str, tracker_factory=None, log=print) -> list[dict[str, Any]]:
+    """Train ``method`` for every seed in ``train.seeds`` on ``root/data/features/{train,val}``.
+
+    ``tracker_factory(cfg, root) -> tracker`` (e.g. :class:`crossalign.tracking.MlflowTracker`);
+    None trains without tracking. Returns each seed's model meta (with its history).
+    """
+    root = Path(root)
+    get_method(method)  # unknown names fail before any work
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    train = load_features(root / "data" / "features" / "train", mmap=False)
+    val = first_images(load_features(root / "data" / "features" / "val", mmap=False), cfg.train.val_images)
+    tracker = tracker_factory(cfg, root) if tracker_factory else None
+    results, history = [], []
+    with atomic_dir(root / "models" / method / "final") as final:
+        for seed in cfg.train.seeds:
+            result = train_seed(cfg, root, method, seed, train, val, final / f"seed-{seed}", tracker, log)
+            results.append(result)
+            history.extend(result["history"])
+    write_curves(root / "plots" / "train" / f"{method}.csv", history)
+    return results

@@ -1,0 +1,80 @@
+"""MLflow tracking: setup, one run per method with params/metrics/tags/artifacts, a loadable model."""
+from __future__ import annotations
+
+import json
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from conftest import tiny_config
+from crossalign import tracking, training
+from crossalign.io import load_features
+from crossalign.methods import load_aligner
+from crossalign.retrieval import score_matrices
+
+torch.set_num_threads(1)
+
+
+def test_setup_is_idempotent(tmp_path):
+    cfg = tiny_config(tmp_path)
+    first = tracking.setup(cfg, tmp_path)
+    assert tracking.setup(cfg, tmp_path) == first
+    assert (tmp_path / "mlruns" / "mlflow.db").exists()
+    client = MlflowClient(cfg.tracking.tracking_uri)
+    assert client.get_registered_model(cfg.tracking.registered_model).name == cfg.tracking.registered_model
+
+
+def test_relative_sqlite_uri_is_resolved_against_root(tmp_path):
+    assert tracking.resolve_uri("sqlite:///mlruns/mlflow.db", tmp_path) == f"sqlite:///{tmp_path.resolve()}/mlruns/mlflow.db"
+    assert tracking.resolve_uri("sqlite:////abs/x.db", tmp_path) == "sqlite:////abs/x.db"
+    assert tracking.resolve_uri("http://host:5000", tmp_path) == "http://host:5000"
+
+
+def test_dvc_feature_hashes_from_lock(tmp_path):
+    assert tracking.dvc_feature_hashes(tmp_path) == {}
+    (tmp_path / "dvc.lock").write_text(
+        "schema: '2.0'\nstages:\n  features:\n    cmd: python -m tasks.features\n    outs:\n"
+        "    - path: data/features\n      md5: abc.dir\n    - path: eval/test_index.json\n      md5: def\n")
+    assert tracking.dvc_feature_hashes(tmp_path) == {"dvc.md5.data/features": "abc.dir"}
+
+
+def test_training_run_is_tracked_and_the_model_loads_back(tmp_path, tiny_features):
+    cfg = tiny_config(tmp_path, train={"epochs": 2, "device": "cpu", "threads": 1})
+    result = training.run(cfg, tmp_path, "joint", tracker_factory=tracking.MlflowTracker, log=lambda *a: None)[0]
+    final = tmp_path / "models" / "joint" / "final" / "seed-0"
+    meta = json.loads((final / "model.json").read_text())
+    run_id = meta["mlflow_run_id"]
+    assert run_id == result["mlflow_run_id"] and meta["registered_version"]
+
+    client = MlflowClient(cfg.tracking.tracking_uri)
+    run = client.get_run(run_id)
+    assert run.info.run_name == "joint" and run.info.status == "FINISHED"
+    assert run.data.params["methods.embed_dim"] == "16" and run.data.params["train.epochs"] == "2"
+    assert run.data.tags["method"] == "joint" and run.data.tags["seed"] == "0" and "git_commit" in run.data.tags
+    history = client.get_metric_history(run_id, "val_rsum")
+    assert [m.step for m in history] == [1, 2]
+    assert {"train_loss", "itc_loss", "itm_loss", "lr", "val_i2t_r1", "val_t2i_r10"} <= set(run.data.metrics)
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    assert {"checkpoint", "loss_curve.png"} <= artifacts
+    assert "state.json" in {a.path.split("/")[-1] for a in client.list_artifacts(run_id, "checkpoint")}
+
+    mlflow.set_tracking_uri(cfg.tracking.tracking_uri)
+    logged = tracking.load_logged_aligner(f"runs:/{run_id}/model")
+    local, _ = load_aligner(final)
+    split = load_features(tmp_path / "data" / "features" / "val")
+    for a, b in zip(score_matrices(logged, split), score_matrices(local, split)):
+        np.testing.assert_array_equal(a, b)
+    version = meta["registered_version"]
+    by_name = tracking.load_logged_aligner(f"models:/{cfg.tracking.registered_model}/{version}")
+    assert type(by_name).__name__ == "Joint"
+
+
+def test_failed_training_marks_the_run_failed(tmp_path, tiny_features):
+    cfg = tiny_config(tmp_path, train={"epochs": 1, "device": "cpu", "lr": float("inf")})
+    with pytest.raises(training.NonFiniteLossError):
+        training.run(cfg, tmp_path, "contrastive", tracker_factory=tracking.MlflowTracker, log=lambda *a: None)
+    runs = MlflowClient(cfg.tracking.tracking_uri).search_runs([tracking.setup(cfg, tmp_path)])
+    assert [r.info.status for r in runs] == ["FAILED"]
