@@ -85,8 +85,8 @@ def test_cross_block_is_multihead_attention_with_residual_layernorm():
     x, kv = torch.randn(3, 5, 16), torch.randn(3, 7, 16)
     pad = torch.tensor([[False] * 7, [False] * 4 + [True] * 3, [False] + [True] * 6])
     with torch.no_grad():
-        k, u = block.keys(kv)
-        ours = block(x, block.q(x), k, u, pad)
+        k, v = block.keys(kv)
+        ours = block(x, block.q(x), k, v, pad)
         ref = block.norm(x + mha(x, kv, kv, key_padding_mask=pad, need_weights=False)[0])
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
 

@@ -57,12 +57,10 @@ def masked_mean(x: Tensor, mask: Tensor | None) -> Tensor:
 
 class CrossBlock(nn.Module):
     """Multi-head cross-attention (queries from one modality, keys/values from the other) with a
-    key padding mask, then residual + LayerNorm. Leading batch dims broadcast, so one code path
-    serves aligned pairs (P,) and image x caption grids (Bi, 1) x (1, Bt).
-
-    The output projection is folded into the values per head (``U_h = V_h W_o,h^T``, computed once
-    per image / caption by :meth:`keys`), so a pair costs H*Lq*Lk*D multiply-adds for the values
-    instead of Lq*Lk*D + Lq*D*D: the same function as ``nn.MultiheadAttention``, cheaper per pair.
+    key padding mask, then residual + LayerNorm: ``nn.MultiheadAttention``'s function, split so the
+    key/value projections are computed once per image / caption (:meth:`keys`) and a pair only
+    pays for the fused attention kernel (``scaled_dot_product_attention``) and the output
+    projection. Inputs are flat over pairs (P, ...); :meth:`CrossEncoder.score` flattens.
     """
 
     def __init__(self, dim: int, heads: int, dropout: float):
@@ -74,23 +72,18 @@ class CrossBlock(nn.Module):
         self.drop = nn.Dropout(dropout)  # on the attention output (none on the weights: pair-sized)
         self.norm = nn.LayerNorm(dim)
 
-    def split(self, x: Tensor) -> Tensor:  # (..., L, D) -> (..., H, L, D/H)
-        return x.unflatten(-1, (self.heads, -1)).transpose(-2, -3)
+    def split(self, x: Tensor) -> Tensor:  # (P, L, D) -> (P, H, L, D/H)
+        return x.unflatten(-1, (self.heads, -1)).transpose(1, 2)
 
     def keys(self, kv: Tensor) -> tuple[Tensor, Tensor]:
-        """Key side, once per item: keys (B, Lk, D) and per-head projected values (B, Lk, H, D)."""
-        vh = self.v(kv).unflatten(-1, (self.heads, -1))  # (B, Lk, H, dh)
-        w_o = self.o.weight.t().unflatten(0, (self.heads, -1))  # (H, dh, D)
-        return self.k(kv), torch.einsum("blhe,hed->blhd", vh, w_o)  # (B, Lk, D), (B, Lk, H, D)
+        """Key side, once per item: keys and values (B, Lk, D)."""
+        return self.k(kv), self.v(kv)
 
-    def forward(self, x: Tensor, q: Tensor, k: Tensor, u: Tensor, pad: Tensor | None) -> Tensor:
-        # x (..., Lq, D) query-side input; q (..., Lq, D) = self.q(x); k (..., Lk, D); u (..., Lk, H, D)
-        # pad (..., Lk) True = padding
-        qh, kh = self.split(q), self.split(k)  # (..., H, L, dh)
-        att = qh @ kh.transpose(-1, -2) / math.sqrt(qh.shape[-1])  # (..., H, Lq, Lk)
-        if pad is not None:
-            att = att.masked_fill(pad[..., None, None, :], float("-inf"))
-        out = (att.softmax(-1) @ u.transpose(-2, -3)).sum(-3) + self.o.bias  # (..., Lq, D)
+    def forward(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, pad: Tensor | None) -> Tensor:
+        # x, q (P, Lq, D): query-side input and self.q(x); k, v (P, Lk, D); pad (P, Lk) True = padding
+        mask = None if pad is None else ~pad[:, None, None, :]  # (P, 1, 1, Lk) True = attend
+        out = F.scaled_dot_product_attention(self.split(q), self.split(k), self.split(v), attn_mask=mask)
+        out = self.o(out.transpose(1, 2).flatten(2))  # (P, Lq, D)
         return self.norm(x + self.drop(out))
 
 
@@ -98,9 +91,8 @@ class CrossEncoder(nn.Module):
     """Separate text->image and image->text stacks, pooled, then a matching head -> logit.
 
     States (all batch-first, token dim second so states of different caption widths can be padded
-    and concatenated): image ``x_img``, ``x_i2t_q``, ``x_t2i_k{l}`` (B, R, D), ``x_t2i_u{l}``
-    (B, R, H, D); text ``x_txt``, ``x_t2i_q``, ``x_i2t_k{l}`` (B, L, D), ``x_i2t_u{l}`` (B, L, H, D),
-    ``x_mask`` (B, L).
+    and concatenated): image ``x_img``, ``x_i2t_q``, ``x_t2i_k{l}``, ``x_t2i_v{l}`` (B, R, D);
+    text ``x_txt``, ``x_t2i_q``, ``x_i2t_k{l}``, ``x_i2t_v{l}`` (B, L, D), ``x_mask`` (B, L).
     """
 
     def __init__(self, dim: int, heads: int, layers: int, dropout: float):
@@ -112,7 +104,7 @@ class CrossEncoder(nn.Module):
     def image_state(self, img: Tensor) -> State:  # img (B, R, D)
         state = {"x_img": img, "x_i2t_q": self.i2t[0].q(img)}
         for l, blk in enumerate(self.t2i):
-            state[f"x_t2i_k{l}"], state[f"x_t2i_u{l}"] = blk.keys(img)
+            state[f"x_t2i_k{l}"], state[f"x_t2i_v{l}"] = blk.keys(img)
         return state
 
     def text_state(self, txt: Tensor, mask: Tensor) -> State:  # txt (B, L, D), mask (B, L)
@@ -120,25 +112,28 @@ class CrossEncoder(nn.Module):
         mask[:, 0] |= ~mask.any(1)  # an empty caption keeps one (zero) key so softmax is defined
         state = {"x_txt": txt, "x_mask": mask, "x_t2i_q": self.t2i[0].q(txt)}
         for l, blk in enumerate(self.i2t):
-            state[f"x_i2t_k{l}"], state[f"x_i2t_u{l}"] = blk.keys(txt)
+            state[f"x_i2t_k{l}"], state[f"x_i2t_v{l}"] = blk.keys(txt)
         return state
 
     def score(self, im: State, tx: State) -> Tensor:
-        """Logits for broadcastable leading dims of the two states, e.g. (P,) & (P,) -> (P,)."""
+        """Logits for broadcastable leading dims of the two states, e.g. (P,) & (P,) -> (P,),
+        (B, 1) & (B, n) -> (B, n). Pairs are flattened to one dim P for the fused attention."""
+        lead = torch.broadcast_shapes(im["x_img"].shape[:-2], tx["x_txt"].shape[:-2])
+        im, tx = _flat_pairs(im, lead), _flat_pairs(tx, lead)
         t, q = tx["x_txt"], tx["x_t2i_q"]
         for l, blk in enumerate(self.t2i):  # captions read the image grid
-            t = blk(t, q if l == 0 else blk.q(t), im[f"x_t2i_k{l}"], im[f"x_t2i_u{l}"], None)
+            t = blk(t, q if l == 0 else blk.q(t), im[f"x_t2i_k{l}"], im[f"x_t2i_v{l}"], None)
         i, q = im["x_img"], im["x_i2t_q"]
         for l, blk in enumerate(self.i2t):  # image tokens read the caption, padding masked
-            i = blk(i, q if l == 0 else blk.q(i), tx[f"x_i2t_k{l}"], tx[f"x_i2t_u{l}"], ~tx["x_mask"])
-        tv = masked_mean(t.flatten(0, -3), tx["x_mask"].expand(t.shape[:-1]).flatten(0, -2))  # (P, D)
-        iv = i.flatten(0, -3).mean(1)  # (P, D)
-        logits = self.head(torch.cat([tv, iv, tv * iv], -1)).squeeze(-1)  # (prod(batch dims),)
-        return logits.view(t.shape[:-2])
+            i = blk(i, q if l == 0 else blk.q(i), tx[f"x_i2t_k{l}"], tx[f"x_i2t_v{l}"], ~tx["x_mask"])
+        tv = masked_mean(t, tx["x_mask"])  # (P, D)
+        iv = i.mean(1)  # (P, D)
+        logits = self.head(torch.cat([tv, iv, tv * iv], -1)).squeeze(-1)  # (P,)
+        return logits.view(lead)
 
     def pair_elements(self, im: State, tx: State) -> int:
-        """Largest per-pair intermediate: heads x tokens x D (attention output before the head sum)."""
-        return self.t2i[0].heads * max(im["x_img"].shape[1], tx["x_txt"].shape[1]) * im["x_img"].shape[2]
+        """Per-pair working set: both sides' tokens x D (keys, values, queries, outputs)."""
+        return 4 * (im["x_img"].shape[-2] + tx["x_txt"].shape[-2]) * im["x_img"].shape[-1]
 
     def pairs(self, im: State, tx: State) -> Tensor:
         """Aligned pairs im[p] with tx[p] -> (P,), chunked when no gradient is needed."""
@@ -156,6 +151,17 @@ class CrossEncoder(nn.Module):
         txt = {k: v[None] for k, v in tx.items()}  # (1, Bt, ...)
         return torch.cat([self.score({k: v[s:s + step, None] for k, v in im.items()}, txt)  # (c, Bt)
                           for s in range(0, bi, step)])
+
+
+def _flat_pairs(state: State, lead: torch.Size) -> State:
+    """The encoder's entries of a state (``x_*``), leading dims broadcast to ``lead`` and flattened
+    into one pair dim P: tokens (..., L, D) -> (P, L, D), the mask (..., L) -> (P, L)."""
+    out = {}
+    for key, v in state.items():
+        if key.startswith("x_"):
+            tail = v.shape[-1:] if key == "x_mask" else v.shape[-2:]
+            out[key] = v.expand(*lead, *tail).reshape(-1, *tail)
+    return out
 
 
 def cosine_logits(img: Tensor, txt: Tensor, logit_scale: Tensor) -> Tensor:
