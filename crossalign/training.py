@@ -108,15 +108,37 @@ def first_images(split: FeatureSplit, n: int) -> FeatureSplit:
                         caption_ids=split.caption_ids[keep])
 
 
+_PACKAGE = Path(__file__).resolve().parent
+WEIGHT_CODE = ("training.py", "losses.py", "mining.py", "retrieval.py", "checkpoint.py", "methods")
+
+
+def code_hash() -> str:
+    """Hash of the source that determines trained weights (the train stage's code deps), so a
+    persisted checkpoint from older code is not resumed after DVC reruns the stage for a change."""
+    digest = hashlib.sha256()
+    for name in WEIGHT_CODE:
+        path = _PACKAGE / name
+        for file in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
+            digest.update(file.name.encode() + b"\0" + file.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def fingerprint(cfg: Config, method: str, seed: int, train: FeatureSplit, val: FeatureSplit) -> str:
-    """Hash of everything that determines a run's weights: a checkpoint with another is stale."""
+    """Hash of everything that determines a run's weights (params, seed, data, code): a
+    checkpoint with another is stale."""
     t = cfg.train
-    blob = {"methods": method_params(cfg, method), "seed": seed,
+    blob = {"methods": method_params(cfg, method), "seed": seed, "code": code_hash(),
             "train": [t.epochs, t.batch_size, t.lr, t.weight_decay, t.warmup_fraction, t.grad_clip, t.patience,
                       t.val_images],
             "features": [list(train.image_tokens.shape), list(train.text_tokens.shape), list(val.text_tokens.shape),
-                         float(np.asarray(train.image_pooled[:4], np.float32).sum())]}
+                         _sample_digest(train), _sample_digest(val)]}
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _sample_digest(split: FeatureSplit) -> str:
+    """Cheap identity of a feature split: a strided sample of its pooled vectors and index."""
+    parts = (split.image_pooled[::97], split.text_pooled[::97], split.caption_image_index)
+    return hashlib.sha256(b"".join(np.ascontiguousarray(p).tobytes() for p in parts)).hexdigest()[:16]
 
 
 class NullTracker:
