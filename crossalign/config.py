@@ -41,11 +41,29 @@ class SyntheticParams(Section):
         description="ways a twin differs from its partner")
     textured_background: bool = Field(True, description="noise texture behind the objects")
     captions_per_image: int = Field(5, ge=1, le=10, description="paraphrased captions per image")
+    small_size: float = Field(0.10, gt=0, le=0.2, description="radius of a 'small' object, share of the side")
+    large_size: float = Field(0.15, gt=0, le=0.2, description="radius of a 'large' object, share of the side")
+    size_jitter: float = Field(0.15, ge=0, lt=0.5, description="relative +- jitter of every radius")
+    rotation_jitter: float = Field(15.0, ge=0, le=30, description="max +- rotation of a shape, degrees")
+    colour_noise: float = Field(0.03, ge=0, le=0.3, description="std of each object's colour offset (share of 255)")
+    pixel_noise: float = Field(0.0, ge=0, le=0.3, description="std of per-pixel noise (share of 255)")
+    texture_strength: float = Field(0.3, ge=0, le=2, description="amplitude of the background texture")
+    distractor_mention: float = Field(0.75, ge=0, le=1, description="chance a caption also names the distractors")
+    size_mention: float = Field(0.5, ge=0, le=1, description="chance a caption names sizes (always in size twins)")
+    workers: int = Field(0, ge=0, description="generation processes; 0 = all cores (same bytes either way)")
 
     @model_validator(mode="after")
     def _objects_range(self) -> "SyntheticParams":
         if self.min_objects > self.max_objects:
             raise ValueError(f"data.synthetic.min_objects ({self.min_objects}) must be <= max_objects ({self.max_objects})")
+        if self.min_objects < 2:
+            raise ValueError(f"data.synthetic.min_objects ({self.min_objects}) must be >= 2: every scene "
+                             "has a described pair of objects")
+        if self.n_colours * self.n_shapes < self.max_objects:
+            raise ValueError(f"data.synthetic: {self.n_colours} colours x {self.n_shapes} shapes cannot make "
+                             f"max_objects ({self.max_objects}) distinct objects")
+        if self.small_size >= self.large_size:
+            raise ValueError(f"data.synthetic.small_size ({self.small_size}) must be < large_size ({self.large_size})")
         return self
 
 
@@ -57,6 +75,9 @@ class CocoParams(Section):
     download_dir: str = Field("data/downloads", description="where archives are kept (resumable)")
     val_images: int = Field(5000, ge=1, description="coco2017: validation images carved out of train2017")
     split_seed: int = Field(0, description="coco2017: seed of the train/val carve-out")
+    retries: int = Field(5, ge=0, description="download: retries after a dropped connection (each resumes)")
+    timeout_s: float = Field(60.0, gt=0, description="download: socket timeout, seconds")
+    retry_wait_s: float = Field(2.0, ge=0, description="download: first wait before a retry (doubles each time)")
 
 
 class DataParams(Section):
@@ -115,7 +136,7 @@ class ConcatMlpParams(Section):
 
 
 class CrossAttentionParams(Section):
-    heads: int = Field(4, ge=1, description="attention heads (embed_dim must divide)")
+    heads: int = Field(2, ge=1, description="attention heads (embed_dim must divide)")
     layers: int = Field(1, ge=1, le=6, description="cross-attention blocks per direction")
     dropout: float = Field(0.1, ge=0, lt=1, description="dropout in projections and attention")
     hard_negatives: int = Field(1, ge=0, description="in-batch hardest negatives per positive (by pooled similarity)")
@@ -132,18 +153,19 @@ class JointParams(Section):
     temperature: float = Field(0.1, gt=0, description="initial / fixed contrastive temperature")
     learnable_temperature: bool = Field(False, description="learn the temperature as CLIP does")
     dropout: float = Field(0.1, ge=0, lt=1, description="dropout in projections and attention")
-    heads: int = Field(4, ge=1, description="attention heads of the matching encoder")
+    heads: int = Field(2, ge=1, description="attention heads of the matching encoder")
     layers: int = Field(1, ge=1, le=6, description="cross-attention blocks of the matching encoder")
     itc_weight: float = Field(1.0, ge=0, description="weight of the contrastive loss")
     itm_weight: float = Field(1.0, ge=0, description="weight of the matching loss")
+    negatives: int = Field(1, ge=1, description="matching negatives per positive and direction (ALBEF: 1)")
     hard_k: int = Field(16, ge=1, description="hard negatives sampled from the top-k similarities")
-    random_negative_fraction: float = Field(0.5, ge=0, le=1, description="share of matching negatives drawn at random")
+    random_negative_fraction: float = Field(0.5, ge=0, le=1, description="chance each matching negative is drawn at random instead of hard")
     shortlist_k: int = Field(16, ge=1, description="evaluation: similarity shortlist re-ranked by matching")
     fusion_alpha: float = Field(0.5, ge=0, le=1, description="evaluation: score = a*match + (1-a)*similarity")
 
 
 class MethodsParams(Section):
-    embed_dim: int = Field(256, ge=8, description="shared embedding space every method projects into")
+    embed_dim: int = Field(64, ge=8, description="shared embedding space every method projects into")
     concat_mlp: ConcatMlpParams = Field(default_factory=ConcatMlpParams)
     cross_attention: CrossAttentionParams = Field(default_factory=CrossAttentionParams)
     contrastive: ContrastiveParams = Field(default_factory=ContrastiveParams)
@@ -155,13 +177,14 @@ class TrainParams(Section):
     methods: list[str] = Field(default_factory=lambda: list(METHOD_NAMES), min_length=1,
                                description="methods compared (dvc.yaml foreach)")
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1, description="one run per seed per method")
-    epochs: int = Field(10, ge=1, description="maximum epochs")
+    epochs: int = Field(8, ge=1, description="maximum epochs")
     batch_size: int = Field(128, ge=2, description="image-caption pairs per step")
     lr: float = Field(1e-3, gt=0, description="peak AdamW learning rate")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay")
     warmup_fraction: float = Field(0.05, ge=0, lt=1, description="share of steps in linear warm-up")
     grad_clip: float = Field(1.0, gt=0, description="max gradient L2 norm")
     patience: int = Field(3, ge=1, description="early stopping: epochs without val RSUM gain")
+    val_images: int = Field(0, ge=0, description="early stopping scores the first N val images and their captions (0 = all)")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     threads: int = Field(0, ge=0, description="CPU threads; 0 = all cores")
 
@@ -180,6 +203,7 @@ class TrainParams(Section):
 class EvaluateParams(Section):
     block_images: int = Field(256, ge=1, description="images per block of exact all-pairs scoring")
     block_texts: int = Field(1024, ge=1, description="captions per block of exact all-pairs scoring")
+    pair_chunk: int = Field(4096, ge=1, description="pairs per match() call when re-ranking a shortlist")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
 
 
