@@ -146,7 +146,8 @@ def rss_child(split: str, device: str, batch: int, text_batch: int, threads: int
     """Subprocess body: encode one on-disk split, print peak RSS as JSON."""
     from crossalign.config import FeaturesParams
     from crossalign.encoders import build_image_encoder, build_text_encoder
-    from crossalign.features import encode_split, resolve_device
+    from crossalign.device import resolve_device
+    from crossalign.features import encode_split
 
     torch.set_num_threads(threads or os.cpu_count() or 1)
     dev = resolve_device(device)
@@ -181,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from crossalign.encoders import build_image_encoder, build_text_encoder
-    from crossalign.features import resolve_device
+    from crossalign.device import resolve_device
 
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     device = resolve_device(args.device)

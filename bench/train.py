@@ -26,7 +26,8 @@ from crossalign import config
 from crossalign.config import METHOD_NAMES
 from crossalign.io import FeatureSplit, atomic_file
 from crossalign.methods import get_method
-from crossalign.training import SplitTensors, first_images, lr_at, resolve_device, validation_metrics
+from crossalign.device import resolve_device
+from crossalign.training import SplitTensors, first_images, lr_at, validation_metrics
 
 
 def synthetic_split(n_images: int, captions: int, regions: int, image_dim: int, text_dim: int,

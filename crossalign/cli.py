@@ -20,7 +20,8 @@ import torch
 from crossalign import config, registry
 from crossalign.io import load_features, read_json
 from crossalign.methods.base import Aligner, State
-from crossalign.retrieval import encode_images, encode_texts, resolve_device, score_states
+from crossalign.device import resolve_device
+from crossalign.retrieval import encode_images, encode_texts, score_states
 
 OFFLINE_ENV = {"DO_NOT_TRACK": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1",
                "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -74,7 +75,7 @@ def search(cfg: config.Config, root: Path, text: str | None = None, image: Path 
     """Rank ``split``'s images for a caption (or its captions for an image) with the champion."""
     if (text is None) == (image is None):
         raise ValueError("give either a query text or --image PATH")
-    device = resolve_device(cfg.evaluate.device)
+    device = resolve_device(cfg.evaluate.device, "evaluate.device")
     model, version = load_champion(cfg, root)
     model = model.to(device)
     feats = load_features(root / "data" / "features" / split)

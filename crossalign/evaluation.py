@@ -17,8 +17,8 @@ import torch
 from crossalign import registry
 from crossalign.config import Config
 from crossalign.io import FeatureSplit, atomic_dir, load_features, read_json, write_json
-from crossalign.retrieval import (METRIC_KEYS, binding_probe, coco_metrics, describe_protocol, fold_slices,
-                                  resolve_device, score_matrices)
+from crossalign.device import resolve_device
+from crossalign.retrieval import METRIC_KEYS, binding_probe, coco_metrics, describe_protocol, fold_slices, score_matrices
 
 log = logging.getLogger(__name__)
 RUN_ID_KEYS = ("mlflow_run_id", "run_id")  # where model.json may name the seed's MLflow run
@@ -80,7 +80,7 @@ def run(cfg: Config, method: str, root: Path, loader: Loader | None = None) -> d
     root = Path(root)
     if loader is None:
         from crossalign.methods import load_aligner as loader
-    device = resolve_device(cfg.evaluate.device)
+    device = resolve_device(cfg.evaluate.device, "evaluate.device")
     val = load_features(root / "data" / "features" / "val")
     test = load_features(root / "data" / "features" / "test")
     index_path = root / "eval" / "test_index.json"

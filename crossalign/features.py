@@ -27,24 +27,13 @@ from numpy.lib.format import open_memmap
 from tqdm import tqdm
 
 from crossalign.config import Config, FeaturesParams
+from crossalign.device import resolve_device
 from crossalign.encoders import ImageEncoder, TextEncoder, build_image_encoder, build_text_encoder
 from crossalign.io import atomic_dir, load_npy, read_json, save_npy, write_json
 
 SPLITS = ("train", "val", "test")
 RELEASE_BYTES = 64 << 20  # drop mapped pages after about this many bytes streamed
 COPIED = ("image_ids", "caption_image_index", "caption_ids")
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> the first CUDA device if there is one, else the CPU; a named CUDA device that
-    is absent is an error naming ``features.device``."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ValueError(f"features.device = {name!r}: {torch.cuda.device_count()} CUDA device(s) here; "
-                         "use 'cpu', 'auto' or an existing 'cuda:N'")
-    return device
 
 
 def autocast(device: torch.device):
@@ -276,7 +265,7 @@ def run(cfg: Config, root: Path, progress: bool = True) -> Path:
     missing = [s for s in SPLITS if not (prepared / s / "images.npy").exists()]
     if missing:
         raise FileNotFoundError(f"{prepared}: no prepared split(s) {missing} (run the preprocess stage first)")
-    device = resolve_device(params.device)
+    device = resolve_device(params.device, "features.device")
     torch.set_num_threads(params.threads or os.cpu_count() or 1)
     image_encoder = build_image_encoder(params.image_encoder, device)
     text_encoder = build_text_encoder(params.text_encoder, device)

@@ -127,13 +127,6 @@ def coco_metrics(i2t_scores: np.ndarray, t2i_scores: np.ndarray,
 
 
 # ------------------------------------------------------------------------------------ scoring
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> the first CUDA device when there is one, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def describe_protocol(model: Aligner, block_images: int, block_texts: int) -> str:
     """How ``model`` is ranked, in words (written into the metrics)."""
     if model.embeds and model.rerank is not None:

@@ -27,6 +27,7 @@ import torch
 
 from crossalign import checkpoint
 from crossalign.config import Config
+from crossalign.device import resolve_device
 from crossalign.io import FeatureSplit, atomic_dir, atomic_file, load_features
 from crossalign.methods import get_method, method_params, save_aligner
 from crossalign.methods.base import Aligner, Batch
@@ -71,15 +72,6 @@ class SplitTensors:
                      text_mask=torch.arange(width, device=lengths.device)[None, :] < lengths[:, None],  # (B, L)
                      text_pooled=self.text_pooled[captions],  # (B, Dt)
                      image_index=img).to(device)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"train.device is {name!r} but CUDA is not available; use 'auto' or 'cpu'")
-    return device
 
 
 def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
@@ -219,7 +211,7 @@ def train_seed(cfg: Config, root: Path, method: str, seed: int, train: FeatureSp
                final_dir: Path, tracker: Any = None, log=print) -> dict[str, Any]:
     """Train one (method, seed) to ``final_dir`` (model.safetensors + model.json); returns meta."""
     tracker = tracker or NullTracker()
-    t, device = cfg.train, resolve_device(cfg.train.device)
+    t, device = cfg.train, resolve_device(cfg.train.device, "train.device")
     spec = get_method(method)
     torch.manual_seed(seed)
     model = spec.build_model(cfg, train.image_dim, train.text_dim).to(device)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from crossalign import config, features
+from crossalign.device import resolve_device
 from crossalign.encoders.text import default_model_path
 from crossalign.io import load_features, read_json
 from conftest import tiny_config
@@ -167,7 +168,7 @@ def test_bad_inputs_fail_naming_the_file(prepared, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"\['test'\].*preprocess"):
         features.run(cfg, prepared, progress=False)
     with pytest.raises(ValueError, match=r"features\.device = 'cuda:99'"):
-        features.resolve_device("cuda:99")
+        resolve_device("cuda:99", "features.device")
 
 
 def test_stage_entry_point(prepared, tmp_path, monkeypatch):
