@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from crossalign.methods.base import Batch, State, index_state
+from crossalign.methods.base import Aligner, Batch, State, index_state
 from crossalign.mining import mine_negatives
 
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps the learnable logit scale at 100
@@ -151,6 +151,20 @@ class CrossEncoder(nn.Module):
         txt = {k: v[None] for k, v in tx.items()}  # (1, Bt, ...)
         return torch.cat([self.score({k: v[s:s + step, None] for k, v in im.items()}, txt)  # (c, Bt)
                           for s in range(0, bi, step)])
+
+
+class CrossMatcher(Aligner):
+    """An aligner that scores pairs with its ``self.encoder`` (a :class:`CrossEncoder`): exact
+    aligned pairs and blockwise all-pairs grids (``cross_attention``, ``joint``)."""
+
+    matches = True
+    encoder: CrossEncoder
+
+    def match(self, images: State, texts: State) -> Tensor:
+        return self.encoder.pairs(images, texts)  # (P,)
+
+    def match_block(self, images: State, texts: State) -> Tensor:
+        return self.encoder.grid(images, texts)  # (Bi, Bt)
 
 
 def _flat_pairs(state: State, lead: torch.Size) -> State:

@@ -17,13 +17,11 @@ import torch
 from torch import Tensor
 
 from crossalign.losses import MatchingLoss
-from crossalign.methods.base import Aligner, Batch, MethodSpec, State, register
-from crossalign.methods.common import CrossEncoder, Projection, mine_both, pair_logits, pooled_cosine, same_image
+from crossalign.methods.base import Batch, MethodSpec, State, register
+from crossalign.methods.common import CrossEncoder, CrossMatcher, Projection, mine_both, pair_logits, pooled_cosine, same_image
 
-class CrossAttention(Aligner):
+class CrossAttention(CrossMatcher):
     """Projected tokens -> CrossEncoder -> match logit; negatives by pooled-token similarity."""
-
-    matches = True
 
     def __init__(self, image_dim: int, text_dim: int, dim: int, heads: int, layers: int, dropout: float,
                  hard_negatives: int, random_negatives: int):
@@ -38,12 +36,6 @@ class CrossAttention(Aligner):
 
     def encode_texts(self, tokens: Tensor, mask: Tensor, pooled: Tensor) -> State:
         return self.encoder.text_state(self.text_proj(tokens), mask)  # (B, L, D) tensors
-
-    def match(self, images: State, texts: State) -> Tensor:
-        return self.encoder.pairs(images, texts)  # (P,)
-
-    def match_block(self, images: State, texts: State) -> Tensor:
-        return self.encoder.grid(images, texts)  # (Bi, Bt)
 
     def forward(self, batch: Batch) -> dict[str, Tensor]:
         img = self.encode_images(batch.image_tokens, batch.image_pooled)

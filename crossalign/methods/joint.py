@@ -15,17 +15,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from crossalign.losses import JointLoss
-from crossalign.methods.base import Aligner, Batch, MethodSpec, Rerank, State, register
+from crossalign.methods.base import Batch, MethodSpec, Rerank, State, register
 from crossalign.methods.common import (EmbeddingHead, Projection, cosine_logits, logit_scale_param, mine_both,
                                       pair_logits, same_image)
-from crossalign.methods.common import CrossEncoder
+from crossalign.methods.common import CrossEncoder, CrossMatcher
 
 
-class Joint(Aligner):
+class Joint(CrossMatcher):
     """Dual-encoder embeddings for similarity + a cross-attention matching head for re-ranking."""
 
     embeds = True
-    matches = True
 
     def __init__(self, image_dim: int, text_dim: int, dim: int, dropout: float, temperature: float,
                  learnable_temperature: bool, heads: int, layers: int, negatives: int,
@@ -52,12 +51,6 @@ class Joint(Aligner):
 
     def similarity(self, images: State, texts: State) -> Tensor:
         return cosine_logits(images["embed"], texts["embed"], self.logit_scale)  # (Bi, Bt)
-
-    def match(self, images: State, texts: State) -> Tensor:
-        return self.encoder.pairs(images, texts)  # (P,)
-
-    def match_block(self, images: State, texts: State) -> Tensor:
-        return self.encoder.grid(images, texts)  # (Bi, Bt)
 
     def forward(self, batch: Batch) -> dict[str, Tensor]:
         img = self.encode_images(batch.image_tokens, batch.image_pooled)
