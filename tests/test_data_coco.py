@@ -154,8 +154,10 @@ def _folder_with_splits(root: Path) -> Path:
                       {"id": 4, "file_name": "../../outside.jpg", "width": 40, "height": 30}],
            "annotations": [{"id": 1, "image_id": 1, "caption": ""},
                            {"id": 2, "image_id": 99, "caption": "points at nothing"}]}
-    good = {"images": [{"id": 3, "file_name": "b.jpg"}], "annotations": [{"id": 3, "image_id": 3, "caption": "b"}]}
-    for split, content in (("train", bad), ("val", good), ("test", good)):
+    (folder / "images" / "c.jpg").write_bytes(_jpeg())
+    val = {"images": [{"id": 3, "file_name": "b.jpg"}], "annotations": [{"id": 3, "image_id": 3, "caption": "b"}]}
+    test = {"images": [{"id": 5, "file_name": "c.jpg"}], "annotations": [{"id": 5, "image_id": 5, "caption": "c"}]}
+    for split, content in (("train", bad), ("val", val), ("test", test)):
         (folder / "annotations" / f"captions_{split}.json").write_text(json.dumps(content))
     return folder
 
@@ -169,7 +171,7 @@ def test_coco_folder_with_splits_links_and_passes_bad_records_through(tmp_path: 
     linked = dest / "images" / "sub" / "a.jpg"
     assert os.path.samefile(linked, folder / "images" / "sub" / "a.jpg")  # a hard link, not a copy
     assert not (dest / "images" / "missing.jpg").exists()
-    assert sorted(p.name for p in (dest / "images").rglob("*")) == ["a.jpg", "b.jpg", "sub"]  # nothing outside
+    assert sorted(p.name for p in (dest / "images").rglob("*")) == ["a.jpg", "b.jpg", "c.jpg", "sub"]  # nothing outside
     assert _split(dest, "val")["images"] == [{"id": 3, "file_name": "b.jpg"}]
 
 
@@ -198,3 +200,40 @@ def test_coco_folder_ambiguous_caption_files(tmp_path: Path) -> None:
         (tmp_path / "two" / name).write_text("{}")
     with pytest.raises(FileNotFoundError, match="captions_a.json.*captions_b.json"):
         data.run(tiny_config(tmp_path, data={"dataset": "coco-folder", "folder": "two"}), tmp_path)
+
+
+def test_split_leaks_named_by_id_and_by_file() -> None:
+    from crossalign.data.cocofmt import split_leaks
+    img = lambda i, f: {"id": i, "file_name": f}  # noqa: E731
+    parts = {"train": {"images": [img(1, "a.jpg"), img(2, "b.jpg")]},
+             "val": {"images": [img(3, "c.jpg")]},
+             "test": {"images": [img(1, "a.jpg"), img(4, "c.jpg")]}}
+    assert split_leaks(parts) == ["image id 1 (a.jpg) in train and test", "file a.jpg in train and test",
+                                  "file c.jpg in val and test"]
+    assert split_leaks({"train": {"images": [img(1, "a.jpg")]}, "val": {"images": [img(2, "b.jpg")]},
+                        "test": {"images": []}}) == []
+
+
+@pytest.mark.parametrize("leak, message", [
+    ({"id": 3, "file_name": "other.jpg"}, r"image id 3 \(b.jpg\) in val and test"),  # same id in two splits
+    ({"id": 7, "file_name": "b.jpg"}, r"file b.jpg in val and test"),  # same file under another id
+])
+def test_coco_folder_image_in_two_splits_stops_naming_it(tmp_path: Path, leak: dict, message: str) -> None:
+    folder = _folder_with_splits(tmp_path)
+    test = {"images": [leak], "annotations": [{"id": 9, "image_id": leak["id"], "caption": "x"}]}
+    (folder / "annotations" / "captions_test.json").write_text(json.dumps(test))
+    with pytest.raises(ValueError, match=message) as err:
+        data.run(tiny_config(tmp_path, data={"dataset": "coco-folder", "folder": "mycoco"}), tmp_path)
+    assert "mycoco" in str(err.value) and "more than one split" in str(err.value)
+    assert not (tmp_path / "data" / "raw" / "coco-folder").exists()  # nothing half-written
+
+
+def test_coco2017_carve_out_is_disjoint(coco2017_server: ArchiveServer, tmp_path: Path) -> None:
+    dest = data.run(_cfg(tmp_path, "coco2017", coco2017_server.url, val_images=3), tmp_path)
+    ids = {s: [im["id"] for im in _split(dest, s)["images"]] for s in ("train", "val", "test")}
+    files = {s: {im["file_name"] for im in _split(dest, s)["images"]} for s in ("train", "val", "test")}
+    assert sorted(ids["train"] + ids["val"]) == TRAIN_IDS and len(ids["val"]) == 3  # each train2017 image once
+    assert not set(ids["train"]) & set(ids["val"]) and not (set(ids["train"]) | set(ids["val"])) & set(ids["test"])
+    assert not files["train"] & files["val"] and not files["val"] & files["test"] and not files["train"] & files["test"]
+    for split in ("train", "val"):  # captions follow their image into its split
+        assert {a["image_id"] for a in _split(dest, split)["annotations"]} == set(ids[split])

@@ -187,3 +187,17 @@ def test_stage_run_and_entry_point(tmp_path: Path, monkeypatch) -> None:
     before = _digest(dest)
     assert task.main(["--params", str(params)]) == 0
     assert _digest(dest) == before
+
+
+def test_splits_disjoint_and_twin_pairs_never_cross(tiny_set: Path) -> None:
+    parts = {s: _load(tiny_set, s) for s in ("train", "val", "test")}
+    split_of: dict[int, str] = {}
+    files: dict[str, str] = {}
+    for split, part in parts.items():
+        for im in part["images"]:
+            assert im["id"] not in split_of, f"image {im['id']} in {split_of.get(im['id'])} and {split}"
+            assert im["file_name"] not in files, f"{im['file_name']} in {files.get(im['file_name'])} and {split}"
+            split_of[im["id"]], files[im["file_name"]] = split, split
+    twins = [(im["id"], im["twin_id"]) for part in parts.values() for im in part["images"] if im["twin_id"] is not None]
+    assert twins and all(split_of[a] == split_of[b] for a, b in twins)  # a twin pair lives in one split
+    assert {split_of[a] for a, _ in twins} == {"train", "val", "test"}  # and every split has twins

@@ -74,8 +74,7 @@ def build_coco2017(data: DataParams, root: Path, out: Path) -> None:
         else:
             parts["test"] = cocofmt.caption_file(loaded["images"], loaded["annotations"], loaded.get("info"),
                                                  loaded.get("licenses"))
-    for split, part in parts.items():
-        cocofmt.write_captions(out, split, part)
+    cocofmt.write_splits(out, parts, "coco2017 (train2017 carve-out + val2017)")
 
 
 def read_karpathy(path: Path) -> list[dict]:
@@ -136,5 +135,4 @@ def build_karpathy(data: DataParams, root: Path, out: Path) -> None:
     if missing:
         log.warning("coco-karpathy: %d images of dataset_coco.json are not in the archives (passed through)",
                     missing)
-    for split, part in parts.items():
-        cocofmt.write_captions(out, split, part)
+    cocofmt.write_splits(out, parts, "dataset_coco.json (Karpathy split)")

@@ -46,6 +46,44 @@ def write_captions(out: Path, split: str, data: dict[str, Any]) -> Path:
     return path
 
 
+def split_leaks(parts: dict[str, dict[str, Any]]) -> list[str]:
+    """Every image id or ``file_name`` found in more than one split, described (e.g. ``"image id 42
+    (000000000042.jpg) in train and test"``); empty when the splits are disjoint. An image in two
+    splits would be trained on and tested on: the test numbers would not measure retrieval of
+    unseen images."""
+    where_id: dict[Any, list[str]] = {}
+    where_file: dict[str, list[str]] = {}
+    names: dict[Any, str] = {}
+    for split, part in parts.items():
+        for img in part.get("images", []):
+            if split not in where_id.setdefault(img.get("id"), []):
+                where_id[img.get("id")].append(split)
+            names.setdefault(img.get("id"), str(img.get("file_name")))
+            name = img.get("file_name")
+            if isinstance(name, str) and split not in where_file.setdefault(name, []):
+                where_file[name].append(split)
+    leaks = [f"image id {i} ({names[i]}) in {' and '.join(s)}" for i, s in where_id.items() if len(s) > 1]
+    leaks += [f"file {f} in {' and '.join(s)}" for f, s in where_file.items() if len(s) > 1]
+    return leaks
+
+
+def check_disjoint(parts: dict[str, dict[str, Any]], where: str) -> None:
+    """Stop when an image is in two splits (by id or by file), naming the images (the first 10)
+    and ``where`` the splits came from."""
+    leaks = split_leaks(parts)
+    if leaks:
+        more = f" (and {len(leaks) - 10} more)" if len(leaks) > 10 else ""
+        raise ValueError(f"{where}: {len(leaks)} image(s) in more than one split: {'; '.join(leaks[:10])}{more}; "
+                         "each image (id and file) must belong to exactly one of train/val/test")
+
+
+def write_splits(out: Path, parts: dict[str, dict[str, Any]], where: str) -> None:
+    """:func:`check_disjoint`, then write every split's caption file."""
+    check_disjoint(parts, where)
+    for split, part in parts.items():
+        write_captions(out, split, part)
+
+
 def load_coco(path: Path) -> COCO:
     """Load a caption file with pycocotools, after checking it is one: JSON, an object with
     ``images`` and ``annotations`` lists whose records carry the keys the pipeline reads.

@@ -87,9 +87,11 @@ def build(data: DataParams, root: Path, out: Path) -> None:
         parts = cocofmt.split_by(ds, assignment)
     dirs = image_dirs(folder)
     total = {"link": 0, "copy": 0, "missing": 0}
+    where = str(folder) if isinstance(files, dict) else str(files)
+    cocofmt.check_disjoint(parts, where)  # before any image is placed
     for split, part in parts.items():
         counts = place_images(part["images"], dirs, out)
         total = {k: total[k] + counts[k] for k in total}
-        cocofmt.write_captions(out, split, part)
+    cocofmt.write_splits(out, parts, where)
     log.info("coco-folder %s: %d images linked, %d copied, %d missing (passed through for preprocess to report)",
              folder, total["link"], total["copy"], total["missing"])

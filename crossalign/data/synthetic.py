@@ -197,10 +197,12 @@ def generate(p: SyntheticParams, seed: int, out: Path) -> dict[str, int]:
             for caption in captions:
                 anns.append({"id": next_ann, "image_id": record["id"], "caption": caption})
                 next_ann += 1
+    parts = {}
     for split, (images, anns) in by_split.items():
         images.sort(key=lambda r: r["id"])
         anns.sort(key=lambda a: a["id"])
-        cocofmt.write_captions(out, split, cocofmt.caption_file(images, anns, INFO, LICENSES))
+        parts[split] = cocofmt.caption_file(images, anns, INFO, LICENSES)
+    cocofmt.write_splits(out, parts, "synthetic")
     return {s: len(by_split[s][0]) for s in SPLITS}
 
 
