@@ -85,7 +85,7 @@ def covered(path: Path, deps: list[str]) -> bool:
 @pytest.mark.parametrize("stage", sorted(stages()))
 def test_stage_deps_cover_every_imported_module(stage: str) -> None:
     cmd, deps = stages()[stage]
-    entry = re.search(r"\btasks[./](\w+)", cmd)
+    entry = re.search(r"-m\s+tasks\.(\w+)", cmd)
     assert entry, f"dvc.yaml stage {stage}: cmd {cmd!r} does not run a tasks/<stage>.py entry point"
     missing = sorted(str(p) for p in closure(f"tasks.{entry.group(1)}") if not covered(p, deps))
     assert not missing, f"dvc.yaml stage {stage} imports {missing} but does not list them as deps"
