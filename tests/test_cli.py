@@ -185,9 +185,9 @@ def test_dvc_param_keys_expands_foreach_and_reports_unknown_vars(tmp_path):
 
 
 def test_help_and_a_real_query_print_nothing_else(project, tmp_path):
-    """``--help`` and a query with the real offline encoders: no MLflow UserWarning and no
-    "Loading weights" bar on stderr (the query itself fails later: the toy features are not the
-    real encoders' width, so the text encoder is exercised directly here)."""
+    """``--help``, and the MLflow import plus the real offline text encoder a query goes through:
+    no MLflow UserWarning and no "Loading weights" bar on stderr. (The toy champion here was trained
+    on 10-wide features, not MiniLM's 384; a whole query on a real pipeline: tests/test_dayone.py.)"""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     help_ = subprocess.run([sys.executable, "-m", "crossalign.cli", "--help"], capture_output=True, text=True,
                            env=env, cwd=tmp_path, timeout=120)
