@@ -42,11 +42,11 @@ _VAR = re.compile(r"\$\{\s*([^}]+?)\s*\}")
 
 # ---------------------------------------------------------------------------------------- check
 def _lookup(name: str, raw: dict[str, Any], local: dict[str, Any]) -> Any:
-    """The value of ``${name}`` in dvc.yaml: a foreach ``item`` or a dotted params key; KeyError."""
-    if name in local:
-        return local[name]
-    node: Any = raw
-    for part in name.split("."):
+    """The value of ``${name}`` in dvc.yaml: a foreach ``item`` / ``key`` (``item.x`` too) or a
+    dotted params key; KeyError when there is none."""
+    parts = name.split(".")
+    node: Any = local if parts[0] in local else raw
+    for part in parts:
         if not isinstance(node, dict) or part not in node:
             raise KeyError(name)
         node = node[part]
