@@ -22,7 +22,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --disable-pip-version-check -q -e '.[test]'
 	touch $(STAMP)
 
+# `crossalign check` first: DVC removes a stage's outputs before it notices a param missing from
+# params.yaml, so a typo must be caught before `dvc repro` starts.
 run: $(STAMP)
+	$(BIN)/crossalign check
 	$(BIN)/dvc repro
 
 test: $(STAMP)

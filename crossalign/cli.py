@@ -1,52 +1,188 @@
-"""``crossalign`` console script: use the registered champion.
+"""``crossalign`` console script: check the params, use the registered champion.
 
+    crossalign check                                                   # params.yaml vs the typed config and dvc.yaml
     crossalign search "a red circle left of a blue square" --top 5   # best test images
     crossalign search --image photo.jpg --top 5                        # best test captions
 
+``check`` validates ``params.yaml`` with the typed config (unknown keys get a "did you mean"
+suggestion) and checks that every param key a ``dvc.yaml`` stage lists is written in the file:
+DVC removes a stage's outputs *before* it notices a missing param, so this runs first (``make
+run``, the Prefect flow, and the README's ``crossalign check && dvc repro``).
+
 The query goes through the same frozen encoder the features stage used (``features.*``), the
 champion (``models:/<tracking.registered_model>@champion``) ranks the test split with the same
-ranking as its evaluation (similarity, exact matching, or shortlist re-rank).
+ranking as its evaluation (similarity, exact matching, or shortlist re-rank). Heavy modules
+(torch, MLflow, transformers) are imported only when a search runs, so ``--help`` and ``check``
+answer at once and print nothing else.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
+import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import torch
+import yaml
 
-from crossalign import config, registry
-from crossalign.io import load_features, read_json
-from crossalign.methods.base import Aligner, State
-from crossalign.device import resolve_device
-from crossalign.retrieval import encode_images, encode_texts, score_states
+from crossalign import config
+
+if TYPE_CHECKING:
+    import torch
+
+    from crossalign.methods.base import Aligner
 
 OFFLINE_ENV = {"DO_NOT_TRACK": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1",
-               "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+               "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+               "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error"}
+_VAR = re.compile(r"\$\{\s*([^}]+?)\s*\}")
 
 
+# ---------------------------------------------------------------------------------------- check
+def _lookup(name: str, raw: dict[str, Any], local: dict[str, Any]) -> Any:
+    """The value of ``${name}`` in dvc.yaml: a foreach ``item`` / ``key`` (``item.x`` too) or a
+    dotted params key; KeyError when there is none."""
+    parts = name.split(".")
+    node: Any = local if parts[0] in local else raw
+    for part in parts:
+        if not isinstance(node, dict) or part not in node:
+            raise KeyError(name)
+        node = node[part]
+    return node
+
+
+def _interpolate(value: Any, raw: dict[str, Any], local: dict[str, Any]) -> Any:
+    """dvc.yaml ``${...}`` templating for a string (a lone ``${x}`` keeps x's type)."""
+    if not isinstance(value, str):
+        return value
+    whole = _VAR.fullmatch(value.strip())
+    if whole:
+        return _lookup(whole.group(1), raw, local)
+    return _VAR.sub(lambda m: str(_lookup(m.group(1), raw, local)), value)
+
+
+def dvc_param_keys(dvc_yaml: Path, raw: dict[str, Any], params_name: str = "params.yaml"
+                   ) -> tuple[dict[str, list[str]], list[str]]:
+    """The ``params.yaml`` keys each stage of ``dvc_yaml`` lists (``foreach`` expanded against
+    ``raw``) -> ({stage: [dotted keys]}, problems such as a ``${key}`` the params lack)."""
+    doc = yaml.safe_load(dvc_yaml.read_text()) or {}
+    stages, problems = {}, []
+    for name, stage in (doc.get("stages") or {}).items():
+        variants: list[tuple[str, dict[str, Any], dict[str, Any]]] = []
+        if isinstance(stage, dict) and "foreach" in stage:
+            try:
+                items = _interpolate(stage["foreach"], raw, {})
+            except KeyError as err:
+                problems.append(f"{dvc_yaml}: stage {name}: foreach ${{{err.args[0]}}} is not in {params_name}")
+                continue
+            pairs = items.items() if isinstance(items, dict) else ((None, i) for i in (items or []))
+            for key, item in pairs:
+                local = {"item": item} if key is None else {"key": key, "item": item}
+                variants.append((f"{name}@{key if key is not None else item}", stage.get("do") or {}, local))
+        elif isinstance(stage, dict):
+            variants.append((name, stage, {}))
+        for stage_name, body, local in variants:
+            keys = []
+            for entry in body.get("params") or []:
+                listed = [entry] if isinstance(entry, str) else entry.get(params_name, []) if isinstance(entry, dict) else []
+                for key in listed:
+                    try:
+                        keys.append(str(_interpolate(key, raw, local)))
+                    except KeyError as err:
+                        problems.append(f"{dvc_yaml}: stage {stage_name}: param ${{{err.args[0]}}} is not in {params_name}")
+            stages[stage_name] = keys
+    return stages, problems
+
+
+def check_project(params: Path, dvc_yaml: Path | None) -> tuple[config.Config | None, list[str], int]:
+    """Validate ``params`` with the typed config and, when ``dvc_yaml`` exists, check that every
+    param key its stages list is written in ``params`` -> (config or None, problems, keys checked)."""
+    problems: list[str] = []
+    cfg = None
+    try:
+        cfg = config.load(params)
+    except config.ConfigError as err:
+        problems.append(str(err))
+    try:
+        raw = yaml.safe_load(params.read_text())
+    except (OSError, yaml.YAMLError):
+        return cfg, problems, 0
+    if dvc_yaml is None or not dvc_yaml.exists() or not isinstance(raw, dict):
+        return cfg, problems, 0
+    stages, dvc_problems = dvc_param_keys(dvc_yaml, raw, params.name)
+    problems += dvc_problems
+    keys = sorted({k for ks in stages.values() for k in ks})
+    missing = config.missing_keys(raw, keys)
+    if missing:
+        lines = [f"{params}: missing param(s) that {dvc_yaml} stages read (DVC would remove those stages' outputs, then fail):"]
+        for key, guess in missing:
+            readers = ", ".join(s for s, ks in stages.items() if key in ks)
+            hint = f"; the file has `{guess}`: did you mean `{key}`?" if guess else ""
+            lines.append(f"  {key} (read by {readers}){hint}")
+        problems.append("\n".join(lines))
+    return cfg, problems, len(keys)
+
+
+def run_check(params: Path, dvc_yaml: Path | None) -> int:
+    """``crossalign check``: 0 and one line when all is well, else the problems on stderr and 2."""
+    _, problems, n_keys = check_project(params, dvc_yaml)
+    if problems:
+        print("\n".join(problems), file=sys.stderr)
+        print(f"Nothing was run: fix {params}, then run the pipeline.", file=sys.stderr)
+        return 2
+    where = f"; all {n_keys} param keys that {dvc_yaml} reads are present" if n_keys else ""
+    print(f"{params}: valid{where}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------- search
 class NoChampion(RuntimeError):
     """The registry has no ``champion`` alias yet."""
 
 
-def load_champion(cfg: config.Config, root: Path) -> tuple[Aligner, object]:
+def _quiet() -> None:
+    """Silence what a query would otherwise print besides its answer: the UserWarning MLflow
+    raises whenever the pyfunc model (whose ``predict`` has no type hints) is defined or loaded,
+    and transformers' "Loading weights" progress bars. MLflow re-enables its UserWarnings inside
+    ``filter_user_warnings_once``, which beats a warnings filter, so that one message is dropped
+    where warnings are shown; every other warning still shows."""
+    shown = warnings.showwarning
+
+    def showwarning(message, category, *args, **kwargs):  # noqa: ANN001 - warnings' own signature
+        if issubclass(category, UserWarning) and "type hints to the `predict` method" in str(message):
+            return
+        shown(message, category, *args, **kwargs)
+
+    warnings.showwarning = showwarning
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # transformers is only needed by HF encoders
+        return
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def load_champion(cfg: config.Config, root: Path) -> tuple["Aligner", object]:
     """The champion model and its registry version; :class:`NoChampion` when there is none."""
+    from crossalign import registry
+    from crossalign.tracking import load_logged_aligner
+
     version = registry.current_champion(cfg, root)
     if version is None:
         raise NoChampion(f"no champion yet: registered model {cfg.tracking.registered_model!r} has no "
                          f"@{registry.CHAMPION} alias in {registry.tracking_uri(cfg, root)}. "
                          "Run the pipeline first (`make run`, or `python -m tasks.select` after evaluation).")
-    from crossalign.tracking import load_logged_aligner
-
     with registry.using(cfg, root):
         model = load_logged_aligner(registry.champion_uri(cfg))
     return model.eval(), version
 
 
-def text_features(cfg: config.Config, text: str, device: torch.device) -> tuple[torch.Tensor, ...]:
+def text_features(cfg: config.Config, text: str, device: "torch.device") -> tuple["torch.Tensor", ...]:
     """A query caption -> frozen features as stored: tokens (1, L, Dt), mask (1, L), pooled (1, Dt)."""
+    import torch
+
     from crossalign.encoders import build_text_encoder
 
     enc = build_text_encoder(cfg.features.text_encoder, device)
@@ -58,23 +194,46 @@ def text_features(cfg: config.Config, text: str, device: torch.device) -> tuple[
     return tokens.half().float(), mask.bool(), pooled.half().float()
 
 
-def image_features(cfg: config.Config, path: Path, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """A query image file -> frozen features as stored: tokens (1, R, Di), pooled (1, Di)."""
-    from crossalign.encoders import build_image_encoder
-    from crossalign.images import decode_image
+def image_features(cfg: config.Config, path: Path, device: "torch.device") -> tuple["torch.Tensor", "torch.Tensor"]:
+    """A query image file -> frozen features as stored: tokens (1, R, Di), pooled (1, Di).
+    A file that is not a usable image raises ``ValueError`` naming ``path`` and the reason."""
+    import torch
 
-    pixels = decode_image(path, cfg.preprocess.image_size, cfg.preprocess.resize, cfg.preprocess.max_pixels)
+    from crossalign.encoders import build_image_encoder
+    from crossalign.images import BadImage, decode_image
+
+    try:
+        pixels = decode_image(path, cfg.preprocess.image_size, cfg.preprocess.resize, cfg.preprocess.max_pixels)
+    except BadImage as err:
+        raise ValueError(f"{path}: {err}") from None
     enc = build_image_encoder(cfg.features.image_encoder, device)
     with torch.inference_mode():
         tokens, pooled = enc(torch.from_numpy(pixels)[None].to(device))  # (1, R, Di), (1, Di)
     return tokens.half().float(), pooled.half().float()
 
 
+def image_path(cfg: config.Config, file_name: str | None) -> str | None:
+    """Where a prepared image record's file lies, relative to the project root (as the data stage
+    wrote it: ``<data.raw_dir>/<data.dataset>/images/<file_name>``)."""
+    if not file_name:
+        return None
+    return (Path(cfg.data.raw_dir) / cfg.data.dataset / "images" / file_name).as_posix()
+
+
 def search(cfg: config.Config, root: Path, text: str | None = None, image: Path | None = None,
            top: int = 5, split: str = "test") -> list[dict]:
     """Rank ``split``'s images for a caption (or its captions for an image) with the champion."""
+    import numpy as np
+    import torch
+
+    from crossalign.device import resolve_device
+    from crossalign.io import load_features, read_json
+    from crossalign.retrieval import encode_images, encode_texts, score_states
+
     if (text is None) == (image is None):
         raise ValueError("give either a query text or --image PATH")
+    if text is not None and not text.strip():
+        raise ValueError("the query text is empty")
     device = resolve_device(cfg.evaluate.device, "evaluate.device")
     model, version = load_champion(cfg, root)
     model = model.to(device)
@@ -84,7 +243,7 @@ def search(cfg: config.Config, root: Path, text: str | None = None, image: Path 
     with torch.inference_mode():
         if text is not None:
             tokens, mask, pooled = text_features(cfg, text, device)
-            query: State = model.encode_texts(tokens, mask, pooled)
+            query = model.encode_texts(tokens, mask, pooled)
             _, t2i = score_states(model, encode_images(model, feats, device), query,
                                   ev.block_images, ev.block_texts, ev.pair_chunk)
             scores = t2i[:, 0]  # (N,)
@@ -104,6 +263,7 @@ def search(cfg: config.Config, root: Path, text: str | None = None, image: Path 
         if text is not None:
             hit["image_id"] = int(feats.image_ids[j])
             hit["file_name"] = records[j].get("file_name") if records else None
+            hit["path"] = image_path(cfg, hit["file_name"])
         else:
             hit["image_id"] = int(feats.image_ids[feats.caption_image_index[j]])
             hit["caption"] = records[j] if records else None
@@ -115,9 +275,11 @@ def _print(hits: list[dict], text: str | None, image: Path | None) -> None:
     if hits:
         print(f"champion: {hits[0]['method']} (version {hits[0]['version']})")
     print(f"query: {text!r}" if text is not None else f"query image: {image}")
+    last = "path (from the project root)" if text is not None else "caption"
+    print(f"{'rank':>4}  {'score':>9}  {'image_id':<10}  {last}")
     for h in hits:
-        what = h.get("file_name") if text is not None else h.get("caption")
-        print(f"{h['rank']:>3}  {h['score']:9.4f}  image {h['image_id']:<10}  {what or ''}")
+        what = h.get("path") if text is not None else h.get("caption")
+        print(f"{h['rank']:>4}  {h['score']:9.4f}  {h['image_id']:<10}  {what or ''}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,6 +287,9 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault(key, value)
     parser = argparse.ArgumentParser(prog="crossalign", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("check", help="validate params.yaml against the typed config and dvc.yaml (run before `dvc repro`)")
+    c.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    c.add_argument("--dvc-yaml", default="dvc.yaml", help="pipeline whose param keys must exist (default: dvc.yaml)")
     s = sub.add_parser("search", help="rank the test split with the registered champion")
     s.add_argument("text", nargs="?", help="a caption to find images for")
     s.add_argument("--image", type=Path, help="an image file to find captions for")
@@ -132,12 +297,19 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--split", default="test", choices=("train", "val", "test"), help="split searched")
     s.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     args = parser.parse_args(argv)
+    if args.command == "check":
+        return run_check(Path(args.params), Path(args.dvc_yaml))
     if (args.text is None) == (args.image is None):
-        parser.error("give either a query text or --image PATH")
+        s.error("give either a query text or --image PATH")
+    if args.text is not None and not args.text.strip():
+        s.error("the query text is empty: give a caption to search for")
+    if args.image is not None and not args.image.is_file():
+        s.error(f"--image {args.image}: no such file")
     if args.top < 1:
-        parser.error("--top must be >= 1")
+        s.error("--top must be >= 1")
     try:
         cfg = config.load(args.params)
+        _quiet()
         hits = search(cfg, Path.cwd(), args.text, args.image, args.top, args.split)
     except NoChampion as err:
         print(str(err), file=sys.stderr)

@@ -29,6 +29,7 @@ Any failure is raised as :class:`BadImage` carrying a one-line reason for the ba
 from __future__ import annotations
 
 import contextlib
+import re
 import warnings
 from pathlib import Path
 from typing import Iterator, Literal
@@ -122,6 +123,16 @@ def source_box(box: tuple[float, float, float, float], mode: ResizeMode) -> tupl
     return (cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2)
 
 
+def too_many_pixels(err: Exception, max_pixels: int) -> BadImage:
+    """Pillow's bomb error or warning -> the one-limit reason ``too many pixels: N > preprocess.max_pixels = M``.
+
+    Pillow states its own threshold (twice ``MAX_IMAGE_PIXELS`` for the error, once for the
+    warning), which would name a second limit; only the pixel count is kept from its message."""
+    found = re.search(r"\((\d+) pixels\)", str(err))
+    count = f"{int(found.group(1))} " if found else "more "
+    return BadImage(f"too many pixels: {count}> preprocess.max_pixels = {max_pixels}")
+
+
 def _open_checked(path: Path, max_pixels: int) -> Image.Image:
     """Open ``path`` (header only) or raise :class:`BadImage` saying what is wrong with the file."""
     try:
@@ -137,7 +148,7 @@ def _open_checked(path: Path, max_pixels: int) -> Image.Image:
     except UnidentifiedImageError:
         raise BadImage("not an image (no known image format)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise BadImage(f"too many pixels: {err} (limit: preprocess.max_pixels = {max_pixels})") from None
+        raise too_many_pixels(err, max_pixels) from None
     except (OSError, SyntaxError, ValueError) as err:
         raise BadImage(f"unreadable image header ({err})") from None
     w, h = img.size
@@ -169,7 +180,7 @@ def decode_image(path: str | Path, size: int, resize: ResizeMode = "squash",
             try:
                 img.load()
             except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-                raise BadImage(f"too many pixels: {err} (limit: preprocess.max_pixels = {max_pixels})") from None
+                raise too_many_pixels(err, max_pixels) from None
             except OSError as err:
                 reason = "truncated" if "truncated" in str(err).lower() else "corrupt"
                 raise BadImage(f"{reason} image data ({err})") from None

@@ -12,7 +12,8 @@ split, the arrays documented in :mod:`crossalign.io` plus ``data/prepared/skippe
 - Bad input is never dropped silently. Every bad record (a missing, empty, truncated, oversized or
   non-image file; a malformed record; an annotation pointing at an unknown image; an empty or
   whitespace caption; an image left with no caption) is collected over all splits; then the stage
-  either stops with one :class:`BadInputError` listing them all and how to skip them, or, with
+  either stops with one :class:`BadInputError` listing them and how to skip them (over
+  :data:`MAX_LISTED`: the count per reason and the first ones; all of them in ``data/bad-input.txt``), or, with
   ``preprocess.on_bad_input: skip``, leaves them out and lists each one (and each caption dropped
   with its image) in ``skipped.json``.
 - The whole ``data/prepared`` is built under a temporary name and renamed into place at the end
@@ -26,7 +27,8 @@ import json
 import math
 import multiprocessing
 import os
-from collections import deque
+import re
+from collections import Counter, deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterable, Iterator
@@ -41,6 +43,8 @@ from crossalign.io import atomic_dir
 
 SPLITS = ("train", "val", "test")
 PREPARED = Path("data/prepared")
+BAD_LIST = Path("data/bad-input.txt")  # every bad record, when the error message lists only the first
+MAX_LISTED = 20  # bad records an error message lists one by one
 
 
 class BadInputError(ValueError):
@@ -316,11 +320,44 @@ def by_split(records: list[BadRecord]) -> list[BadRecord]:
     return sorted(records, key=lambda b: SPLITS.index(b.split))
 
 
-def bad_input_message(raw: Path, bad: list[BadRecord]) -> str:
-    lines = [f"preprocess: {len(bad)} bad input record(s) in {raw}:", *(b.line() for b in by_split(bad)),
-             "Fix them, or skip them with `preprocess.on_bad_input: skip` in params.yaml "
-             "(each skipped record is then listed in data/prepared/skipped.json)."]
+def reason_kind(record: BadRecord) -> str:
+    """A record's reason without its particulars (ids, sizes, decoder text), for counting:
+    ``"points at unknown image id 9999"`` -> ``"annotation: points at unknown image id N"``."""
+    reason = re.sub(r"\s*[(:].*$", "", record.reason)
+    return f"{record.kind}: {re.sub(r'[0-9]+', 'N', reason)}"
+
+
+def bad_input_message(raw: Path, bad: list[BadRecord], full_list: Path | None = None) -> str:
+    """The stage's error: every bad record when there are at most :data:`MAX_LISTED`; else the
+    count per reason, the first :data:`MAX_LISTED` and where the full list was written."""
+    ordered = by_split(bad)
+    lines = [f"preprocess: {len(bad)} bad input record(s) in {raw}:"]
+    if len(bad) <= MAX_LISTED or full_list is None:
+        lines += [b.line() for b in ordered]
+    else:
+        counts = Counter(reason_kind(b) for b in ordered)
+        lines.append("  by reason:")
+        lines += [f"  {n:>8}  {kind}" for kind, n in counts.most_common()]
+        lines.append(f"  the first {MAX_LISTED}:")
+        lines += [b.line() for b in ordered[:MAX_LISTED]]
+        lines.append(f"  ... and {len(bad) - MAX_LISTED} more: every record is listed in {full_list}")
+    lines.append("Fix them, or skip them with `preprocess.on_bad_input: skip` in params.yaml "
+                 "(each skipped record is then listed in data/prepared/skipped.json).")
     return "\n".join(lines)
+
+
+def write_bad_list(path: Path, raw: Path, bad: list[BadRecord]) -> Path:
+    """Every bad record, one line each, to ``path`` (the full list behind a shortened message)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = f"# preprocess: {len(bad)} bad input record(s) in {raw}\n" + "".join(b.line() + "\n" for b in by_split(bad))
+    path.write_text(text)
+    return path
+
+
+def bad_input_error(raw: Path, bad: list[BadRecord], full_list: Path, prefix: str = "") -> BadInputError:
+    """The :class:`BadInputError` to raise: a long list goes to ``full_list`` and is shortened."""
+    listed = write_bad_list(full_list, raw, bad) if len(bad) > MAX_LISTED else None
+    return BadInputError(prefix + bad_input_message(raw, bad, listed))
 
 
 def run(cfg: Config, root: Path) -> Path:
@@ -337,6 +374,8 @@ def run(cfg: Config, root: Path) -> Path:
             "resample": imagelib.RESAMPLE_NAME, "alpha": imagelib.ALPHA_POLICY, "jpeg_draft": True,
             "max_length": params.max_length}
     target = Path(root) / PREPARED
+    full_list = Path(root) / BAD_LIST
+    full_list.unlink(missing_ok=True)  # a list from an earlier failed run would mislead
     pool = pool_context().Pool(workers) if workers > 1 else None
     try:
         tok = toklib.load_tokenizer(params.tokenizer)
@@ -351,10 +390,12 @@ def run(cfg: Config, root: Path) -> Path:
                 if n_images == 0:
                     empty.append(plan.split)
             if bad and params.on_bad_input == "error":
-                raise BadInputError(bad_input_message(raw, bad))
+                raise bad_input_error(raw, bad, full_list)
             if empty:
-                raise BadInputError(f"preprocess: no usable image left in split(s) {empty} of {raw}"
-                                    + (f"\n{bad_input_message(raw, bad)}" if bad else ""))
+                prefix = f"preprocess: no usable image left in split(s) {empty} of {raw}"
+                if bad:
+                    raise bad_input_error(raw, bad, full_list, prefix + "\n")
+                raise BadInputError(prefix)
             (tmp / "skipped.json").write_text(json.dumps([asdict(b) for b in by_split(bad + dropped)], indent=1) + "\n")
     finally:
         if pool is not None:

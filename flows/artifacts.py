@@ -46,8 +46,24 @@ def leaderboard_rows(selection: dict[str, Any]) -> list[dict[str, Any]]:
         _flatten("", record, row)
         if champion is not None:
             row = {"champion": "*" if row.get("method") == champion else "", **row}
-        rows.append(row)
+        rows.append(metrics_first(row))
     return rows
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def metrics_first(row: dict[str, Any]) -> dict[str, Any]:
+    """``row`` reordered for a table that fits a screen: champion mark and method, then every
+    numeric column (the metrics) in file order, then other values, and long descriptive text
+    (``protocol``, wherever a metrics file still carries it) last."""
+    head = [k for k in ("champion", "method") if k in row]
+    rest = [k for k in row if k not in head]
+    last = [k for k in rest if k.rsplit(".", 1)[-1] == "protocol"]
+    numbers = [k for k in rest if k not in last and _is_number(row[k])]
+    other = [k for k in rest if k not in last and k not in numbers]
+    return {k: row[k] for k in head + numbers + other + last}
 
 
 def summary_markdown(effective: dict[str, Any], stages: list[dict[str, Any]], failure: str | None,

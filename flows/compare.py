@@ -16,6 +16,7 @@ with a message naming the failed stages and the last lines the gathering stage p
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from contextlib import chdir
 from pathlib import Path
@@ -31,7 +32,8 @@ from prefect.utilities.annotations import allow_failure, quote
 from flows import artifacts
 from flows.dvc_dag import (DvcBookkeeper, SlotPool, StageNode, describe_status, gpu_ids, read_dag,
                            run_commands, stage_env)
-from flows.overrides import apply_overrides, overrides_from
+from crossalign.config import ConfigError
+from flows.overrides import apply_overrides, overrides_from, validate_overrides
 
 # Retry policy, by stage name: the data stage downloads (coco2017 / coco-karpathy), the one step
 # that meets the network; every other stage is deterministic, and a retry would only repeat its error.
@@ -140,6 +142,16 @@ def failure_message(rows: list[dict[str, Any]]) -> str | None:
     return "\n".join(lines)
 
 
+def check_params(project: Path) -> None:
+    """``crossalign check`` of ``<project>/params.yaml`` against the typed config and ``dvc.yaml``;
+    raises :class:`crossalign.config.ConfigError` with every problem (and its "did you mean")."""
+    from crossalign.cli import check_project
+
+    _, problems, _ = check_project(project / "params.yaml", project / "dvc.yaml")
+    if problems:
+        raise ConfigError("\n".join(problems))
+
+
 def default_parallelism() -> int:
     """One stage at a time per CUDA GPU, at least one."""
     return max(1, len(gpu_ids()))
@@ -159,6 +171,7 @@ def compare_aligners(root: str = ".", methods: list[str] | None = None, dataset:
     start = time.monotonic()
     project = Path(root).resolve()
     cfg = apply_overrides(project, overrides_from(methods, dataset, epochs))
+    check_params(project)  # before any stage: DVC removes outputs before it notices a missing param
     parallel = max_parallel if max_parallel is not None else default_parallelism()
     gpus = gpu_ids()
     slots = SlotPool(parallel, gpus)
@@ -189,6 +202,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-parallel", type=int, help="stage commands at once (default: GPUs, >= 1)")
     args = parser.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    try:  # bad parameters: one clear message and exit 2, before Prefect starts a flow run
+        validate_overrides(Path(args.root), overrides_from(methods, args.dataset, args.epochs))
+        check_params(Path(args.root).resolve())
+    except ConfigError as err:  # one line: the file, then each problem after a semicolon
+        print("error: " + "; ".join(line.strip() for line in str(err).splitlines() if line.strip()), file=sys.stderr)
+        return 2
     state = compare_aligners(root=args.root, methods=methods, dataset=args.dataset, epochs=args.epochs,
                              max_parallel=args.max_parallel, return_state=True)
     return 0 if state.is_completed() else 1

@@ -130,10 +130,12 @@ def describe_status(status: dict) -> str:
 
 def stage_env(stage: StageNode, root: Path, gpu: str | None) -> dict[str, str]:
     """The environment of a stage command: the flow's, with the flow's interpreter first on PATH
-    (so ``python -m tasks.x`` is this venv's python, as in ``make run``), DVC's ``DVC_ROOT`` and
-    ``DVC_STAGE``, and ``CUDA_VISIBLE_DEVICES`` pinned when a GPU was assigned."""
+    and named in ``CROSSALIGN_PYTHON`` (the stage launcher ``tasks/python`` runs that one, so a
+    stage runs in the flow's venv), DVC's ``DVC_ROOT`` and ``DVC_STAGE``, and
+    ``CUDA_VISIBLE_DEVICES`` pinned when a GPU was assigned."""
     env = dict(os.environ)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env["CROSSALIGN_PYTHON"] = sys.executable
     env["DVC_ROOT"] = str(root)
     env["DVC_STAGE"] = stage.name
     if gpu is not None:

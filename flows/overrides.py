@@ -38,10 +38,17 @@ def overrides_from(methods: list[str] | None = None, dataset: str | None = None,
     return out
 
 
-def apply_overrides(root: str | Path, overrides: dict[str, dict[str, Any]]) -> config.Config:
-    """Write ``overrides`` into ``<root>/params.yaml`` (only when a value changes) and return the
-    validated config. Raises :class:`crossalign.config.ConfigError` naming the key and the allowed
-    values, leaving the file untouched, when the result is not a valid configuration."""
+def validate_overrides(root: str | Path, overrides: dict[str, dict[str, Any]]) -> config.Config:
+    """The config ``<root>/params.yaml`` with ``overrides`` would give, validated; the file is not
+    written. Raises :class:`crossalign.config.ConfigError` as :func:`apply_overrides` does."""
+    return apply_overrides(root, overrides, write=False)
+
+
+def apply_overrides(root: str | Path, overrides: dict[str, dict[str, Any]], write: bool = True) -> config.Config:
+    """Write ``overrides`` into ``<root>/params.yaml`` (only when a value changes; never with
+    ``write=False``) and return the validated config. Raises :class:`crossalign.config.ConfigError`
+    naming the key and the allowed values, leaving the file untouched, when the result is not a
+    valid configuration."""
     path = Path(root) / "params.yaml"
     yaml = _yaml()
     try:
@@ -59,7 +66,7 @@ def apply_overrides(root: str | Path, overrides: dict[str, dict[str, Any]]) -> c
                 changed = True
     plain = YAML(typ="safe").load(_dump(yaml, updated))
     cfg = config.from_dict(plain, f"{path} with flow parameters {overrides}")
-    if changed:
+    if changed and write:
         with atomic_file(path) as fh:
             fh.write(_dump(yaml, updated))
     return cfg

@@ -1,12 +1,16 @@
 """``crossalign search`` against a tiny registered champion in a real sqlite MLflow store."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from conftest import tiny_config
+from conftest import REPO, tiny_config
 from crossalign import cli, registry
 from crossalign.config import dump_params
 from crossalign.io import load_features, read_json
@@ -61,17 +65,23 @@ def test_text_query_ranks_test_images_like_the_evaluation(project, monkeypatch, 
               torch.arange(feats.text_tokens.shape[1])[None] < int(feats.text_lengths[j]),
               torch.from_numpy(np.array(feats.text_pooled[j:j + 1])).float())
     monkeypatch.setattr(cli, "text_features", lambda cfg, text, device: stored)
+    images = root / "data" / "raw" / cfg.data.dataset / "images"  # where the data stage puts them
+    images.mkdir(parents=True, exist_ok=True)
+    for image_id in feats.image_ids:
+        (images / f"{int(image_id):012d}.png").write_bytes(b"png")
     assert cli.main(["search", "caption five", "--top", "3", "--params", params]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("champion: contrastive") and out[1] == "query: 'caption five'"
+    assert out[2].split() == ["rank", "score", "image_id", "path", "(from", "the", "project", "root)"]
     model, _ = load_aligner(root / "models" / "contrastive" / "final" / "seed-0")
     _, t2i = score_matrices(model, feats)
     expected = np.argsort(-t2i[:, j], kind="stable")[:3]
-    for line, row in zip(out[2:], expected):
-        rank, score, _, image_id, file_name = line.split()
+    for line, row in zip(out[3:], expected):
+        rank, score, image_id, path = line.split()
         assert float(score) == pytest.approx(t2i[row, j], abs=1e-3)
-        assert int(image_id) == int(feats.image_ids[row]) and file_name == f"{int(feats.image_ids[row]):012d}.png"
-    assert len(out) == 5
+        assert int(image_id) == int(feats.image_ids[row])
+        assert path == f"data/raw/synthetic/images/{int(feats.image_ids[row]):012d}.png" and (root / path).is_file()
+    assert len(out) == 6
 
 
 def test_image_query_with_a_reranking_champion(project, monkeypatch):
@@ -106,3 +116,87 @@ def test_usage_errors(capsys):
     with pytest.raises(SystemExit):
         cli.main(["search", "text", "--image", "x.png"])
     assert "either a query text or --image" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("query", ["", "   ", "\t\n"])
+def test_empty_query_is_a_usage_error(query, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["search", query])
+    assert exit_.value.code == 2 and "query text is empty" in capsys.readouterr().err
+
+
+def test_missing_image_is_named(tmp_path, capsys):
+    missing = tmp_path / "nope.png"
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["search", "--image", str(missing)])
+    assert exit_.value.code == 2 and f"--image {missing}: no such file" in capsys.readouterr().err
+
+
+def test_unreadable_image_is_named(tmp_path):
+    bad = tmp_path / "notes.png"
+    bad.write_text("not an image")
+    with pytest.raises(ValueError, match=f"{bad}: not an image"):
+        cli.image_features(tiny_config(tmp_path), bad, torch.device("cpu"))
+
+
+def _write(path, text):
+    path.write_text(text)
+    return str(path)
+
+
+def test_check_accepts_the_shipped_params(repo_root, capsys):
+    assert cli.main(["check", "--params", str(repo_root / "params.yaml"), "--dvc-yaml", str(repo_root / "dvc.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "valid" in out and "param keys" in out
+
+
+def test_check_suggests_the_key_a_typo_meant(repo_root, tmp_path, capsys):
+    text = (repo_root / "params.yaml").read_text()
+    assert "  epochs: 8" in text
+    params = _write(tmp_path / "params.yaml", text.replace("  epochs: 8", "  epoch: 3"))
+    assert cli.main(["check", "--params", params, "--dvc-yaml", str(repo_root / "dvc.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "train.epoch: unknown key (value 3); did you mean `epochs`?" in err
+    assert "train.epochs (read by train@concat_mlp, train@cross_attention, train@contrastive, train@joint)" in err
+    assert "Nothing was run" in err
+
+
+def test_check_finds_a_key_dvc_reads_that_the_file_lacks(repo_root, tmp_path, capsys):
+    """A deleted key is valid for the typed config (it has a default) but DVC needs it written."""
+    text = (repo_root / "params.yaml").read_text()
+    line = next(ln for ln in text.splitlines() if ln.startswith("  patience:"))
+    params = _write(tmp_path / "params.yaml", text.replace(line + "\n", ""))
+    assert cli.main(["check", "--params", params, "--dvc-yaml", str(repo_root / "dvc.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "train.patience (read by train@" in err and "invalid configuration" not in err
+
+
+def test_dvc_param_keys_expands_foreach_and_reports_unknown_vars(tmp_path):
+    dvc_yaml = tmp_path / "dvc.yaml"
+    dvc_yaml.write_text(
+        "stages:\n"
+        "  a:\n    cmd: x\n    params:\n      - s.k\n      - params.yaml:\n          - s.j\n"
+        "  b:\n    foreach: ${s.items}\n    do:\n      cmd: y ${item}\n      params:\n        - m.${item}\n        - m.${s.name}\n"
+        "  c:\n    foreach: ${nope.items}\n    do:\n      cmd: z\n")
+    raw = {"s": {"items": ["p", "q"], "name": "n", "k": 1, "j": 2}}
+    stages, problems = cli.dvc_param_keys(dvc_yaml, raw)
+    assert stages == {"a": ["s.k", "s.j"], "b@p": ["m.p", "m.n"], "b@q": ["m.q", "m.n"]}
+    assert problems == [f"{dvc_yaml}: stage c: foreach ${{nope.items}} is not in params.yaml"]
+
+
+def test_help_and_a_real_query_print_nothing_else(project, tmp_path):
+    """``--help``, and the MLflow import plus the real offline text encoder a query goes through:
+    no MLflow UserWarning and no "Loading weights" bar on stderr. (The toy champion here was trained
+    on 10-wide features, not MiniLM's 384; a whole query on a real pipeline: tests/test_dayone.py.)"""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    help_ = subprocess.run([sys.executable, "-m", "crossalign.cli", "--help"], capture_output=True, text=True,
+                           env=env, cwd=tmp_path, timeout=120)
+    assert help_.returncode == 0 and help_.stderr == "" and "check" in help_.stdout and "search" in help_.stdout
+    code = ("import sys, torch; from crossalign import cli, config; cli._quiet(); "
+            "from crossalign import registry, tracking; "
+            "t, m, p = cli.text_features(config.Config(), 'a red circle', torch.device('cpu')); "
+            "print(tuple(p.shape))")
+    query = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path,
+                           timeout=300)
+    assert query.returncode == 0, query.stderr
+    assert query.stdout.strip() == "(1, 384)" and query.stderr == "", query.stderr

@@ -76,3 +76,25 @@ def test_flat_and_roundtrip() -> None:
     assert flat["train.seeds"] == [0]
     again = config.from_dict(yaml.safe_load(config.dump_params(cfg)))
     assert again == cfg
+
+
+def test_unknown_keys_get_the_closest_allowed_key() -> None:
+    with pytest.raises(config.ConfigError) as err:
+        config.from_dict({"train": {"epoch": 3}, "trian": {}, "tracking": {"uri": "x"}})
+    msg = str(err.value)
+    assert "train.epoch: unknown key (value 3); did you mean `epochs`?" in msg
+    assert "trian: unknown key (value {}); did you mean `train`?" in msg
+    # nothing close: the allowed keys instead
+    assert "tracking.uri: unknown key ('x'); allowed: tracking_uri, artifact_location" in msg.replace("(value ", "(")
+
+
+def test_validator_messages_lose_pydantics_prefix() -> None:
+    with pytest.raises(config.ConfigError) as err:
+        config.from_dict({"train": {"methods": ["clip"]}})
+    assert "train.methods = ['clip']: unknown methods ['clip']" in str(err.value) and "Value error" not in str(err.value)
+
+
+def test_missing_keys_with_the_likely_typo() -> None:
+    raw = {"train": {"epoch": 3, "lr": 0.1}, "data": {"dataset": "synthetic"}}
+    assert config.missing_keys(raw, ["train.epochs", "train.lr", "data", "evaluate.device", "data.dataset.x"]) == [
+        ("train.epochs", "train.epoch"), ("evaluate.device", None), ("data.dataset.x", None)]

@@ -227,3 +227,48 @@ def test_failed_data_stage_stops_everything_after_it(toy: Path, prefect_harness,
     assert toy_log(toy) == []  # nothing downstream ran, select included (no branch completed)
     rows = artifacts_of(state)["crossalign-stages"].data
     assert '"select"' in rows and "not run" in rows
+
+
+# ------------------------------------------------------------------- params checked, bad input
+def test_leaderboard_puts_metrics_first_and_protocol_last():
+    selection = {"champion": "joint", "leaderboard": [
+        {"method": "joint", "protocol": "similarity shortlist of 16, re-ranked; ties count against the query",
+         "seeds": [0], "val_rsum": 300.0, "test": {"i2t_r1": 40.0, "rsum": 290.0}}]}
+    row = leaderboard_rows(selection)[0]
+    assert list(row) == ["champion", "method", "val_rsum", "test.i2t_r1", "test.rsum", "seeds", "protocol"]
+    # H3 moves `protocol` out of the metrics files: rows without it keep the same order
+    del selection["leaderboard"][0]["protocol"]
+    assert list(leaderboard_rows(selection)[0]) == ["champion", "method", "val_rsum", "test.i2t_r1", "test.rsum", "seeds"]
+
+
+def test_main_with_a_bad_method_prints_one_line_and_changes_nothing(toy: Path, prefect_harness, capsys):
+    before = (toy / "params.yaml").read_text()
+    assert compare.main(["--root", str(toy), "--methods", "foo"]) == 2
+    captured = capsys.readouterr()
+    lines = [ln for ln in captured.err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in captured.err + captured.out
+    assert "unknown methods ['foo']; allowed: ['concat_mlp', 'cross_attention', 'contrastive', 'joint']" in lines[0]
+    assert lines[0].count("unknown methods") == 1
+    assert (toy / "params.yaml").read_text() == before and toy_log(toy) == []
+
+
+def test_main_with_a_params_typo_names_the_key_and_runs_nothing(toy: Path, prefect_harness, capsys):
+    text = (toy / "params.yaml").read_text()
+    (toy / "params.yaml").write_text(text.replace("  epochs: 1\n", "  epoch: 1\n"))
+    assert compare.main(["--root", str(toy)]) == 2
+    err = capsys.readouterr().err
+    assert "train.epoch: unknown key (value 1); did you mean `epochs`?" in err and "Traceback" not in err
+    assert toy_log(toy) == []
+
+
+def test_flow_checks_params_before_any_stage_runs(toy: Path, prefect_harness):
+    """A key dvc.yaml reads, deleted (valid for the typed config, which has a default): the flow
+    fails before DVC could remove an output; nothing ran."""
+    dvc(toy, "repro")
+    ran = len(toy_log(toy))
+    text = (toy / "params.yaml").read_text()
+    (toy / "params.yaml").write_text(text.replace("  epochs: 1\n", ""))
+    state = run_flow(toy)
+    assert state.is_failed() and "train.epochs (read by train@concat_mlp" in state.message
+    assert len(toy_log(toy)) == ran
+    assert all((toy / "models" / m / "w.txt").exists() for m in METHODS)

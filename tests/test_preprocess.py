@@ -246,3 +246,45 @@ def test_real_coco_sample_center_crop(tmp_path: Path, coco_sample: Path) -> None
     first = doc["images"][0]
     assert np.array_equal(train["images"][0], decode_image(coco_sample / "train2017" / first["file_name"], 64, "center_crop"))
     assert train["images"][0].std() > 10  # a photo, not a blank
+
+
+def test_many_bad_records_give_counts_the_first_20_and_the_full_list(tmp_path: Path, coco_sample: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch,
+                                                                        capsys: pytest.CaptureFixture) -> None:
+    """A COCO caption file whose images are mostly absent (issue 12: 4,841 of 5,000 missing printed
+    4,841 lines): 16 real COCO images, 300 records of absent files, 25 captions of unknown images."""
+    raw = tmp_path / "data" / "raw" / "synthetic"
+    (raw / "annotations").mkdir(parents=True)
+    (raw / "images").symlink_to(coco_sample / "train2017")
+    doc = json.loads((coco_sample / "annotations" / "captions_train2017.json").read_text())
+    for split, part in zip(SIZES, (doc["images"][:8], doc["images"][8:12], doc["images"][12:16])):
+        ids = {r["id"] for r in part}
+        write_split(raw, split, part, [a for a in doc["annotations"] if a["image_id"] in ids])
+    absent = [{"id": 10**9 + k, "file_name": f"absent_{k:04d}.jpg"} for k in range(300)]
+    anns = [{"id": 10**9 + k, "image_id": r["id"], "caption": "a photo that is not there"} for k, r in enumerate(absent)]
+    anns += [{"id": 2 * 10**9 + k, "image_id": 7 * 10**9 + k, "caption": "points at nothing"} for k in range(25)]
+    add_to_split(raw, "train", absent, anns)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text(config.dump_params(tiny_config(tmp_path, preprocess={"image_size": 32})))
+    assert task.main(["--params", "params.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert "325 bad input record(s)" in err
+    assert re.search(r"^\s+300\s+image: missing file$", err, re.M), err
+    assert re.search(r"^\s+25\s+annotation: points at unknown image id N$", err, re.M), err
+    listed = [ln for ln in err.splitlines() if re.match(r"\s+train (image|annotation) \d+", ln)]
+    assert len(listed) == 20  # the first 20, not 325
+    assert "... and 305 more: every record is listed in" in err and "data/bad-input.txt" in err
+    full = (tmp_path / "data" / "bad-input.txt").read_text().splitlines()
+    assert len([ln for ln in full if not ln.startswith("#")]) == 325
+    assert sum("absent_" in ln and "missing file" in ln for ln in full) == 300
+    assert not (tmp_path / "data" / "prepared").exists()
+    assert len(err.splitlines()) < 40
+
+
+def test_a_few_bad_records_are_all_listed_and_no_list_file(tmp_path: Path) -> None:
+    raw = make_raw(tmp_path)
+    expected = add_bad_inputs(raw)  # 13 records: at most 20, so each is in the message
+    with pytest.raises(BadInputError) as err:
+        run(tiny_config(tmp_path, preprocess={"max_pixels": 5000}), tmp_path)
+    assert "by reason" not in str(err.value) and len(expected) <= 20
+    assert not (tmp_path / "data" / "bad-input.txt").exists()
