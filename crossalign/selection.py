@@ -147,8 +147,7 @@ def run(cfg: Config, root: Path) -> dict:
     files = report.run(cfg, root, selection)
     facts_path = root / "reports" / "selection.json"
     write_json(facts_path, selection)
-    summary = metrics_summary(metrics[champion])
-    numbers = {k: summary[k] for k in ("val_rsum", "test_rsum")}
+    numbers = selection_metrics(metrics[champion])
     out_path = root / "metrics" / "selection.json"
     write_json(out_path, numbers)
 
@@ -163,6 +162,14 @@ def run(cfg: Config, root: Path) -> dict:
                                  **{f"version.{m}": v for m, v in versions.items()}})
     log.info("champion: %s (val RSUM %.1f), version %s", champion, board[0]["val_rsum"], versions[champion])
     return {**selection, "registry": facts}
+
+
+def selection_metrics(champion_results: dict) -> dict[str, float]:
+    """``metrics/selection.json``: the champion's ``val_rsum`` and ``test_rsum`` under the keys of
+    ``metrics/<m>.json`` (so ``dvc metrics show`` adds no column for it); its name is in
+    ``reports/selection.json``."""
+    summary = metrics_summary(champion_results)
+    return {k: summary[k] for k in ("val_rsum", "test_rsum")}
 
 
 def _candidate(cfg: Config, root: Path, method: str, m: dict) -> dict:
