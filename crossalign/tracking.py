@@ -46,8 +46,9 @@ PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 FEATURE_PATHS = ("data/features", "data/features/train", "data/features/val")
 TAG_METHOD, TAG_SEED, TAG_WEIGHTS = "crossalign.method", "crossalign.seed", "crossalign.weights_sha256"
 EPOCH_PREFIX = "epoch/"  # per-epoch history; ``best_*`` are the kept (best-epoch) values
-# MLflow 3 UI: "custom_model_development" opens the runs table (genai_* opens the Traces overview);
-# the value set is the UI's ExperimentKind enum (mlflow/server/js: experimentKind, "mlflow.experimentKind").
+# The MLflow 3 UI's ExperimentKind enum (mlflow/server/js: "mlflow.experimentKind"): classic ML, not GenAI.
+# MLflow 3.17's UI reads the kind from its GenAI / Model training toggle (URL ``workflowType=machine_learning``,
+# remembered per browser) when that feature flag is on; earlier 3.x UIs read this tag.
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 SHARED_VIEW_PREFIX, SHARED_VIEW_KEY = "mlflow.sharedViewState.", "crossalign"
 VIEW_METRICS = ("best_val_rsum", "eval_test_rsum", "eval_test_i2t_r1", "eval_test_t2i_r1", "best_epoch")
@@ -102,9 +103,11 @@ def setup(cfg: Config, root: str | Path = ".") -> str:
     else:
         exp_id = exp.experiment_id
     tags = {EXPERIMENT_KIND[0]: EXPERIMENT_KIND[1], SHARED_VIEW_PREFIX + SHARED_VIEW_KEY: json.dumps(shared_view()),
-            "mlflow.note.content": "crossalign: one run per (method, seed) of train@<method>; `epoch/*` metrics are "
-                                   "per-epoch history, `best_*` the epoch early stopping kept, `eval_*` the "
-                                   "evaluate stage's COCO metrics; `select` runs hold the comparison report."}
+            "mlflow.note.content": "crossalign: one run per method and seed of the train stage; `epoch/*` metrics "
+                                   "are per-epoch history, `best_*` the epoch early stopping kept, `eval_*` the "
+                                   "evaluate stage's COCO metrics; `select` runs hold the comparison report. "
+                                   f"Runs table with these columns: add `?workflowType=machine_learning&"
+                                   f"viewStateShareKey={SHARED_VIEW_KEY}` to this page's address."}
     current = (exp.tags if exp is not None else {}) or {}
     for key, value in tags.items():
         if current.get(key) != value:
