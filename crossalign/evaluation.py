@@ -157,7 +157,7 @@ def run(cfg: Config, method: str, root: Path, loader: Loader | None = None) -> d
         if not registry.log_to_seed_run(cfg, root, method, int(seed), sha, flat):
             log.warning("%s seed %s: no finished MLflow run with these weights (sha256 %s) in %s; "
                         "metrics not logged (trained with tracking off?)", method, seed, sha[:12],
-                        registry.tracking_uri(cfg, root))
+                        tracking.resolve_uri(cfg.tracking.tracking_uri, root))
 
     with atomic_dir(root / "eval" / method) as tmp:
         np.save(tmp / "test_scores.npy", best[2].astype(np.float32))

@@ -58,7 +58,11 @@ def champion_uri(cfg: Config) -> str:
 
 def seed_run_id(cfg: Config, root: Path, method: str, seed: int, sha256: str) -> str | None:
     """Id of the newest finished training run of ``method``/``seed`` whose weights hash to
-    ``sha256`` (the ``crossalign.*`` tags the tracker sets), or None."""
+    ``sha256`` (the ``crossalign.*`` tags the tracker sets), or None. A SQLite store that does
+    not exist yet (training ran with tracking off) is not created."""
+    uri = tracking.resolve_uri(cfg.tracking.tracking_uri, Path(root))
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+        return None
     with using(cfg, root) as client:
         exp = client.get_experiment_by_name(cfg.tracking.experiment)
         run = tracking.find_run(client, exp.experiment_id, method, seed, sha256) if exp else None

@@ -155,7 +155,8 @@ def follow_checkout(cfg: Config, root: Path) -> bool:
                 con.execute(f'UPDATE "{table}" SET "{column}" = ? || substr("{column}", ?) '  # fixed names
                             f'WHERE "{column}" = ? OR substr("{column}", 1, ?) = ?',
                             (new, len(old) + 1, old, len(old) + 1, old + "/"))
-    log.warning("MLflow store %s recorded artifacts under %s: re-pointed at %s (checkout moved or copied)", db, old, new)
+    log.warning("MLflow store %s recorded artifacts under %s: re-pointed at %s (checkout moved or copied)",
+                db, old, new)
     return True
 
 

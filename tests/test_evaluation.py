@@ -28,6 +28,7 @@ def test_evaluate_writes_metrics_scores_ranks(tmp_path, method, protocol):
 
     assert read_json(evaluation.results_path(tmp_path, method)) == result and result["method"] == method
     assert read_json(tmp_path / "metrics" / f"{method}.json") == evaluation.metrics_summary(result)
+    assert not (tmp_path / "mlruns").exists()  # trained without tracking: no store is created
     assert result["protocol"].startswith(protocol) and "full split" in result["protocol"]
     for split in ("val", "test"):
         assert set(METRIC_KEYS) <= set(result[split])
