@@ -90,8 +90,9 @@ def setup(cfg: Config, root: str | Path = ".") -> str:
     if uri.startswith("sqlite:///"):
         Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)  # explicitly: an earlier registry.using() may have pinned the default ./mlflow.db
     follow_checkout(cfg, root)
-    client = MlflowClient(uri)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
     if exp is None:
         location = artifact_root(cfg, root)
@@ -284,7 +285,7 @@ class MlflowTracker:
         version = str(info.registered_model_version)
         mlflow.set_tags({TAG_WEIGHTS: sha, "registered_version": version})
         summary = f"val RSUM {best['best_val_rsum']:.1f} at epoch {best['best_epoch']:.0f}" if best else "untrained"
-        MlflowClient().update_model_version(
+        MlflowClient(mlflow.get_tracking_uri(), mlflow.get_registry_uri()).update_model_version(
             self.cfg.tracking.registered_model, version,
             description=version_description(self.method, self.seed, summary, sha))
         mlflow.end_run()

@@ -67,7 +67,8 @@ def test_moved_checkout_logs_and_loads_from_the_new_tree(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
-def test_copied_checkout_leaves_the_original_alone(tmp_path):
+def test_copied_checkout_leaves_the_original_alone(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     first, copy = tmp_path / "first", tmp_path / "copy"
     first.mkdir()
     cfg = _checkout(first)
@@ -76,6 +77,8 @@ def test_copied_checkout_leaves_the_original_alone(tmp_path):
     for root in (first, copy):
         exp = MlflowClient(registry.tracking_uri(cfg, root)).get_experiment_by_name(cfg.tracking.experiment)
         assert exp.artifact_location == (root / "mlruns" / "artifacts").resolve().as_uri()
+    # setup after a registry.using() block talks to the project's store only, not MLflow's ./mlflow.db
+    assert not (tmp_path / "mlflow.db").exists()
 
 
 def test_absolute_locations_and_stores_outside_the_checkout_are_not_rewritten(tmp_path):
