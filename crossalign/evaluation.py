@@ -1,9 +1,17 @@
 """``evaluate@<method>``: the COCO retrieval protocol on val and test for every trained seed.
 
 Reads ``models/<m>/final/seed-<s>/`` (one per ``train.seeds``), ``data/features/{val,test}`` and
-``eval/test_index.json``; writes ``eval/<m>/`` (test score matrix of the seed chosen by val RSUM,
-per-query ranks of every seed) and ``metrics/<m>.json``, and logs the metrics to each seed's
-MLflow run. The same pure chain serves every method: encode -> score -> ranks -> metrics.
+``eval/test_index.json``; writes
+
+- ``eval/<m>/`` (the stage's out): ``results.json`` (every metric, seed mean / std / per seed, the
+  binding probe in full, the protocol, the seeds, the seed whose scores were kept and each seed's
+  weights sha256), the test score matrix of that seed, and per-query ranks of every seed;
+- ``metrics/<m>.json``: the few numbers people compare, flat and rounded
+  (:func:`metrics_summary`), so ``dvc metrics show`` stays one readable table.
+
+Nothing run-specific is written: each seed's MLflow run is found by its tags (method, seed,
+weights sha256) and gets the ``eval_*`` metrics; without tracking the metrics are not logged.
+The same pure chain serves every method: encode -> score -> ranks -> metrics.
 """
 from __future__ import annotations
 
@@ -14,19 +22,40 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from crossalign import registry
+from crossalign import registry, tracking
 from crossalign.config import Config
 from crossalign.io import FeatureSplit, atomic_dir, load_features, read_json, write_json
+from crossalign.methods import WEIGHTS
 from crossalign.device import resolve_device
 from crossalign.retrieval import METRIC_KEYS, binding_probe, coco_metrics, describe_protocol, fold_slices, score_matrices
 
 log = logging.getLogger(__name__)
-RUN_ID_KEYS = ("mlflow_run_id", "run_id")  # where model.json may name the seed's MLflow run
+RESULTS = "results.json"  # eval/<m>/results.json: the full record selection and the report read
+DECIMALS = 2  # metrics/<m>.json rounding: percentages to 0.01 (full precision in results.json)
 Loader = Callable[[Path], tuple[Any, dict]]
 
 
 def model_dir(root: Path, method: str, seed: int) -> Path:
     return Path(root) / "models" / method / "final" / f"seed-{seed}"
+
+
+def results_path(root: Path, method: str) -> Path:
+    return Path(root) / "eval" / method / RESULTS
+
+
+def metrics_summary(result: dict) -> dict[str, float]:
+    """The numbers of ``metrics/<m>.json`` (seed means, rounded): ``val_rsum`` (what selection
+    ranks by), ``test_rsum``, test ``i2t_r1`` / ``t2i_r1``, ``test_rsum_1k`` at 5K, and the binding
+    probe as the mean of its two directions: ``bind`` overall and one key per swap kind."""
+    val, test = result["val"], result["test"]
+    out = {"val_rsum": val["rsum"], "test_rsum": test["rsum"], "i2t_r1": test["i2t_r1"], "t2i_r1": test["t2i_r1"]}
+    if "1k" in test:
+        out["test_rsum_1k"] = test["1k"]["rsum"]
+    probe = test.get("binding_probe")
+    if probe:
+        out["bind"] = (probe["overall"]["i2t"] + probe["overall"]["t2i"]) / 2
+        out.update({kind: (p["i2t"] + p["t2i"]) / 2 for kind, p in sorted(probe["per_swap"].items())})
+    return {k: round(float(v), DECIMALS) for k, v in out.items()}
 
 
 def check_test_index(index: dict, split: FeatureSplit, path: Path) -> None:
@@ -90,7 +119,7 @@ def run(cfg: Config, method: str, root: Path, loader: Loader | None = None) -> d
 
     per_seed = {"val": {}, "test": {}}
     ranks: dict[int, dict[str, np.ndarray]] = {}
-    run_ids: dict[str, str | None] = {}
+    hashes: dict[str, str] = {}
     protocol, best = None, None  # best: (val rsum, seed, test i2t scores, test t2i scores)
     for seed in cfg.train.seeds:
         path = model_dir(root, method, seed)
@@ -101,7 +130,7 @@ def run(cfg: Config, method: str, root: Path, loader: Loader | None = None) -> d
         if meta.get("method", method) != method:
             raise ValueError(f"{path}/model.json: method {meta.get('method')!r}, expected {method!r}")
         protocol = describe_protocol(model, cfg.evaluate.block_images, cfg.evaluate.block_texts)
-        run_ids[str(seed)] = next((meta[k] for k in RUN_ID_KEYS if meta.get(k)), None)
+        hashes[str(seed)] = tracking.weights_sha256(path / WEIGHTS)
         v_metrics, *_, v_i2t, v_t2i = evaluate_model(model, val, cfg, device)
         t_metrics, s_i2t, s_t2i, t_i2t, t_t2i = evaluate_model(model, test, cfg, device)
         if twins:
@@ -119,16 +148,16 @@ def run(cfg: Config, method: str, root: Path, loader: Loader | None = None) -> d
                     "caption is in the top K; ties count against the query",
         "seeds": list(cfg.train.seeds),
         "scores_seed": best[1],
-        "mlflow_run_ids": run_ids,
+        "weights_sha256": hashes,
         "val": _aggregate(per_seed["val"]),
         "test": _aggregate(per_seed["test"]),
     }
-    for seed, run_id in run_ids.items():
-        if run_id is None:
-            log.warning("%s seed %s: model.json names no MLflow run; metrics not logged", method, seed)
-            continue
+    for seed, sha in hashes.items():
         flat = {f"eval_{split}_{k}": per_seed[split][int(seed)][k] for split in ("val", "test") for k in METRIC_KEYS}
-        registry.log_to_run(cfg, root, run_id, flat)
+        if not registry.log_to_seed_run(cfg, root, method, int(seed), sha, flat):
+            log.warning("%s seed %s: no finished MLflow run with these weights (sha256 %s) in %s; "
+                        "metrics not logged (trained with tracking off?)", method, seed, sha[:12],
+                        tracking.resolve_uri(cfg.tracking.tracking_uri, root))
 
     with atomic_dir(root / "eval" / method) as tmp:
         np.save(tmp / "test_scores.npy", best[2].astype(np.float32))
@@ -138,5 +167,6 @@ def run(cfg: Config, method: str, root: Path, loader: Loader | None = None) -> d
             (tmp / "ranks" / f"seed-{seed}").mkdir(parents=True)
             for name, arr in arrays.items():
                 np.save(tmp / "ranks" / f"seed-{seed}" / f"{name}.npy", arr.astype(np.int64))
-    write_json(root / "metrics" / f"{method}.json", result)
+        write_json(tmp / RESULTS, result)
+    write_json(root / "metrics" / f"{method}.json", metrics_summary(result))
     return result

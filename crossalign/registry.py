@@ -1,5 +1,6 @@
-"""MLflow side of evaluation and selection: logging evaluation metrics to a method's run, one
-registered-model version per method, and the ``champion`` alias.
+"""MLflow side of evaluation and selection: finding a seed's run by its tags, logging evaluation
+metrics to it, one registered-model version per method (with a one-line description), and the
+``champion`` alias.
 
 The tracking URI comes from ``params.yaml:tracking``; a relative ``sqlite:///`` path is taken
 relative to the project root so library calls with another ``root`` (tests) stay inside it.
@@ -36,6 +37,7 @@ def using(cfg: Config, root: Path) -> Iterator[MlflowClient]:
     """Point the fluent MLflow API (and a client) at this project's store, restoring after."""
     previous, previous_registry = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
     uri = tracking_uri(cfg, root)
+    tracking.follow_checkout(cfg, Path(root))
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     try:
@@ -52,6 +54,28 @@ def _metrics(values: dict[str, float]) -> list[Metric]:
 
 def champion_uri(cfg: Config) -> str:
     return f"models:/{cfg.tracking.registered_model}@{CHAMPION}"
+
+
+def seed_run_id(cfg: Config, root: Path, method: str, seed: int, sha256: str) -> str | None:
+    """Id of the newest finished training run of ``method``/``seed`` whose weights hash to
+    ``sha256`` (the ``crossalign.*`` tags the tracker sets), or None. A SQLite store that does
+    not exist yet (training ran with tracking off) is not created."""
+    uri = tracking.resolve_uri(cfg.tracking.tracking_uri, Path(root))
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+        return None
+    with using(cfg, root) as client:
+        exp = client.get_experiment_by_name(cfg.tracking.experiment)
+        run = tracking.find_run(client, exp.experiment_id, method, seed, sha256) if exp else None
+        return run.info.run_id if run else None
+
+
+def log_to_seed_run(cfg: Config, root: Path, method: str, seed: int, sha256: str,
+                    metrics: dict[str, float]) -> str | None:
+    """Log ``metrics`` to the training run that produced these weights -> its id (None: no such run)."""
+    run_id = seed_run_id(cfg, root, method, seed, sha256)
+    if run_id is not None:
+        log_to_run(cfg, root, run_id, metrics)
+    return run_id
 
 
 def log_to_run(cfg: Config, root: Path, run_id: str, metrics: dict[str, float],
@@ -72,9 +96,9 @@ def log_to_run(cfg: Config, root: Path, run_id: str, metrics: dict[str, float],
 def register_versions(cfg: Config, root: Path, candidates: dict[str, dict]) -> dict[str, str]:
     """Make each method's model a version of ``tracking.registered_model``.
 
-    ``candidates``: method -> {"run_id", "seed", "tags": {...}}. Idempotent: a version already
-    registered from the same run (training registers each run's model) is reused, its tags refreshed.
-    Returns method -> version.
+    ``candidates``: method -> {"run_id", "seed", "tags": {...}, "description": one line}.
+    Idempotent: a version already registered from the same run (training registers each run's
+    model) is reused, its tags and description refreshed. Returns method -> version.
     """
     name = cfg.tracking.registered_model
     versions: dict[str, str] = {}
@@ -94,6 +118,8 @@ def register_versions(cfg: Config, root: Path, candidates: dict[str, dict]) -> d
                 except MlflowException as err:
                     raise ValueError(f"cannot register {method} (run {run_id}) as a version of {name!r}: "
                                      f"{err.message}") from None
+            if cand.get("description"):
+                client.update_model_version(name, str(version), description=cand["description"])
             versions[method] = str(version)
     return versions
 
@@ -121,11 +147,13 @@ def current_champion(cfg: Config, root: Path):
             return None
 
 
-def log_selection(cfg: Config, root: Path, files: list[Path], metrics: dict[str, float]) -> str:
-    """Record a ``select`` run in the experiment holding the selection and the report files."""
+def log_selection(cfg: Config, root: Path, files: list[Path], metrics: dict[str, float],
+                  tags: dict[str, str] | None = None) -> str:
+    """Record a ``select`` run in the experiment holding the selection facts (``tags``: champion,
+    registry versions), its metrics and the report files."""
     with using(cfg, root) as client:
         exp_id = tracking.setup(cfg, root)
-        run = client.create_run(exp_id, run_name="select", tags={"stage": "select"})
+        run = client.create_run(exp_id, run_name="select", tags={"stage": "select", **(tags or {})})
         client.log_batch(run.info.run_id, metrics=_metrics(metrics))
         for path in files:
             client.log_artifact(run.info.run_id, str(path), artifact_path="reports")

@@ -190,7 +190,7 @@ def run(cfg: Config, root: Path, selection: dict) -> list[Path]:
     root = Path(root)
     out = root / "reports"
     out.mkdir(parents=True, exist_ok=True)
-    metrics = {r["method"]: read_json(root / "metrics" / f"{r['method']}.json") for r in selection["leaderboard"]}
+    metrics = {r["method"]: read_json(root / "eval" / r["method"] / "results.json") for r in selection["leaderboard"]}
     files, notes = [plot_recall(selection["leaderboard"], out / RECALL_PNG)], []
     curves = {m: read_curve(root / "plots" / "train" / f"{m}.csv") for m in metrics
               if (root / "plots" / "train" / f"{m}.csv").exists()}

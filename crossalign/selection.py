@@ -1,9 +1,15 @@
 """``select``: the champion by validation RSUM, a leaderboard of test metrics, each method's gain
 over the baseline with a paired bootstrap CI, the registry versions and the ``champion`` alias.
 
+Reads each method's ``eval/<m>/results.json``. Writes ``reports/selection.json`` (champion,
+leaderboard, gains: a function of the evaluations) and ``metrics/selection.json`` (the champion's
+``val_rsum`` / ``test_rsum`` only, the same keys as ``metrics/<m>.json``). Registry facts (version
+numbers, run ids) change with every run, so they live in MLflow only: the model versions, the
+alias and the ``select`` run's tags; :func:`run` returns them for the caller to print.
+
 The test split never chooses: it is only reported. A method of ``train.methods`` without its
-``metrics/<m>.json`` stops the stage (no champion is picked among the rest), so the registry's
-previous champion stays in place.
+results stops the stage before anything is written (no champion is picked among the rest), so
+the registry's previous champion and the previous selection files stay in place, consistent.
 """
 from __future__ import annotations
 
@@ -12,8 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from crossalign import registry, report
+from crossalign import registry, report, tracking
 from crossalign.config import Config
+from crossalign.evaluation import metrics_summary, results_path
 from crossalign.io import load_npy, read_json, write_json
 from crossalign.retrieval import METRIC_KEYS, RECALL_KS
 
@@ -23,10 +30,11 @@ _BOOT_CHUNK = 50  # bootstrap resamples drawn at once (bounds the (B, n_queries)
 
 
 def load_metrics(cfg: Config, root: Path) -> tuple[dict[str, dict], list[str]]:
-    """method -> its metrics for every method of ``train.methods``; and the methods missing them."""
+    """method -> its evaluation results (``eval/<m>/results.json``) for every method of
+    ``train.methods``; and the methods missing them."""
     found, missing = {}, []
     for method in cfg.train.methods:
-        path = Path(root) / "metrics" / f"{method}.json"
+        path = results_path(root, method)
         if not path.exists():
             missing.append(method)
             continue
@@ -124,39 +132,61 @@ def gains(cfg: Config, root: Path, metrics: dict[str, dict]) -> dict[str, dict]:
 
 
 def run(cfg: Config, root: Path) -> dict:
-    """Select the champion; write ``metrics/selection.json`` and ``reports/``; move the alias."""
+    """Select the champion; write ``reports/`` and ``metrics/selection.json``; register every
+    method's kept seed and move the alias -> the selection with its ``registry`` facts."""
     root = Path(root)
     metrics, missing = load_metrics(cfg, root)
-    out_path = root / "metrics" / "selection.json"
     if missing:
-        write_json(out_path, {"champion": None, "metric": cfg.select.metric, "missing": missing,
-                              "leaderboard": leaderboard(metrics) if metrics else [],
-                              "gain_over_baseline": {}, "registry": None})
-        raise ValueError(f"no champion chosen: metrics/<method>.json missing for {missing} "
+        raise ValueError(f"no champion chosen: eval/<method>/results.json missing for {missing} "
                          f"(train.methods = {cfg.train.methods}); run evaluate@<method> for them")
+    candidates = {method: _candidate(cfg, root, method, m) for method, m in metrics.items()}
     board = leaderboard(metrics)
     champion = board[0]["method"]
     selection = {"champion": champion, "metric": f"val_{cfg.select.metric}", "leaderboard": board,
-                 "gain_over_baseline": gains(cfg, root, metrics), "missing": [], "registry": None}
+                 "gain_over_baseline": gains(cfg, root, metrics), "missing": []}
     files = report.run(cfg, root, selection)
+    facts_path = root / "reports" / "selection.json"
+    write_json(facts_path, selection)
+    numbers = selection_metrics(metrics[champion])
+    out_path = root / "metrics" / "selection.json"
+    write_json(out_path, numbers)
 
-    candidates = {}
-    for method, m in metrics.items():
-        seed = m.get("scores_seed", m["seeds"][0] if m.get("seeds") else 0)
-        run_id = (m.get("mlflow_run_ids") or {}).get(str(seed))
-        if not run_id:
-            raise ValueError(f"metrics/{method}.json names no MLflow run for seed {seed}: "
-                             f"its model cannot be registered (did train@{method} log it?)")
-        tags = {"val_rsum": m["val"]["rsum"], **{f"test_{k}": m["test"][k] for k in METRIC_KEYS}}
-        candidates[method] = {"run_id": run_id, "seed": seed, "tags": tags}
     versions = registry.register_versions(cfg, root, candidates)
     registry.set_champion(cfg, root, versions[champion])
-    selection["registry"] = {"name": cfg.tracking.registered_model, "versions": versions,
-                             "alias": registry.CHAMPION, "champion_version": versions[champion],
-                             "uri": registry.champion_uri(cfg)}
-    write_json(out_path, selection)
-    best = board[0]
-    registry.log_selection(cfg, root, [out_path, *files],
-                           {"champion_val_rsum": best["val_rsum"], "champion_test_rsum": best["test"]["rsum"]})
-    log.info("champion: %s (val RSUM %.1f), version %s", champion, best["val_rsum"], versions[champion])
-    return selection
+    facts = {"name": cfg.tracking.registered_model, "versions": versions, "alias": registry.CHAMPION,
+             "champion_version": versions[champion], "uri": registry.champion_uri(cfg),
+             "run_ids": {m: c["run_id"] for m, c in candidates.items()}}
+    registry.log_selection(cfg, root, [out_path, facts_path, *files],
+                           {f"champion_{k}": v for k, v in numbers.items()},
+                           tags={"champion": champion, "champion_version": versions[champion],
+                                 **{f"version.{m}": v for m, v in versions.items()}})
+    log.info("champion: %s (val RSUM %.1f), version %s", champion, board[0]["val_rsum"], versions[champion])
+    return {**selection, "registry": facts}
+
+
+def selection_metrics(champion_results: dict) -> dict[str, float]:
+    """``metrics/selection.json``: the champion's ``val_rsum`` and ``test_rsum`` under the keys of
+    ``metrics/<m>.json`` (so ``dvc metrics show`` adds no column for it); its name is in
+    ``reports/selection.json``."""
+    summary = metrics_summary(champion_results)
+    return {k: summary[k] for k in ("val_rsum", "test_rsum")}
+
+
+def _candidate(cfg: Config, root: Path, method: str, m: dict) -> dict:
+    """The registry candidate of a method: the training run of its kept seed, found by the sha256
+    of that seed's weights (``results.json``), with its tags and one-line description."""
+    seed = m.get("scores_seed", m["seeds"][0] if m.get("seeds") else 0)
+    sha = (m.get("weights_sha256") or {}).get(str(seed))
+    if not sha:
+        raise ValueError(f"{results_path(root, method)}: no weights_sha256 for seed {seed} (expected "
+                         f"{{seed: sha256}}); rerun evaluate@{method}")
+    run_id = registry.seed_run_id(cfg, root, method, seed, sha)
+    if not run_id:
+        raise ValueError(f"no MLflow run of {method} seed {seed} with weights sha256 {sha[:12]} in "
+                         f"{registry.tracking_uri(cfg, root)}: its model cannot be registered "
+                         f"(was train@{method} run with tracking on, against this store?)")
+    val, test = m["val"]["rsum"], m["test"]["rsum"]
+    return {"run_id": run_id, "seed": seed,
+            "tags": {"val_rsum": val, **{f"test_{k}": m["test"][k] for k in METRIC_KEYS}, "weights_sha256": sha},
+            "description": tracking.version_description(
+                method, seed, f"val RSUM {val:.1f} (selection), test RSUM {test:.1f}", sha)}

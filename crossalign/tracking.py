@@ -1,17 +1,32 @@
 """MLflow tracking of training runs: one experiment, one run per method (and seed).
 
 Metadata go to SQLite (``tracking.tracking_uri``), artifacts under ``tracking.artifact_location``.
-A run holds the resolved config as params, per-epoch losses / learning rate / validation recall as
-metrics, system metrics, lineage tags (method, seed, git commit, DVC md5 of the features), the
-last checkpoint and a loss-curve PNG as artifacts, and the model as an MLflow pyfunc built "from
-code" (``crossalign/pyfunc_model.py``) whose artifacts are ``model.safetensors`` + ``model.json``
-loaded through :func:`crossalign.methods.load_aligner` -- nothing is pickled.
+A run holds the resolved config as params; per-epoch history as ``epoch/<name>`` metrics (losses,
+learning rate, validation recall, wall seconds); the best epoch's values that early stopping kept
+as ``best_val_<name>`` / ``best_epoch``; system metrics; lineage tags (``crossalign.method``,
+``crossalign.seed``, ``crossalign.weights_sha256`` of the saved ``model.safetensors``, git commit,
+DVC md5 of the features); the last checkpoint and a loss-curve PNG as artifacts; and the model as
+an MLflow pyfunc built "from code" (``crossalign/pyfunc_model.py``) whose artifacts are
+``model.safetensors`` + ``model.json`` loaded through :func:`crossalign.methods.load_aligner` --
+nothing is pickled.
+
+No run id is written into a DVC out: evaluate and select find a seed's run by its tags
+(:func:`find_run`), so the trained model files are a function of config, code and data alone.
+The experiment is tagged as model training (``mlflow.experimentKind``) so the MLflow UI opens on
+the runs table, and carries a shared view (``?viewStateShareKey=crossalign``) with the metric
+columns selected. Its artifact root follows the checkout: a store whose recorded root is another
+checkout's (moved or copied tree) is rewritten to this one (:func:`follow_checkout`).
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import importlib.util
+import json
 import logging
+import sqlite3
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +44,18 @@ from crossalign.methods.base import Aligner
 log = logging.getLogger(__name__)
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 FEATURE_PATHS = ("data/features", "data/features/train", "data/features/val")
+TAG_METHOD, TAG_SEED, TAG_WEIGHTS = "crossalign.method", "crossalign.seed", "crossalign.weights_sha256"
+EPOCH_PREFIX = "epoch/"  # per-epoch history; ``best_*`` are the kept (best-epoch) values
+# The MLflow 3 UI's ExperimentKind enum (mlflow/server/js: "mlflow.experimentKind"): classic ML, not GenAI.
+# MLflow 3.17's UI reads the kind from its GenAI / Model training toggle (URL ``workflowType=machine_learning``,
+# remembered per browser) when that feature flag is on; earlier 3.x UIs read this tag.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+SHARED_VIEW_PREFIX, SHARED_VIEW_KEY = "mlflow.sharedViewState.", "crossalign"
+VIEW_METRICS = ("best_val_rsum", "eval_test_rsum", "eval_test_i2t_r1", "eval_test_t2i_r1", "best_epoch")
+# Tables/columns of the MLflow SQLite schema that record absolute artifact locations.
+LOCATION_COLUMNS = (("experiments", "artifact_location"), ("runs", "artifact_uri"),
+                    ("logged_models", "artifact_location"), ("model_versions", "storage_location"),
+                    ("model_versions", "source"))
 
 
 def resolve_uri(uri: str, root: Path) -> str:
@@ -39,20 +66,36 @@ def resolve_uri(uri: str, root: Path) -> str:
     return uri
 
 
+def artifact_root(cfg: Config, root: Path) -> Path:
+    """``tracking.artifact_location`` resolved against the checkout ``root`` (absolute ones as given)."""
+    location = Path(cfg.tracking.artifact_location)
+    return (location if location.is_absolute() else Path(root) / location).resolve()
+
+
+def shared_view() -> dict[str, Any]:
+    """The runs-table view the experiment's ``viewStateShareKey`` link opens: run name, source and
+    the selection metrics as columns, best validation RSUM first (column keys as the UI spells them)."""
+    return {"selectedColumns": ["attributes.`Source`", *(f"metrics.`{m}`" for m in VIEW_METRICS)],
+            "orderByKey": "metrics.`best_val_rsum`", "orderByAsc": False}
+
+
 def setup(cfg: Config, root: str | Path = ".") -> str:
     """Create (once) the SQLite store, the experiment and the registered model -> experiment id.
 
-    Call before fanning out parallel training: concurrent first-time creation races."""
+    The experiment is tagged as model training with a shared runs-table view; a store moved
+    with its checkout is re-pointed at it first. Call before fanning out parallel training:
+    concurrent first-time creation races."""
     root = Path(root)
     uri = resolve_uri(cfg.tracking.tracking_uri, root)
     if uri.startswith("sqlite:///"):
         Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
-    client = MlflowClient(uri)
+    mlflow.set_registry_uri(uri)  # explicitly: an earlier registry.using() may have pinned the default ./mlflow.db
+    follow_checkout(cfg, root)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
     if exp is None:
-        location = Path(cfg.tracking.artifact_location)
-        location = (location if location.is_absolute() else root / location).resolve()
+        location = artifact_root(cfg, root)
         location.mkdir(parents=True, exist_ok=True)
         try:
             exp_id = client.create_experiment(cfg.tracking.experiment, artifact_location=location.as_uri())
@@ -60,6 +103,16 @@ def setup(cfg: Config, root: str | Path = ".") -> str:
             exp_id = client.get_experiment_by_name(cfg.tracking.experiment).experiment_id
     else:
         exp_id = exp.experiment_id
+    tags = {EXPERIMENT_KIND[0]: EXPERIMENT_KIND[1], SHARED_VIEW_PREFIX + SHARED_VIEW_KEY: json.dumps(shared_view()),
+            "mlflow.note.content": "crossalign: one run per method and seed of the train stage; `epoch/*` metrics "
+                                   "are per-epoch history, `best_*` the epoch early stopping kept, `eval_*` the "
+                                   "evaluate stage's COCO metrics; `select` runs hold the comparison report. "
+                                   f"Runs table with these columns: add `?workflowType=machine_learning&"
+                                   f"viewStateShareKey={SHARED_VIEW_KEY}` to this page's address."}
+    current = (exp.tags if exp is not None else {}) or {}
+    for key, value in tags.items():
+        if current.get(key) != value:
+            client.set_experiment_tag(exp_id, key, value)
     try:
         client.get_registered_model(cfg.tracking.registered_model)
     except MlflowException:
@@ -68,6 +121,74 @@ def setup(cfg: Config, root: str | Path = ".") -> str:
         except MlflowException:
             pass  # created meanwhile
     return exp_id
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
+def follow_checkout(cfg: Config, root: Path) -> bool:
+    """Re-point a store that moved with its checkout at the new tree -> whether it rewrote.
+
+    MLflow records absolute artifact URIs (experiment root, each run, logged model and model
+    version). When the SQLite file lies inside ``root``, ``tracking.artifact_location`` is
+    relative, and the experiment's recorded root is not ``root``'s, the checkout was moved or
+    copied with its ``mlruns/``: every recorded location under the old root is rewritten to the
+    same path under the new one, so runs log into, and models load from, this tree."""
+    db = _sqlite_path(resolve_uri(cfg.tracking.tracking_uri, Path(root)))
+    if db is None or not db.exists() or Path(cfg.tracking.artifact_location).is_absolute():
+        return False
+    if not db.resolve().is_relative_to(Path(root).resolve()):
+        return False
+    new = artifact_root(cfg, root).as_uri()
+    with contextlib.closing(sqlite3.connect(db, timeout=30)) as con, con:  # closed; committed on success
+        try:
+            row = con.execute("SELECT artifact_location FROM experiments WHERE name = ?",
+                              (cfg.tracking.experiment,)).fetchone()
+        except sqlite3.OperationalError:  # no MLflow schema yet
+            return False
+        if row is None or row[0] in (new, None) or not row[0].startswith("file://"):
+            return False
+        old = row[0]
+        tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        for table, column in LOCATION_COLUMNS:
+            if table in tables:
+                con.execute(f'UPDATE "{table}" SET "{column}" = ? || substr("{column}", ?) '  # fixed names
+                            f'WHERE "{column}" = ? OR substr("{column}", 1, ?) = ?',
+                            (new, len(old) + 1, old, len(old) + 1, old + "/"))
+    log.warning("MLflow store %s recorded artifacts under %s: re-pointed at %s (checkout moved or copied)",
+                db, old, new)
+    return True
+
+
+def weights_sha256(path: Path) -> str:
+    """sha256 of a weights file: the tag that ties an MLflow run to the model files it produced."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def find_run(client: MlflowClient, experiment_id: str, method: str, seed: int, sha256: str):
+    """The newest finished run of ``method``/``seed`` whose saved weights hash to ``sha256``, or
+    None. Several runs can match (the same config trained twice gives identical weights): any of
+    them produced these files; the newest is taken."""
+    runs = client.search_runs(
+        [experiment_id], max_results=1, order_by=["attributes.start_time DESC"],
+        filter_string=f"tags.`{TAG_METHOD}` = '{method}' AND tags.`{TAG_SEED}` = '{int(seed)}' "
+                      f"AND tags.`{TAG_WEIGHTS}` = '{sha256}' AND attributes.status = 'FINISHED'")
+    return runs[0] if runs else None
+
+
+def best_epoch_metrics(history: list[dict]) -> dict[str, float]:
+    """``best_epoch`` and ``best_val_<k>`` of the first epoch with the highest validation RSUM
+    (the epoch whose weights training kept)."""
+    if not history:
+        return {}
+    best = max(history, key=lambda r: r["val_rsum"])  # max keeps the first of equal values
+    return {"best_epoch": float(best["epoch"]),
+            **{f"best_{k}": float(v) for k, v in best.items() if k.startswith("val_")}}
 
 
 def git_commit(root: Path) -> str:
@@ -119,18 +240,19 @@ class MlflowTracker:
         if not self.system_metrics:
             log.warning("psutil is not installed: MLflow system metrics are off")
         self.run: Any = None
-        self.name = ""
+        self.name, self.method, self.seed = "", "", 0
 
     def start(self, method: str, seed: int, run_id: str | None) -> str:
         """Start (or, resuming a checkpoint, reopen) the run -> its id."""
         self.name = method if len(self.cfg.train.seeds) == 1 else f"{method}-s{seed}"
+        self.method, self.seed = method, seed
         if run_id:
             try:
                 self.run = mlflow.start_run(run_id=run_id, log_system_metrics=self.system_metrics)
                 return run_id
             except MlflowException:
                 log.warning("run %s of the checkpoint is not in the store: starting a new run", run_id)
-        tags = {"method": method, "seed": str(seed), "git_commit": git_commit(self.root),
+        tags = {TAG_METHOD: method, TAG_SEED: str(seed), "git_commit": git_commit(self.root),
                 **dvc_feature_hashes(self.root)}
         self.run = mlflow.start_run(experiment_id=self.experiment_id, run_name=self.name, tags=tags,
                                     log_system_metrics=self.system_metrics)
@@ -138,32 +260,45 @@ class MlflowTracker:
         return self.run.info.run_id
 
     def log_epoch(self, metrics: dict[str, float], epoch: int) -> None:
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=epoch)
+        """One epoch's values as ``epoch/<name>`` at step ``epoch`` (the history, not the result)."""
+        mlflow.log_metrics({EPOCH_PREFIX + k: float(v) for k, v in metrics.items()}, step=epoch)
 
     def finish(self, final_dir: Path, ckpt_dir: Path, history: list[dict]) -> dict[str, Any]:
-        """Log checkpoint, loss curve and model; end the run -> keys for model.json."""
+        """Log the best epoch's values, checkpoint, loss curve and model; tag the run with the
+        sha256 of ``final_dir``'s weights; end the run. Returns {}: nothing of the run goes into
+        the model files (evaluate and select find the run by its tags)."""
+        sha = weights_sha256(final_dir / WEIGHTS)
+        best = best_epoch_metrics(history)
+        if best:
+            mlflow.log_metrics(best)
         if ckpt_dir.exists():
             mlflow.log_artifacts(str(ckpt_dir), "checkpoint")
         if history:
-            png = loss_curve_png(history, final_dir / "loss_curve.png")
-            mlflow.log_artifact(str(png))
-            png.unlink()
+            with tempfile.TemporaryDirectory() as tmp:  # never inside final_dir (a DVC out)
+                mlflow.log_artifact(str(loss_curve_png(history, Path(tmp) / "loss_curve.png")))
         info = mlflow.pyfunc.log_model(
             name="model", python_model=str(PYFUNC_CODE),
             artifacts={"weights": str(final_dir / WEIGHTS), "meta": str(final_dir / META)},
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}",
                               "safetensors", "numpy", "crossalign"],
             registered_model_name=self.cfg.tracking.registered_model)
-        out = {"mlflow_run_id": self.run.info.run_id, "mlflow_model_uri": f"runs:/{self.run.info.run_id}/model",
-               "mlflow_logged_model_uri": info.model_uri, "registered_model": self.cfg.tracking.registered_model,
-               "registered_version": info.registered_model_version}
-        mlflow.set_tags({"registered_version": str(info.registered_model_version)})
+        version = str(info.registered_model_version)
+        mlflow.set_tags({TAG_WEIGHTS: sha, "registered_version": version})
+        summary = f"val RSUM {best['best_val_rsum']:.1f} at epoch {best['best_epoch']:.0f}" if best else "untrained"
+        MlflowClient(mlflow.get_tracking_uri(), mlflow.get_registry_uri()).update_model_version(
+            self.cfg.tracking.registered_model, version,
+            description=version_description(self.method, self.seed, summary, sha))
         mlflow.end_run()
-        return out
+        return {}
 
     def abort(self) -> None:
         if mlflow.active_run() is not None:
             mlflow.end_run(status="FAILED")
+
+
+def version_description(method: str, seed: int, summary: str, sha256: str) -> str:
+    """The one line a registered model version carries: what it is, how good, which weights."""
+    return f"{method} seed {seed}: {summary}; weights sha256 {sha256[:12]}"
 
 
 def load_logged_aligner(model_uri: str, tracking_uri: str | None = None) -> Aligner:

@@ -191,7 +191,8 @@ def _epochs(cfg: Config, method: str, seed: int, model: Aligner, loss_fn: torch.
         metrics = validation_metrics(model, val, device)
         row = {"epoch": epoch, "seed": seed, "train_loss": sum(sums.values()) / steps_per_epoch,
                **{k: v / steps_per_epoch for k, v in sums.items()}, "lr": lr,
-               **{f"val_{k}": v for k, v in metrics.items()}, "epoch_seconds": time.perf_counter() - started}
+               **{f"val_{k}": v for k, v in metrics.items()}}
+        seconds = time.perf_counter() - started  # to the tracker only: the CSV is a function of the inputs
         state["history"].append(row)
         if metrics["rsum"] > state["best_rsum"]:
             state.update(best_rsum=metrics["rsum"], best_epoch=epoch, bad_epochs=0, best_metrics=metrics)
@@ -201,9 +202,9 @@ def _epochs(cfg: Config, method: str, seed: int, model: Aligner, loss_fn: torch.
         state["epoch"] = epoch
         state["done"] = state["bad_epochs"] >= t.patience or epoch == t.epochs
         checkpoint.save_checkpoint(ckpt_dir, model, best, opt, state)
-        tracker.log_epoch({k: v for k, v in row.items() if k not in ("epoch", "seed")}, epoch)
+        tracker.log_epoch({**{k: v for k, v in row.items() if k not in ("epoch", "seed")}, "seconds": seconds}, epoch)
         log(f"[{method} seed {seed}] epoch {epoch}: loss {row['train_loss']:.4f} val rsum {metrics['rsum']:.1f} "
-            f"({row['epoch_seconds']:.1f}s)")
+            f"({seconds:.1f}s)")
     return best
 
 
@@ -240,11 +241,9 @@ def train_seed(cfg: Config, root: Path, method: str, seed: int, train: FeatureSp
     model.load_state_dict({k: v.to(device) for k, v in best.items()})
     meta = {"method": method, "image_dim": train.image_dim, "text_dim": train.text_dim,
             "methods": method_params(cfg, method), "seed": seed, "best_epoch": state["best_epoch"],
-            "epochs_run": state["epoch"], "val_metrics": state.get("best_metrics", {}),
-            "mlflow_run_id": state["run_id"]}
+            "epochs_run": state["epoch"], "val_metrics": state.get("best_metrics", {})}
     save_aligner(model.cpu(), final_dir, meta)
-    meta.update(tracker.finish(final_dir, ckpt_dir, state["history"]))
-    save_aligner(model, final_dir, meta)
+    tracker.finish(final_dir, ckpt_dir, state["history"])  # the run is found by its tags, not named here
     return {**meta, "history": state["history"]}
 
 

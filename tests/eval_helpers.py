@@ -2,7 +2,6 @@
 (features, test index with twins, saved models, MLflow runs with a logged model)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +10,10 @@ import torch
 from conftest import make_tiny_features
 from crossalign import registry
 from crossalign.config import Config
+from crossalign.evaluation import metrics_summary, results_path
 from crossalign.io import load_features, save_npy, write_json
-from crossalign.methods import build_aligner, method_params, save_aligner
+from crossalign.methods import WEIGHTS, build_aligner, method_params, save_aligner
+from crossalign.tracking import weights_sha256
 
 IMAGE_DIM, TEXT_DIM = 12, 10
 
@@ -47,7 +48,8 @@ def write_prepared_test(root: Path, size: int = 16) -> None:
 
 
 def log_model_run(cfg: Config, root: Path, method: str, seed: int, model_dir: Path) -> str:
-    """A finished MLflow run logged by the training tracker (pyfunc model at ``model``)."""
+    """A finished MLflow run logged by the training tracker (pyfunc model at ``model``, tagged
+    with the weights' sha256)."""
     from crossalign.tracking import MlflowTracker
 
     with registry.using(cfg, root):
@@ -59,7 +61,8 @@ def log_model_run(cfg: Config, root: Path, method: str, seed: int, model_dir: Pa
 
 def save_model(cfg: Config, root: Path, method: str, seed: int, mlflow_run: bool = True,
                init_seed: int | None = None) -> Path:
-    """A randomly initialised ``method`` model at models/<m>/final/seed-<s>/ (+ its MLflow run)."""
+    """A randomly initialised ``method`` model at models/<m>/final/seed-<s>/ (+ its MLflow run,
+    found again by :func:`run_of`)."""
     torch.manual_seed(seed if init_seed is None else init_seed)
     model = build_aligner(cfg, method, IMAGE_DIM, TEXT_DIM)
     path = root / "models" / method / "final" / f"seed-{seed}"
@@ -67,14 +70,21 @@ def save_model(cfg: Config, root: Path, method: str, seed: int, mlflow_run: bool
             "methods": method_params(cfg, method)}
     save_aligner(model, path, meta)
     if mlflow_run:
-        meta["mlflow_run_id"] = log_model_run(cfg, root, method, seed, path)
-        (path / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
+        log_model_run(cfg, root, method, seed, path)
     return path
 
 
-def write_eval_outputs(root: Path, method: str, val_rsum: float, test_ranks: dict[int, tuple[np.ndarray, np.ndarray]],
-                       run_ids: dict[int, str] | None = None) -> dict:
-    """Hand-made evaluate outputs: metrics/<m>.json from given test ranks, ranks files, scores."""
+def run_of(cfg: Config, root: Path, method: str, seed: int) -> str | None:
+    """The MLflow run that logged models/<m>/final/seed-<s>/ (by the tags the tracker sets)."""
+    sha = weights_sha256(root / "models" / method / "final" / f"seed-{seed}" / WEIGHTS)
+    return registry.seed_run_id(cfg, root, method, seed, sha)
+
+
+def write_eval_outputs(root: Path, method: str, val_rsum: float,
+                       test_ranks: dict[int, tuple[np.ndarray, np.ndarray]], models_root: Path | None = None) -> dict:
+    """Hand-made evaluate outputs from given test ranks: eval/<m>/results.json (each seed's
+    weights sha256 from ``models_root``/models/<m>/final when saved there, else a hash no run
+    has), ranks files, scores, and metrics/<m>.json from the stage's own :func:`metrics_summary`."""
     from crossalign.retrieval import metrics_from_ranks
 
     seeds = sorted(test_ranks)
@@ -90,7 +100,10 @@ def write_eval_outputs(root: Path, method: str, val_rsum: float, test_ranks: dic
         save_npy(d / "test_t2i.npy", test_ranks[s][1])
     n, m = len(test_ranks[seeds[0]][0]), len(test_ranks[seeds[0]][1])
     save_npy(root / "eval" / method / "test_scores.npy", np.zeros((n, m), np.float32))
-    metrics = {"method": method, "protocol": "hand-made", "seeds": seeds, "scores_seed": seeds[0],
-               "mlflow_run_ids": {str(s): (run_ids or {}).get(s) for s in seeds}, "val": val, "test": test}
-    write_json(root / "metrics" / f"{method}.json", metrics)
-    return metrics
+    weights = {s: (models_root or root) / "models" / method / "final" / f"seed-{s}" / WEIGHTS for s in seeds}
+    hashes = {str(s): weights_sha256(w) if w.exists() else "0" * 64 for s, w in weights.items()}
+    results = {"method": method, "protocol": "hand-made", "seeds": seeds, "scores_seed": seeds[0],
+               "weights_sha256": hashes, "val": val, "test": test}
+    write_json(results_path(root, method), results)
+    write_json(root / "metrics" / f"{method}.json", metrics_summary(results))
+    return results

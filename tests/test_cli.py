@@ -16,7 +16,7 @@ from crossalign.config import dump_params
 from crossalign.io import load_features, read_json
 from crossalign.methods import load_aligner
 from crossalign.retrieval import score_matrices
-from eval_helpers import save_model, write_prepared_test, write_split_features
+from eval_helpers import run_of, save_model, write_prepared_test, write_split_features
 
 torch.set_num_threads(1)
 
@@ -28,7 +28,9 @@ def project(tmp_path_factory):
     cfg = tiny_config(root)
     write_split_features(root)
     write_prepared_test(root)
-    runs = {m: read_json(save_model(cfg, root, m, 0) / "model.json")["mlflow_run_id"] for m in ("contrastive", "joint")}
+    for m in ("contrastive", "joint"):
+        save_model(cfg, root, m, 0)
+    runs = {m: run_of(cfg, root, m, 0) for m in ("contrastive", "joint")}
     return root, runs
 
 

@@ -11,7 +11,7 @@ from crossalign import evaluation, registry
 from crossalign.io import load_features, read_json, write_json
 from crossalign.methods import load_aligner
 from crossalign.retrieval import METRIC_KEYS, retrieval_metrics, score_matrices
-from eval_helpers import save_model, write_split_features
+from eval_helpers import run_of, save_model, write_split_features
 
 torch.set_num_threads(1)
 
@@ -26,8 +26,9 @@ def test_evaluate_writes_metrics_scores_ranks(tmp_path, method, protocol):
     path = save_model(cfg, tmp_path, method, 0, mlflow_run=False)
     result = evaluation.run(cfg, method, tmp_path)
 
-    on_disk = read_json(tmp_path / "metrics" / f"{method}.json")
-    assert on_disk == result and result["method"] == method
+    assert read_json(evaluation.results_path(tmp_path, method)) == result and result["method"] == method
+    assert read_json(tmp_path / "metrics" / f"{method}.json") == evaluation.metrics_summary(result)
+    assert not (tmp_path / "mlruns").exists()  # trained without tracking: no store is created
     assert result["protocol"].startswith(protocol) and "full split" in result["protocol"]
     for split in ("val", "test"):
         assert set(METRIC_KEYS) <= set(result[split])
@@ -61,7 +62,7 @@ def test_several_seeds_mean_std_and_mlflow_logging(tmp_path):
     best = max((0, 1), key=lambda s: result["val"]["per_seed"][str(s)]["rsum"])
     assert result["scores_seed"] == best
     with registry.using(cfg, tmp_path) as client:
-        run = client.get_run(result["mlflow_run_ids"]["1"])
+        run = client.get_run(run_of(cfg, tmp_path, "contrastive", 1))
     assert run.data.metrics["eval_test_rsum"] == pytest.approx(per["1"]["rsum"])
     assert mlflow.get_tracking_uri() != registry.tracking_uri(cfg, tmp_path)  # global URI restored
 
@@ -80,14 +81,17 @@ def test_missing_seed_and_mismatched_index_fail_clearly(tmp_path):
     assert not (tmp_path / "metrics" / "contrastive.json").exists()  # nothing half-written
 
 
-def test_unknown_mlflow_run_is_an_error(tmp_path):
+def test_model_without_a_run_is_evaluated_and_not_logged(tmp_path, caplog):
     cfg = tiny_config(tmp_path)
     write_split_features(tmp_path)
-    path = save_model(cfg, tmp_path, "contrastive", 0, mlflow_run=False)
-    meta = read_json(path / "model.json")
-    write_json(path / "model.json", {**meta, "mlflow_run_id": "0" * 32})
-    with pytest.raises(ValueError, match="MLflow run '0+' not found"):
-        evaluation.run(cfg, "contrastive", tmp_path)
+    save_model(cfg, tmp_path, "contrastive", 0)  # a run exists, but for other weights
+    save_model(cfg, tmp_path, "contrastive", 0, mlflow_run=False, init_seed=7)
+    result = evaluation.run(cfg, "contrastive", tmp_path)
+    assert "no finished MLflow run with these weights" in caplog.text
+    with registry.using(cfg, tmp_path) as client:
+        (run,) = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id])
+    assert "eval_test_rsum" not in run.data.metrics
+    assert read_json(evaluation.results_path(tmp_path, "contrastive")) == result  # the outputs are still written
 
 
 def test_stage_entry_point_exits_2_with_the_reason(tmp_path, monkeypatch, capsys):

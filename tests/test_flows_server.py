@@ -147,6 +147,6 @@ def test_served_deployment_runs_the_real_pipeline(server, project):
                             capture_output=True, text=True, check=True)
     assert "up to date" in status.stdout, status.stdout
     assert config.load(project / "params.yaml").train.methods == ["concat_mlp", "contrastive"]
-    selection = json.loads((project / "metrics" / "selection.json").read_text())
+    selection = json.loads((project / "reports" / "selection.json").read_text())
     assert selection["champion"] in ("concat_mlp", "contrastive")
     assert (project / "reports" / "comparison.md").exists()

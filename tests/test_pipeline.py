@@ -66,12 +66,15 @@ def test_dvc_repro_tiny_pipeline(tmp_path: Path) -> None:
     expected = {"data", "preprocess", "features", "select"} | {f"{s}@{m}" for s in ("train", "evaluate") for m in methods}
     assert stages_run(first) == expected
 
-    selection = json.loads((repo / "metrics" / "selection.json").read_text())
+    selection = json.loads((repo / "reports" / "selection.json").read_text())
     assert selection["champion"] in methods
     for m in methods:
+        results = json.loads((repo / "eval" / m / "results.json").read_text())
         metrics = json.loads((repo / "metrics" / f"{m}.json").read_text())
-        assert metrics["method"] == m and 0 <= metrics["test"]["rsum"] <= 600
+        assert results["method"] == m and metrics["test_rsum"] == round(results["test"]["rsum"], 2)
     assert (repo / "reports" / "comparison.md").exists()
+    shown = _run(["dvc", "metrics", "show"], repo).stdout.splitlines()
+    assert len(shown) == 6 and max(map(len, shown)) <= 120, shown  # header + 5 files, one table
 
     again = _run(["dvc", "repro"], repo)
     assert stages_run(again) == set()

@@ -79,4 +79,4 @@ def test_scores_that_do_not_fit_the_prepared_split_fail(evaluated):
     np.save(root / "eval" / sel["champion"] / "test_scores.npy", np.zeros((3, 3), np.float32))
     with pytest.raises(ValueError, match="test_scores.npy is \\(3, 3\\)"):
         report.run(cfg, root, sel)
-    assert read_json(root / "metrics" / "joint.json")["method"] == "joint"
+    assert read_json(root / "eval" / "joint" / "results.json")["method"] == "joint"

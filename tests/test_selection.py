@@ -45,12 +45,12 @@ def test_select_picks_val_not_test_and_reports_gains(tmp_path):
     write_split_features(tmp_path)
     rng = np.random.default_rng(0)
     # the registry takes the model of the seed whose scores were kept (seed 0 here): one run each
-    runs = {m: {0: read_json(save_model(cfg, tmp_path, m, 0) / "model.json")["mlflow_run_id"]}
-            for m in cfg.train.methods}
-    write_eval_outputs(tmp_path, "concat_mlp", 100.0, {s: ranks(rng, 0.2) for s in (0, 1)}, runs["concat_mlp"])
-    write_eval_outputs(tmp_path, "contrastive", 300.0, {s: ranks(rng, 0.6) for s in (0, 1)}, runs["contrastive"])
+    for m in cfg.train.methods:
+        save_model(cfg, tmp_path, m, 0)
+    write_eval_outputs(tmp_path, "concat_mlp", 100.0, {s: ranks(rng, 0.2) for s in (0, 1)})
+    write_eval_outputs(tmp_path, "contrastive", 300.0, {s: ranks(rng, 0.6) for s in (0, 1)})
     # joint is best on test but worse on val: it must not win
-    write_eval_outputs(tmp_path, "joint", 200.0, {s: ranks(rng, 0.95) for s in (0, 1)}, runs["joint"])
+    write_eval_outputs(tmp_path, "joint", 200.0, {s: ranks(rng, 0.95) for s in (0, 1)})
     out = selection.run(cfg, tmp_path)
 
     assert out["champion"] == "contrastive" and out["metric"] == "val_rsum"
@@ -61,7 +61,10 @@ def test_select_picks_val_not_test_and_reports_gains(tmp_path):
     assert gain["rsum"]["significant"] and gain["rsum"]["ci95"][0] > 0
     assert gain["text"].startswith("+") and "RSUM" in gain["text"]
     assert set(out["gain_over_baseline"]) == {"contrastive", "joint"}
-    assert read_json(tmp_path / "metrics" / "selection.json") == out
+    assert read_json(tmp_path / "reports" / "selection.json") == {k: v for k, v in out.items() if k != "registry"}
+    champ = out["leaderboard"][0]
+    assert read_json(tmp_path / "metrics" / "selection.json") == {"val_rsum": 300.0,
+                                                                  "test_rsum": round(champ["test"]["rsum"], 2)}
     assert out["registry"]["versions"].keys() == set(cfg.train.methods)
     assert (tmp_path / "reports" / "comparison.md").exists()
 
@@ -73,19 +76,18 @@ def test_missing_method_stops_selection(tmp_path):
     write_eval_outputs(tmp_path, "contrastive", 300.0, {0: ranks(rng, 0.6)})
     with pytest.raises(ValueError, match=r"missing for \['joint'\]"):
         selection.run(cfg, tmp_path)
-    written = read_json(tmp_path / "metrics" / "selection.json")
-    assert written["champion"] is None and written["missing"] == ["joint"]
+    assert not (tmp_path / "metrics" / "selection.json").exists()  # nothing written without a champion
     assert not (tmp_path / "reports").exists()
 
 
 def test_malformed_metrics_name_the_file(tmp_path):
     cfg = tiny_config(tmp_path, train={"methods": ["concat_mlp"]})
     write_eval_outputs(tmp_path, "concat_mlp", 100.0, {0: ranks(np.random.default_rng(2), 0.5)})
-    path = tmp_path / "metrics" / "concat_mlp.json"
+    path = tmp_path / "eval" / "concat_mlp" / "results.json"
     data = read_json(path)
     del data["val"]["rsum"]
     path.write_text(__import__("json").dumps(data))
-    with pytest.raises(ValueError, match="concat_mlp.json: val lacks \\['rsum'\\]"):
+    with pytest.raises(ValueError, match="concat_mlp/results.json: val lacks \\['rsum'\\]"):
         selection.run(cfg, tmp_path)
 
 

@@ -1,0 +1,76 @@
+"""Metrics files hold numbers only, and ``dvc metrics show`` of the default run fits 120 columns.
+
+The metrics files are built by the stages' own writers (``evaluation.metrics_summary``,
+``selection.selection_metrics``, ``io.write_json``) from fabricated results shaped like the
+default synthetic run (four methods, three binding swap kinds, one seed), with the widest values
+those keys can take; the width is measured on the real ``dvc metrics show`` output.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from crossalign import evaluation, selection
+from crossalign.config import METHOD_NAMES
+from crossalign.io import write_json
+
+WIDTH = 120
+SWAPS = ("colour", "position", "size")  # the synthetic set's binding twins
+
+
+def fabricated_results(method: str, rsum: float = 599.99, recall: float = 100.0, five_k: bool = False) -> dict:
+    """``eval/<m>/results.json`` as evaluate writes it, with long values (full float precision)."""
+    split = {"i2t_r1": recall - 1 / 3, "i2t_r5": recall, "i2t_r10": recall, "i2t_medr": 1.0,
+             "t2i_r1": recall - 2 / 3, "t2i_r5": recall, "t2i_r10": recall, "t2i_medr": 1.0,
+             "rsum": rsum - 1 / 7, "n_images": 250.0, "n_captions": 1250.0}
+    probe = {"i2t": 100 - 1 / 3, "t2i": 100 - 1 / 7, "pairs": 84.0, "i2t_comparisons": 4200.0, "t2i_comparisons": 840.0}
+    test = {**split, "binding_probe": {"chance": 50.0, "overall": probe, "per_swap": {k: dict(probe) for k in SWAPS}}}
+    if five_k:
+        test["1k"] = dict(split)
+    return {"method": method, "protocol": "embedding similarity; COCO full split; i2t hit when any caption is in "
+                                          "the top K; ties count against the query",
+            "seeds": [0], "scores_seed": 0, "weights_sha256": {"0": "ab" * 32}, "val": dict(split), "test": test}
+
+
+def numeric_leaves(obj) -> list:
+    if isinstance(obj, dict):
+        return [x for v in obj.values() for x in numeric_leaves(v)]
+    return [obj]
+
+
+def test_summary_is_flat_rounded_numbers_with_hand_values():
+    results = fabricated_results("joint", rsum=421.0, recall=50.0)
+    results["test"]["binding_probe"]["per_swap"]["size"] = {"i2t": 60.0, "t2i": 41.0}
+    summary = evaluation.metrics_summary(results)
+    assert summary == {"val_rsum": 420.86, "test_rsum": 420.86, "i2t_r1": 49.67, "t2i_r1": 49.33,
+                       "bind": 99.76, "colour": 99.76, "position": 99.76, "size": 50.5}
+    assert all(type(v) is float for v in numeric_leaves(summary))
+    assert evaluation.metrics_summary(fabricated_results("joint", five_k=True))["test_rsum_1k"] == 599.85
+    assert selection.selection_metrics(results) == {"val_rsum": 420.86, "test_rsum": 420.86}
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="dvc metrics show needs git here")
+def test_dvc_metrics_show_fits_120_columns(tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=repo, check=True)
+    files = [f"metrics/{m}.json" for m in METHOD_NAMES] + ["metrics/selection.json"]
+    (repo / "dvc.yaml").write_text("metrics:\n" + "".join(f"  - {f}\n" for f in files))
+    for method in METHOD_NAMES:
+        write_json(repo / "metrics" / f"{method}.json", evaluation.metrics_summary(fabricated_results(method)))
+    write_json(repo / "metrics" / "selection.json", selection.selection_metrics(fabricated_results("joint")))
+    for f in files:  # numbers only: no protocol, seeds, run ids or names
+        assert all(isinstance(v, (int, float)) for v in numeric_leaves(json.loads((repo / f).read_text()))), f
+
+    env = {"DVC_NO_ANALYTICS": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "COLUMNS": "400"}
+    out = subprocess.run([sys.executable, "-m", "dvc", "metrics", "show"], cwd=repo, env=env,
+                         capture_output=True, text=True, check=True).stdout
+    lines = out.splitlines()
+    assert len(lines) == 1 + len(files), out  # header + one row per file: nothing wrapped
+    assert all(f in out for f in files) and "599.85" in out
+    assert max(map(len, lines)) <= WIDTH, out
