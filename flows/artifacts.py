@@ -1,5 +1,5 @@
 """What a ``compare-aligners`` run shows in the Prefect UI: the leaderboard as a table artifact
-(from ``metrics/selection.json``), the stage outcomes as a table, and a markdown summary (the
+(from ``reports/selection.json``, written by ``select``), the stage outcomes as a table, and a markdown summary (the
 effective parameters, any failure, and the head of ``reports/comparison.md``).
 
 The pure functions (``leaderboard_rows``, ``summary_markdown``) are tested on their own;
@@ -13,7 +13,7 @@ from typing import Any
 
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-SELECTION = Path("metrics/selection.json")
+SELECTION = Path("reports/selection.json")  # champion + leaderboard (metrics/ holds numbers only)
 REPORT = Path("reports/comparison.md")
 REPORT_HEAD_LINES = 40
 

@@ -49,8 +49,9 @@ elif step == "select":
         sys.exit(f"error: cannot select a champion: missing methods {missing}")
     board = sorted((json.loads(Path(f"metrics/{m}.json").read_text()) for m in methods),
                    key=lambda r: -r["val"]["rsum"])
-    write("metrics/selection.json", json.dumps({"champion": board[0]["method"], "metric": "rsum",
+    write("reports/selection.json", json.dumps({"champion": board[0]["method"], "metric": "rsum",
                                                 "leaderboard": board}))
+    write("metrics/selection.json", json.dumps({"val_rsum": board[0]["val"]["rsum"]}))
     write("reports/comparison.md", "# Comparison\\n\\nchampion: " + board[0]["method"] + "\\n")
 with open("toy-log.jsonl", "a") as fh:
     fh.write(json.dumps({"step": step, "item": item, "start": start, "end": time.time(),
