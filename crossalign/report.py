@@ -35,6 +35,11 @@ def _save(fig: plt.Figure, path: Path) -> Path:
     return path
 
 
+def colours(methods) -> dict[str, str]:
+    """One colour per method, the same in every figure (by the method's place in sorted order)."""
+    return {m: f"C{i % 10}" for i, m in enumerate(sorted(methods))}
+
+
 def plot_recall(board: list[dict], path: Path) -> Path:
     return _save(recall_figure(board), path)
 
@@ -45,10 +50,12 @@ def recall_figure(board: list[dict]) -> plt.Figure:
     keys = [k for k in METRIC_KEYS if k != "rsum"]
     fig, ax = plt.subplots(figsize=(9, 4))
     width = 0.8 / len(board)
+    colour = colours(r["method"] for r in board)
     for j, row in enumerate(board):
         x = np.arange(len(keys)) + j * width  # (6,)
         err = [row["test_std"].get(k, 0.0) for k in keys]
-        ax.bar(x, [row["test"][k] for k in keys], width, yerr=err, label=f"{row['method']} (RSUM {row['test']['rsum']:.1f})")
+        ax.bar(x, [row["test"][k] for k in keys], width, yerr=err, color=colour[row["method"]],
+               label=f"{row['method']} (RSUM {row['test']['rsum']:.1f})")
     ax.set_xticks(np.arange(len(keys)) + 0.4 - width / 2, [k.replace("_r", " R@") for k in keys])
     ax.set_ylabel("recall on test (%)")
     ax.set_ylim(0, 100)
@@ -81,16 +88,18 @@ def curves_figure(curves: dict[str, dict[str, np.ndarray]]) -> plt.Figure:
     per method (and seed); one legend below the panels, covering none."""
     logged = sorted({k for c in curves.values() for k in c if k not in ("epoch", "seed", "step")})
     series = [k for k in CURVE_SERIES if k in logged] or logged[:4]
+    colour = colours(curves)
     fig, axes = plt.subplots(1, max(len(series), 1), figsize=(4.5 * max(len(series), 1), 3.5), squeeze=False)
     for ax, name in zip(axes[0], series):
         for method, cols in curves.items():
             if name not in cols:
                 continue
             seeds = np.unique(cols["seed"]) if "seed" in cols else [None]
-            for s in seeds:
+            for j, s in enumerate(seeds):
                 keep = (cols["seed"] == s) if s is not None else np.ones_like(cols["epoch"], bool)
                 label = method if s is None or len(seeds) == 1 else f"{method} seed {int(s)}"
-                ax.plot(cols["epoch"][keep], cols[name][keep], marker="o", ms=3, label=label)
+                ax.plot(cols["epoch"][keep], cols[name][keep], marker="o", ms=3, label=label,
+                        color=colour[method], linestyle=("-", "--", ":", "-.")[j % 4])
         ax.set_xlabel("epoch")
         ax.set_title(name)
     handles, labels = axes[0][0].get_legend_handles_labels()

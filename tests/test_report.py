@@ -135,3 +135,16 @@ def test_seeds_are_stated_as_trained():
     three = report.seeds_heading([_row("a", 50.0, [0, 1, 2]), _row("b", 40.0, [0, 1, 2])])
     assert three == "test; mean ± std over 3 training seeds (std with ddof=1)"
     assert "where it has several" in report.seeds_heading([_row("a", 50.0, [0]), _row("b", 40.0, [0, 1])])
+
+
+def test_a_method_keeps_its_colour_across_figures():
+    from matplotlib.colors import to_hex
+
+    board = [_row("joint", 60.0, [0]), _row("concat_mlp", 40.0, [0])]  # board order: by val RSUM
+    curves = {m: {"epoch": np.arange(1.0, 4.0), "val_rsum": np.arange(3.0)} for m in ("concat_mlp", "joint")}
+    bars, lines = report.recall_figure(board), report.curves_figure(curves)
+    bar_colour = {t.get_text().split()[0]: to_hex(h.get_facecolor())
+                  for t, h in zip(bars.axes[0].get_legend().get_texts(), bars.axes[0].get_legend().legend_handles)}
+    line_colour = {ln.get_label(): to_hex(ln.get_color()) for ln in lines.axes[0].get_lines()}
+    assert bar_colour == line_colour and len(set(bar_colour.values())) == 2
+    plt.close(bars), plt.close(lines)
