@@ -195,7 +195,7 @@ def seeds_heading(board: list[dict]) -> str:
         seeds = sorted({r["seeds"][0] for r in board if r["seeds"]})
         return f"test; one training seed per method (seed {', '.join(map(str, seeds)) or '?'}): no spread over seeds"
     if len(counts) == 1:
-        return f"test; mean ± std over {counts.pop()} training seeds (std with ddof=1)"
+        return f"test; mean ± std over {counts.pop()} training seeds, std with ddof=1"
     return "test; mean over each method's seeds (column 'seeds'), ± std (ddof=1) where it has several"
 
 

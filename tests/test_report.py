@@ -133,7 +133,7 @@ def test_seeds_are_stated_as_trained():
     one = report.seeds_heading([_row("a", 50.0, [0]), _row("b", 40.0, [0])])
     assert "one training seed" in one and "±" not in one
     three = report.seeds_heading([_row("a", 50.0, [0, 1, 2]), _row("b", 40.0, [0, 1, 2])])
-    assert three == "test; mean ± std over 3 training seeds (std with ddof=1)"
+    assert three == "test; mean ± std over 3 training seeds, std with ddof=1"
     assert "where it has several" in report.seeds_heading([_row("a", 50.0, [0]), _row("b", 40.0, [0, 1])])
 
 
