@@ -193,7 +193,7 @@ def seeds_heading(board: list[dict]) -> str:
     counts = {max(len(r["seeds"]), 1) for r in board}
     if counts == {1}:
         seeds = sorted({r["seeds"][0] for r in board if r["seeds"]})
-        return f"test; one training seed per method (seed {', '.join(map(str, seeds)) or '?'}): no spread over seeds"
+        return f"test; one training seed per method, seed {', '.join(map(str, seeds)) or '?'}: no spread over seeds"
     if len(counts) == 1:
         return f"test; mean ± std over {counts.pop()} training seeds, std with ddof=1"
     return "test; mean over each method's seeds (column 'seeds'), ± std (ddof=1) where it has several"
@@ -229,7 +229,8 @@ def markdown(cfg: Config, selection: dict, metrics: dict[str, dict], figures: li
     if selection.get("champion_vs"):
         lines += ["", f"## Champion ({champ}) vs every other method (test; 95% bootstrap CI: {how})", "",
                   f"Each line is {champ} minus the other method, in points."]
-        lines += [""] + _gain_lines(selection["champion_vs"], f"{champ} vs ")
+        vs = selection["champion_vs"]  # runner-up first
+        lines += [""] + _gain_lines({r["method"]: vs[r["method"]] for r in board if r["method"] in vs}, f"{champ} vs ")
     lines += ["", f"## Gain over {cfg.select.baseline} (test; 95% bootstrap CI: {how})", ""]
     lines += _gain_lines(selection["gain_over_baseline"], "")
     serving = selection.get("serving") or {}

@@ -39,7 +39,7 @@ def test_rank_images_ranks_as_evaluation_does(tmp_path, method):
     assert costs.serving(model).split(":")[0] == {"contrastive": "yes", "joint": "shortlist"}.get(method, "no")
 
 
-def test_train_seconds_come_from_the_mlflow_runs(tmp_path):
+def test_train_seconds_come_from_the_mlflow_runs(tmp_path, monkeypatch):
     cfg = tiny_config(tmp_path)
     make_tiny_features(tmp_path / "data" / "features" / "test", n_images=6, image_dim=12, text_dim=10)
     run_id = read_json(save_model(cfg, tmp_path, "contrastive", 0) / "model.json")["mlflow_run_id"]
@@ -58,6 +58,10 @@ def test_train_seconds_come_from_the_mlflow_runs(tmp_path):
     measured = costs.measure(cfg, tmp_path, models, {"contrastive": metrics}, test, torch.device("cpu"))
     lat = measured["contrastive"]["query_latency"]
     assert (lat["1"]["queries"], lat["1000"]["queries"], lat["1000"]["gallery_images"]) == (1, 12, 6)
+    assert (lat["1"]["repeats"], lat["1000"]["repeats"]) == (costs.REPEATS[1], costs.REPEATS[1000])
+    monkeypatch.setattr(costs, "BUDGET_S", 0.0)  # a slow method: one timed call per count, said so
+    slow = costs.query_latency(models["contrastive"], test, torch.device("cpu"), cfg)
+    assert (slow["1"]["repeats"], slow["1000"]["repeats"]) == (1, 1)
     files = costs.write(tmp_path, measured, "test machine")
     assert [f.relative_to(tmp_path).as_posix() for f in files] == ["costs/costs.json", "costs/costs.md"]
     md = files[1].read_text()

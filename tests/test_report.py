@@ -62,7 +62,7 @@ def test_report_writes_markdown_and_pngs(evaluated):
     assert f"- {sel['champion']} vs **{other}**: {sel['champion_vs'][other]['text']}" in md
     assert "| concat_mlp | 1,234,567 | no: every pair |" in md and "(../costs/costs.md)" in md
     assert "test images resampled with their captions; " in md  # one seed: no seed resampling claimed
-    assert "one training seed per method (seed 0)" in md and "mean ± std" not in md
+    assert "one training seed per method, seed 0: no spread" in md and "mean ± std" not in md
     glossary = md.split("## Glossary")[1]
     for term in ("RSUM", "i2t / t2i", "R@K", "medr", "1K / 5K", "binding probe", "95% CI", "index-able"):
         assert f"- **{term}**: " in glossary, term

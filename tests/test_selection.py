@@ -78,6 +78,7 @@ def test_select_picks_val_not_test_and_reports_gains(tmp_path):
     assert vs["concat_mlp"]["rsum"]["delta"] == pytest.approx(out["gain_over_baseline"]["contrastive"]["rsum"]["delta"])
     md = (tmp_path / "reports" / "comparison.md").read_text()
     assert "## Champion (contrastive) vs every other method" in md and vs["joint"]["text"] in md
+    assert md.index("- contrastive vs **joint**") < md.index("- contrastive vs **concat_mlp**")  # runner-up first
     assert "## Leaderboard (test; mean ± std over 2 training seeds, std with ddof=1)" in md
     assert read_json(tmp_path / "metrics" / "selection.json") == out
     assert out["registry"]["versions"].keys() == set(cfg.train.methods)
