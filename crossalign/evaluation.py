@@ -75,13 +75,14 @@ def check_test_index(index: dict, split: FeatureSplit, path: Path) -> None:
 
 
 def _mean_std(values: list[Any]) -> tuple[Any, Any]:
-    """Mean and (population) std of numeric leaves of equally shaped nested dicts."""
+    """Mean and sample std (ddof=1: the seeds are a sample of the runs one could train) of the
+    numeric leaves of equally shaped nested dicts; the std is None for a single value."""
     if isinstance(values[0], dict):
         pairs = {k: _mean_std([v[k] for v in values]) for k in values[0]}
         return {k: p[0] for k, p in pairs.items()}, {k: p[1] for k, p in pairs.items()}
     if any(v is None for v in values) or not isinstance(values[0], (int, float)):
         return values[0], None
-    return float(np.mean(values)), float(np.std(values))
+    return float(np.mean(values)), (float(np.std(values, ddof=1)) if len(values) > 1 else None)
 
 
 def _aggregate(per_seed: dict[int, dict]) -> dict:

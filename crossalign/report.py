@@ -1,6 +1,8 @@
 """``reports/``: the comparison a reader checks before trusting a champion.
 
-``comparison.md`` (leaderboard, gains with CIs, binding probe, protocol) and four PNGs: R@K
+``comparison.md`` (leaderboard with the seeds stated, the champion against every other method and
+every method against the baseline with CIs, the deterministic costs and a link to the measured
+ones, binding probe, protocol, glossary) and four PNGs: R@K
 bars per method, training curves from ``plots/train/<m>.csv``, and a retrieval gallery of the
 champion on test (captions -> top-5 images with the true one marked; images -> top-5 captions).
 """
@@ -33,21 +35,33 @@ def _save(fig: plt.Figure, path: Path) -> Path:
     return path
 
 
+def colours(methods) -> dict[str, str]:
+    """One colour per method, the same in every figure (by the method's place in sorted order)."""
+    return {m: f"C{i % 10}" for i, m in enumerate(sorted(methods))}
+
+
 def plot_recall(board: list[dict], path: Path) -> Path:
-    """Grouped bars: test R@1/5/10 of both directions per method (std as error bars)."""
+    return _save(recall_figure(board), path)
+
+
+def recall_figure(board: list[dict]) -> plt.Figure:
+    """Grouped bars: test R@1/5/10 of both directions per method (std as error bars); the legend
+    sits right of the axes so it hides no bar."""
     keys = [k for k in METRIC_KEYS if k != "rsum"]
     fig, ax = plt.subplots(figsize=(9, 4))
     width = 0.8 / len(board)
+    colour = colours(r["method"] for r in board)
     for j, row in enumerate(board):
         x = np.arange(len(keys)) + j * width  # (6,)
         err = [row["test_std"].get(k, 0.0) for k in keys]
-        ax.bar(x, [row["test"][k] for k in keys], width, yerr=err, label=f"{row['method']} (RSUM {row['test']['rsum']:.1f})")
+        ax.bar(x, [row["test"][k] for k in keys], width, yerr=err, color=colour[row["method"]],
+               label=f"{row['method']} (RSUM {row['test']['rsum']:.1f})")
     ax.set_xticks(np.arange(len(keys)) + 0.4 - width / 2, [k.replace("_r", " R@") for k in keys])
     ax.set_ylabel("recall on test (%)")
     ax.set_ylim(0, 100)
     ax.set_title("Retrieval recall per method (test split; champion chosen on val)")
-    ax.legend(fontsize=8)
-    return _save(fig, path)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    return fig
 
 
 def read_curve(path: Path) -> dict[str, np.ndarray]:
@@ -66,26 +80,35 @@ def read_curve(path: Path) -> dict[str, np.ndarray]:
 
 
 def plot_curves(curves: dict[str, dict[str, np.ndarray]], path: Path) -> Path:
+    return _save(curves_figure(curves), path)
+
+
+def curves_figure(curves: dict[str, dict[str, np.ndarray]]) -> plt.Figure:
     """A panel for train loss and one for val RSUM (else the first four series logged), one line
-    per method (and seed)."""
+    per method (and seed); one legend below the panels, covering none."""
     logged = sorted({k for c in curves.values() for k in c if k not in ("epoch", "seed", "step")})
     series = [k for k in CURVE_SERIES if k in logged] or logged[:4]
+    colour = colours(curves)
     fig, axes = plt.subplots(1, max(len(series), 1), figsize=(4.5 * max(len(series), 1), 3.5), squeeze=False)
     for ax, name in zip(axes[0], series):
         for method, cols in curves.items():
             if name not in cols:
                 continue
             seeds = np.unique(cols["seed"]) if "seed" in cols else [None]
-            for s in seeds:
+            for j, s in enumerate(seeds):
                 keep = (cols["seed"] == s) if s is not None else np.ones_like(cols["epoch"], bool)
                 label = method if s is None or len(seeds) == 1 else f"{method} seed {int(s)}"
-                ax.plot(cols["epoch"][keep], cols[name][keep], marker="o", ms=3, label=label)
+                ax.plot(cols["epoch"][keep], cols[name][keep], marker="o", ms=3, label=label,
+                        color=colour[method], linestyle=("-", "--", ":", "-.")[j % 4])
         ax.set_xlabel("epoch")
         ax.set_title(name)
-        ax.legend(fontsize=7)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    if handles:  # one legend for all panels, below them: it covers no line
+        fig.legend(handles, labels, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, 0.0),
+                   ncol=min(len(labels), 4), frameon=False)
     if not series:
         axes[0][0].text(0.5, 0.5, "no training curves found", ha="center")
-    return _save(fig, path)
+    return fig
 
 
 def plot_gallery_t2i(images: np.ndarray, captions: list[str], caption_image: np.ndarray,
@@ -141,17 +164,59 @@ def plot_gallery_i2t(images: np.ndarray, captions: list[str], caption_image: np.
     return _save(fig, path)
 
 
+GLOSSARY = (
+    ("i2t / t2i", "image->text retrieval (an image queries all test captions) / text->image (a caption "
+                  "queries all test images)"),
+    ("R@K", "recall at K: % of queries whose true item is among the K best-scored; for i2t a hit when "
+            "any of the image's captions is in the top K (COCO protocol)"),
+    ("RSUM", "sum of the six recalls i2t/t2i R@1, R@5, R@10 (max 600): the selection metric, on val"),
+    ("medr", "median rank (1 = first) of the true item over the queries; lower is better"),
+    ("1K / 5K", "COCO test protocols: the whole 5,000-image test split, or the mean over five 1,000-image folds "
+                "(only for a 5,000-image split)"),
+    ("binding probe", "% of comparisons where a scene beats its binding twin (same objects, attributes or "
+                      "positions swapped); 50 % is chance"),
+    ("95% CI", "bootstrap interval of a gain: test images resampled with replacement, each with all its "
+               "captions, both directions from one resample (and the seeds resampled first when there are "
+               "several); a gain whose CI contains 0 is not distinguishable from noise"),
+    ("index-able", "the method embeds images and captions separately, so a gallery can be encoded once and "
+                   "searched with an embedding (nearest-neighbour) index"),
+)
+
+
 def _fmt(row: dict, key: str) -> str:
     std = row["test_std"].get(key)
     return f"{row['test'][key]:.1f}" + (f" ± {std:.1f}" if std is not None else "")
 
 
+def seeds_heading(board: list[dict]) -> str:
+    """What the leaderboard numbers are, said truthfully for the seeds actually trained."""
+    counts = {max(len(r["seeds"]), 1) for r in board}
+    if counts == {1}:
+        seeds = sorted({r["seeds"][0] for r in board if r["seeds"]})
+        return f"test; one training seed per method, seed {', '.join(map(str, seeds)) or '?'}: no spread over seeds"
+    if len(counts) == 1:
+        return f"test; mean ± std over {counts.pop()} training seeds, std with ddof=1"
+    return "test; mean over each method's seeds (column 'seeds'), ± std (ddof=1) where it has several"
+
+
+def _gain_lines(gains: dict[str, dict], prefix: str) -> list[str]:
+    out = []
+    for method, g in gains.items():
+        flag = "" if g["rsum"]["significant"] else " — RSUM difference not distinguishable from noise (CI contains 0)"
+        out.append(f"- {prefix}**{method}**: {g['text']}{flag}")
+    return out
+
+
 def markdown(cfg: Config, selection: dict, metrics: dict[str, dict], figures: list[str], notes: list[str]) -> str:
     board = selection["leaderboard"]
+    champ = selection["champion"]
+    several = any(len(r["seeds"]) > 1 for r in board)
+    how = (f"test images resampled with their captions{', seeds resampled first' if several else ''}; "
+           f"{cfg.select.bootstrap} resamples")
     lines = ["# Method comparison", "",
-             f"Champion: **{selection['champion']}** — best validation RSUM "
+             f"Champion: **{champ}** — best validation RSUM "
              f"({board[0]['val_rsum']:.1f}); the test split below is reported, never used to choose.", "",
-             "## Leaderboard (test; mean ± std over seeds)", "",
+             f"## Leaderboard ({seeds_heading(board)})", "",
              "| method | val RSUM | " + " | ".join(METRIC_KEYS) + " | medr i2t/t2i | seeds |",
              "|---" * (len(METRIC_KEYS) + 4) + "|"]
     for row in board:
@@ -161,11 +226,22 @@ def markdown(cfg: Config, selection: dict, metrics: dict[str, dict], figures: li
     if any("test_1k" in r for r in board):
         lines += ["", "1K (mean of five 1,000-image folds): " + "; ".join(
             f"{r['method']} RSUM {r['test_1k']['rsum']:.1f}" for r in board if "test_1k" in r)]
-    lines += ["", f"## Gain over {cfg.select.baseline} (paired bootstrap over test queries, "
-                  f"{cfg.select.bootstrap} resamples)", ""]
-    for method, g in selection["gain_over_baseline"].items():
-        flag = "" if g["rsum"]["significant"] else " — RSUM gain not distinguishable from noise"
-        lines.append(f"- **{method}**: {g['text']}{flag}")
+    if selection.get("champion_vs"):
+        lines += ["", f"## Champion ({champ}) vs every other method (test; 95% bootstrap CI: {how})", "",
+                  f"Each line is {champ} minus the other method, in points."]
+        vs = selection["champion_vs"]  # runner-up first
+        lines += [""] + _gain_lines({r["method"]: vs[r["method"]] for r in board if r["method"] in vs}, f"{champ} vs ")
+    lines += ["", f"## Gain over {cfg.select.baseline} (test; 95% bootstrap CI: {how})", ""]
+    lines += _gain_lines(selection["gain_over_baseline"], "")
+    serving = selection.get("serving") or {}
+    if serving:
+        lines += ["", "## Cost", "",
+                  "Training seconds per epoch and query latency (1 and 1,000 text queries against the test "
+                  "gallery) depend on the machine, so they are kept out of this report: see "
+                  "[costs/costs.md](../costs/costs.md), written by `select` beside `reports/` and logged to "
+                  "MLflow's `select` run.", "",
+                  "| method | trainable params | index-able |", "|---|---|---|"]
+        lines += [f"| {m} | {c['params']:,} | {c['index']} |" for m, c in serving.items()]
     lines += ["", "## Binding probe (true vs binding twin, chance 50%)", ""]
     probes = {m: x["test"].get("binding_probe") for m, x in metrics.items()}
     if any(probes.values()):
@@ -181,6 +257,7 @@ def markdown(cfg: Config, selection: dict, metrics: dict[str, dict], figures: li
     else:
         lines.append("The test split has no binding twins (eval/test_index.json `twins` is empty).")
     lines += ["", "## Protocol", ""] + [f"- {m}: {x.get('protocol', '')}" for m, x in metrics.items()]
+    lines += ["", "## Glossary", ""] + [f"- **{term}**: {text}" for term, text in GLOSSARY]
     lines += ["", "## Figures", ""] + [f"![{f}]({f})" for f in figures] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
 

@@ -1,5 +1,6 @@
 """``select``: the champion by validation RSUM, a leaderboard of test metrics, each method's gain
-over the baseline with a paired bootstrap CI, the registry versions and the ``champion`` alias.
+over the baseline and the champion's over every other method (bootstrap CIs over test images and
+seeds), serving costs, the registry versions and the ``champion`` alias.
 
 Reads each method's ``eval/<m>/results.json``. Writes ``reports/selection.json`` (champion,
 leaderboard, gains: a function of the evaluations) and ``metrics/selection.json`` (the champion's
@@ -18,10 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
-from crossalign import registry, report, tracking
+from crossalign import costs, registry, report, tracking
 from crossalign.config import Config
+from crossalign.device import resolve_device
 from crossalign.evaluation import metrics_summary, results_path
-from crossalign.io import load_npy, read_json, write_json
+from crossalign.io import load_features, load_npy, read_json, write_json
 from crossalign.retrieval import METRIC_KEYS, RECALL_KS
 
 log = logging.getLogger(__name__)
@@ -68,8 +70,27 @@ def leaderboard(metrics: dict[str, dict]) -> list[dict]:
     return sorted(rows, key=lambda r: (-r["val_rsum"], order[r["method"]]))
 
 
+def caption_images(root: Path) -> np.ndarray:
+    """(M,) image row of each test caption, from ``eval/test_index.json`` (``caption_image_ids``
+    looked up in ``image_ids``): the unit the bootstrap resamples is the image, not the caption."""
+    path = Path(root) / "eval" / "test_index.json"
+    index = read_json(path)
+    try:
+        image_ids = np.asarray(index["image_ids"], dtype=np.int64)
+        caption_ids = np.asarray(index["caption_image_ids"], dtype=np.int64)
+    except KeyError as err:
+        raise ValueError(f"{path}: missing key {err} (expected image_ids and caption_image_ids)") from None
+    row_of = {int(i): r for r, i in enumerate(image_ids)}
+    unknown = [j for j, c in enumerate(caption_ids) if int(c) not in row_of]
+    if unknown:
+        raise ValueError(f"{path}: caption_image_ids[{unknown[0]}] = {caption_ids[unknown[0]]} is not in image_ids "
+                         f"({len(unknown)} captions name an unknown image)")
+    rows = np.array([row_of[int(c)] for c in caption_ids], dtype=np.int64)  # (M,)
+    return rows.astype(np.int64)
+
+
 def query_hits(root: Path, method: str, seeds: list[int]) -> tuple[np.ndarray, np.ndarray]:
-    """Per-query hit rates on test, averaged over seeds: i2t (N, 3) and t2i (M, 3), K = 1/5/10."""
+    """Per-seed, per-query hits on test: i2t (S, N, 3) and t2i (S, M, 3), K = 1/5/10, as 0/1 floats."""
     out = []
     for direction in ("i2t", "t2i"):
         per_seed = [np.asarray(load_npy(Path(root) / "eval" / method / "ranks" / f"seed-{s}" / f"test_{direction}.npy"))
@@ -77,35 +98,81 @@ def query_hits(root: Path, method: str, seeds: list[int]) -> tuple[np.ndarray, n
         if len({r.shape for r in per_seed}) != 1:
             raise ValueError(f"eval/{method}/ranks: seeds disagree on the number of test {direction} queries")
         ranks = np.stack(per_seed)  # (S, Q)
-        out.append(np.stack([(ranks < k).mean(0) for k in RECALL_KS], axis=1).astype(np.float64))  # (Q, 3)
+        out.append(np.stack([ranks < k for k in RECALL_KS], axis=-1).astype(np.float64))  # (S, Q, 3)
     return out[0], out[1]
 
 
+def _seed_weights(rng: np.random.Generator, b: int, n_seeds: int) -> np.ndarray:
+    """(b, S) weights of a resample of the seeds with replacement (each row sums to 1)."""
+    draws = rng.integers(0, n_seeds, (b, n_seeds))  # (b, S)
+    return np.stack([np.bincount(row, minlength=n_seeds) for row in draws]) / n_seeds
+
+
+def _image_counts(rng: np.random.Generator, b: int, n_images: int) -> np.ndarray:
+    """(b, N) how often each image is drawn in a resample of the N test images with replacement."""
+    draws = rng.integers(0, n_images, (b, n_images))  # (b, N)
+    counts = np.zeros((b, n_images))
+    np.add.at(counts, (np.arange(b)[:, None], draws), 1.0)
+    return counts
+
+
 def paired_bootstrap(method_hits: tuple[np.ndarray, np.ndarray], base_hits: tuple[np.ndarray, np.ndarray],
-                     resamples: int, seed: int = 0) -> dict[str, dict]:
-    """Gain of a method over the baseline on R@1 (both directions) and RSUM, in points, with a
-    95% percentile CI from resampling the test queries with replacement (same resample for both
-    methods: paired). i2t queries are images, t2i queries captions; each resampled separately."""
-    if method_hits[0].shape != base_hits[0].shape or method_hits[1].shape != base_hits[1].shape:
-        raise ValueError(f"test queries differ from the baseline's: {method_hits[0].shape}/{method_hits[1].shape} "
-                         f"vs {base_hits[0].shape}/{base_hits[1].shape}")
-    d_i2t = method_hits[0] - base_hits[0]  # (N, 3)
-    d_t2i = method_hits[1] - base_hits[1]  # (M, 3)
+                     caption_image: np.ndarray, resamples: int, seed: int = 0) -> dict[str, dict]:
+    """Gain of a method over another on R@1 (both directions) and RSUM, in points, with a 95 %
+    percentile CI from a hierarchical paired bootstrap.
+
+    Hits are ``(i2t (S, N, 3), t2i (S, M, 3))`` per seed (see :func:`query_hits`); ``caption_image``
+    (M,) maps each caption to its image row. Each resample draws the seeds of each method with
+    replacement (independent training runs: not paired), then the test **images** with replacement,
+    the same images for both methods (paired); an image's captions travel with it and i2t and t2i
+    come from the same resample, so the correlation between an image's captions, between the two
+    directions and between seeds is kept. t2i recall of a resample is its captions' hit rate
+    (images weighted by their caption count). The point estimate is the seed mean on the full split.
+    """
+    (m_i2t, m_t2i), (b_i2t, b_t2i) = method_hits, base_hits
+    caption_image = np.asarray(caption_image, dtype=np.int64)
+    n, m = m_i2t.shape[1], m_t2i.shape[1]
+    if (b_i2t.shape[1], b_t2i.shape[1]) != (n, m):
+        raise ValueError(f"test queries differ from the other method's: {n} images / {m} captions "
+                         f"vs {b_i2t.shape[1]} / {b_t2i.shape[1]}")
+    if caption_image.shape != (m,) or (m and (caption_image.min() < 0 or caption_image.max() >= n)):
+        raise ValueError(f"caption_image {caption_image.shape} must map each of the {m} test captions "
+                         f"to an image row in [0, {n})")
+
+    def per_image(t2i: np.ndarray) -> np.ndarray:  # (S, M, 3) -> (S, N, 3): hits summed per image
+        out = np.zeros((t2i.shape[0], n, t2i.shape[2]))
+        np.add.at(out, (slice(None), caption_image), t2i)
+        return out
+
+    m_img, b_img = per_image(m_t2i), per_image(b_t2i)  # (S, N, 3), (S', N, 3)
+    n_caps = np.bincount(caption_image, minlength=n).astype(np.float64)  # (N,)
+    if (n_caps == 0).any():
+        raise ValueError(f"test images {np.flatnonzero(n_caps == 0)[:10].tolist()} have no caption "
+                         "(the COCO protocol needs at least one per image)")
     rng = np.random.default_rng(seed)
-    boot_i2t, boot_t2i = [], []
+    draws = []
     for start in range(0, resamples, _BOOT_CHUNK):
         b = min(_BOOT_CHUNK, resamples - start)
-        boot_i2t.append(d_i2t[rng.integers(0, len(d_i2t), (b, len(d_i2t)))].mean(1))  # (b, 3)
-        boot_t2i.append(d_t2i[rng.integers(0, len(d_t2i), (b, len(d_t2i)))].mean(1))  # (b, 3)
-    bi, bt = 100 * np.concatenate(boot_i2t), 100 * np.concatenate(boot_t2i)  # (B, 3) points
-    samples = {"i2t_r1": bi[:, 0], "t2i_r1": bt[:, 0], "rsum": bi.sum(1) + bt.sum(1)}
-    point = {"i2t_r1": 100 * d_i2t[:, 0].mean(), "t2i_r1": 100 * d_t2i[:, 0].mean(),
-             "rsum": 100 * (d_i2t.mean(0).sum() + d_t2i.mean(0).sum())}
+        u, v = _seed_weights(rng, b, m_i2t.shape[0]), _seed_weights(rng, b, b_i2t.shape[0])  # (b, S), (b, S')
+        w = _image_counts(rng, b, n)  # (b, N)
+
+        def mean_gain(mh: np.ndarray, bh: np.ndarray) -> np.ndarray:  # (S, N, 3), (S', N, 3) -> (b, 3)
+            return (np.einsum("bs,bsk->bk", u, np.einsum("bn,snk->bsk", w, mh))
+                    - np.einsum("bs,bsk->bk", v, np.einsum("bn,snk->bsk", w, bh)))
+
+        i2t = mean_gain(m_i2t, b_i2t) / n  # (b, 3)
+        t2i = mean_gain(m_img, b_img) / (w @ n_caps)[:, None]  # (b, 3)
+        draws.append(np.concatenate([i2t, t2i], axis=1))  # (b, 6)
+    boot = 100 * np.concatenate(draws)  # (B, 6) points
+    samples = {"i2t_r1": boot[:, 0], "t2i_r1": boot[:, 3], "rsum": boot.sum(1)}
+    d_i2t = m_i2t.mean((0, 1)) - b_i2t.mean((0, 1))  # (3,)
+    d_t2i = m_t2i.mean((0, 1)) - b_t2i.mean((0, 1))  # (3,)
+    point = {"i2t_r1": 100 * d_i2t[0], "t2i_r1": 100 * d_t2i[0], "rsum": 100 * (d_i2t.sum() + d_t2i.sum())}
     out = {}
     for key in GAIN_KEYS:
         lo, hi = np.percentile(samples[key], [2.5, 97.5])
         out[key] = {"delta": float(point[key]), "ci95": [float(lo), float(hi)],
-                    "significant": bool(lo > 0 or hi < 0)}
+                    "significant": bool(lo > 0 or hi < 0)}  # the CI excludes 0
     return out
 
 
@@ -116,19 +183,40 @@ def gain_text(gain: dict[str, dict]) -> str:
                      for k, g in gain.items())
 
 
-def gains(cfg: Config, root: Path, metrics: dict[str, dict]) -> dict[str, dict]:
+class _Hits:
+    """Per-seed test hits of each method, loaded once and shared by every comparison."""
+
+    def __init__(self, root: Path, metrics: dict[str, dict]):
+        self.root, self.metrics, self.cache = Path(root), metrics, {}
+        self.caption_image = caption_images(root)
+
+    def __getitem__(self, method: str) -> tuple[np.ndarray, np.ndarray]:
+        if method not in self.cache:
+            self.cache[method] = query_hits(self.root, method, self.metrics[method]["seeds"])
+        return self.cache[method]
+
+
+def compare(hits: _Hits, method: str, other: str, resamples: int) -> dict:
+    """``method`` minus ``other``: the bootstrap gain, its text and which method it is against."""
+    try:
+        g = paired_bootstrap(hits[method], hits[other], hits.caption_image, resamples)
+    except ValueError as err:
+        raise ValueError(f"eval/{method} vs eval/{other}: {err}") from None
+    return {**g, "text": gain_text(g), "baseline": other}
+
+
+def gains(cfg: Config, root: Path, metrics: dict[str, dict], hits: _Hits | None = None) -> dict[str, dict]:
+    """Each method's gain over ``select.baseline`` (test, image-level bootstrap CI)."""
+    hits = hits or _Hits(root, metrics)
     base = cfg.select.baseline
-    base_hits = query_hits(root, base, metrics[base]["seeds"])
-    out = {}
-    for method, m in metrics.items():
-        if method == base:
-            continue
-        try:
-            g = paired_bootstrap(query_hits(root, method, m["seeds"]), base_hits, cfg.select.bootstrap)
-        except ValueError as err:
-            raise ValueError(f"eval/{method} vs eval/{base}: {err}") from None
-        out[method] = {**g, "text": gain_text(g), "baseline": base}
-    return out
+    return {m: compare(hits, m, base, cfg.select.bootstrap) for m in metrics if m != base}
+
+
+def champion_gains(cfg: Config, root: Path, metrics: dict[str, dict], champion: str,
+                   hits: _Hits | None = None) -> dict[str, dict]:
+    """The champion's gain over every other method (is the runner-up really behind?)."""
+    hits = hits or _Hits(root, metrics)
+    return {m: compare(hits, champion, m, cfg.select.bootstrap) for m in metrics if m != champion}
 
 
 def run(cfg: Config, root: Path) -> dict:
@@ -142,8 +230,13 @@ def run(cfg: Config, root: Path) -> dict:
     candidates = {method: _candidate(cfg, root, method, m) for method, m in metrics.items()}
     board = leaderboard(metrics)
     champion = board[0]["method"]
+    hits = _Hits(root, metrics)
     selection = {"champion": champion, "metric": f"val_{cfg.select.metric}", "leaderboard": board,
-                 "gain_over_baseline": gains(cfg, root, metrics), "missing": []}
+                 "gain_over_baseline": gains(cfg, root, metrics, hits),
+                 "champion_vs": champion_gains(cfg, root, metrics, champion, hits),
+                 "missing": []}
+    models = costs.load_models(root, metrics)
+    selection["serving"] = {m: {"params": costs.trainable_params(x), "index": costs.serving(x)} for m, x in models.items()}
     files = report.run(cfg, root, selection)
     facts_path = root / "reports" / "selection.json"
     write_json(facts_path, selection)
@@ -156,8 +249,11 @@ def run(cfg: Config, root: Path) -> dict:
     facts = {"name": cfg.tracking.registered_model, "versions": versions, "alias": registry.CHAMPION,
              "champion_version": versions[champion], "uri": registry.champion_uri(cfg),
              "run_ids": {m: c["run_id"] for m, c in candidates.items()}}
-    registry.log_selection(cfg, root, [out_path, facts_path, *files],
-                           {f"champion_{k}": v for k, v in numbers.items()},
+    device = resolve_device(cfg.evaluate.device, "evaluate.device")
+    measured = costs.measure(cfg, root, models, metrics, load_features(root / "data" / "features" / "test"), device)
+    cost_files = costs.write(root, measured, costs.machine(device))  # not a DVC out: timings vary
+    registry.log_selection(cfg, root, [out_path, facts_path, *files, *cost_files],
+                           {**{f"champion_{k}": v for k, v in numbers.items()}, **costs.mlflow_metrics(measured)},
                            tags={"champion": champion, "champion_version": versions[champion],
                                  **{f"version.{m}": v for m, v in versions.items()}})
     log.info("champion: %s (val RSUM %.1f), version %s", champion, board[0]["val_rsum"], versions[champion])

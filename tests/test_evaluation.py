@@ -58,7 +58,7 @@ def test_several_seeds_mean_std_and_mlflow_logging(tmp_path):
     per = result["test"]["per_seed"]
     assert set(per) == {"0", "1"}
     assert result["test"]["rsum"] == pytest.approx((per["0"]["rsum"] + per["1"]["rsum"]) / 2)
-    assert result["test"]["std"]["rsum"] == pytest.approx(abs(per["0"]["rsum"] - per["1"]["rsum"]) / 2)
+    assert result["test"]["std"]["rsum"] == pytest.approx(abs(per["0"]["rsum"] - per["1"]["rsum"]) / 2 ** 0.5)  # ddof=1
     best = max((0, 1), key=lambda s: result["val"]["per_seed"][str(s)]["rsum"])
     assert result["scores_seed"] == best
     with registry.using(cfg, tmp_path) as client:

@@ -1,6 +1,8 @@
 """The MLflow registry against a real sqlite store in tmp: versions, tags, the champion alias."""
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 
@@ -20,10 +22,13 @@ def store(tmp_path_factory):
     return root, {m: run_of(cfg, root, m, 0) for m in cfg.train.methods}
 
 
-def _project(tmp_path, store, name):
+def _project(tmp_path, store, name, copy_models=True):
     root, runs = store
     cfg = tiny_config(root, train={"methods": ["concat_mlp", "contrastive"]},
                       tracking={"registered_model": name}, select={"gallery": 0})
+    write_split_features(tmp_path)  # eval/test_index.json + the test features select's cost timing reads
+    if copy_models:  # select loads each kept model to time its queries
+        shutil.copytree(root / "models", tmp_path / "models")
     return cfg, runs, root
 
 
@@ -70,7 +75,7 @@ def test_failed_evaluation_leaves_the_previous_champion(tmp_path, store):
 
 
 def test_unregistrable_model_is_a_clear_error(tmp_path, store):
-    cfg, runs, models = _project(tmp_path, store, "unregistrable")
+    cfg, runs, models = _project(tmp_path, store, "unregistrable", copy_models=False)
     _evaluated(tmp_path, "concat_mlp", 120.0, models)
     _evaluated(tmp_path, "contrastive", 250.0, tmp_path)  # weights no run logged
     with pytest.raises(ValueError, match="no MLflow run of contrastive seed 0 with weights sha256 0{12}"):

@@ -1,6 +1,7 @@
 """reports/: comparison.md and its PNGs from evaluation outputs."""
 from __future__ import annotations
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import torch
@@ -8,6 +9,7 @@ import torch
 from conftest import tiny_config
 from crossalign import evaluation, report, selection
 from crossalign.io import read_json
+from crossalign.retrieval import METRIC_KEYS
 from eval_helpers import save_model, write_prepared_test, write_split_features
 
 torch.set_num_threads(1)
@@ -32,7 +34,11 @@ def evaluated(tmp_path):
     metrics, _ = selection.load_metrics(cfg, tmp_path)
     board = selection.leaderboard(metrics)
     sel = {"champion": board[0]["method"], "metric": "val_rsum", "leaderboard": board,
-           "gain_over_baseline": selection.gains(cfg, tmp_path, metrics), "missing": [], "registry": None}
+           "gain_over_baseline": selection.gains(cfg, tmp_path, metrics),
+           "champion_vs": selection.champion_gains(cfg, tmp_path, metrics, board[0]["method"]),
+           "serving": {"concat_mlp": {"params": 1234567, "index": "no: every pair"},
+                       "joint": {"params": 89, "index": "shortlist"}},
+           "missing": [], "registry": None}
     return cfg, tmp_path, sel
 
 
@@ -52,6 +58,14 @@ def test_report_writes_markdown_and_pngs(evaluated):
     assert "no training curve for concat_mlp" in md  # absent curve is said, not hidden
     assert f"![{report.T2I_PNG}]({report.T2I_PNG})" in md
     assert "shortlist k=4 re-rank alpha=0.5" in md
+    other = next(m for m in sel["champion_vs"])
+    assert f"- {sel['champion']} vs **{other}**: {sel['champion_vs'][other]['text']}" in md
+    assert "| concat_mlp | 1,234,567 | no: every pair |" in md and "(../costs/costs.md)" in md
+    assert "test images resampled with their captions; " in md  # one seed: no seed resampling claimed
+    assert "one training seed per method, seed 0: no spread" in md and "mean ± std" not in md
+    glossary = md.split("## Glossary")[1]
+    for term in ("RSUM", "i2t / t2i", "R@K", "medr", "1K / 5K", "binding probe", "95% CI", "index-able"):
+        assert f"- **{term}**: " in glossary, term
 
 
 def test_gallery_skipped_without_prepared_images_is_noted(evaluated):
@@ -80,3 +94,57 @@ def test_scores_that_do_not_fit_the_prepared_split_fail(evaluated):
     with pytest.raises(ValueError, match="test_scores.npy is \\(3, 3\\)"):
         report.run(cfg, root, sel)
     assert read_json(root / "eval" / "joint" / "results.json")["method"] == "joint"
+
+
+def _row(method: str, recall: float, seeds: list[int]) -> dict:
+    test = {k: recall for k in METRIC_KEYS}
+    test["rsum"] = 6 * recall
+    return {"method": method, "val_rsum": 6 * recall, "seeds": seeds, "test": test, "test_std": {}}
+
+
+def _overlaps(fig, legend, artists) -> list:
+    renderer = fig.canvas.get_renderer()
+    box = legend.get_window_extent(renderer)
+    return [a for a in artists if box.overlaps(a.get_window_extent(renderer))]
+
+
+def test_recall_legend_hides_no_bar():
+    # high recalls fill the axes: a legend inside them (matplotlib's "best") must cover a bar
+    board = [_row(m, r, [0]) for m, r in (("joint", 92.0), ("contrastive", 90.0), ("cross_attention", 88.0),
+                                           ("concat_mlp", 85.0))]
+    fig = report.recall_figure(board)
+    ax = fig.axes[0]
+    assert len(ax.patches) == 6 * len(board)
+    assert _overlaps(fig, ax.get_legend(), ax.patches) == []
+    plt.close(fig)
+
+
+def test_curves_legend_covers_no_panel():
+    epochs = np.arange(1, 6, dtype=float)
+    curves = {m: {"epoch": epochs, "train_loss": 3.0 / epochs + i, "val_rsum": 100 + 50 * np.log(epochs) + 10 * i}
+              for i, m in enumerate(("joint", "contrastive", "cross_attention", "concat_mlp"))}
+    fig = report.curves_figure(curves)
+    assert len(fig.legends) == 1 and [a.get_legend() for a in fig.axes] == [None, None]
+    assert _overlaps(fig, fig.legends[0], fig.axes) == []
+    plt.close(fig)
+
+
+def test_seeds_are_stated_as_trained():
+    one = report.seeds_heading([_row("a", 50.0, [0]), _row("b", 40.0, [0])])
+    assert "one training seed" in one and "±" not in one
+    three = report.seeds_heading([_row("a", 50.0, [0, 1, 2]), _row("b", 40.0, [0, 1, 2])])
+    assert three == "test; mean ± std over 3 training seeds, std with ddof=1"
+    assert "where it has several" in report.seeds_heading([_row("a", 50.0, [0]), _row("b", 40.0, [0, 1])])
+
+
+def test_a_method_keeps_its_colour_across_figures():
+    from matplotlib.colors import to_hex
+
+    board = [_row("joint", 60.0, [0]), _row("concat_mlp", 40.0, [0])]  # board order: by val RSUM
+    curves = {m: {"epoch": np.arange(1.0, 4.0), "val_rsum": np.arange(3.0)} for m in ("concat_mlp", "joint")}
+    bars, lines = report.recall_figure(board), report.curves_figure(curves)
+    bar_colour = {t.get_text().split()[0]: to_hex(h.get_facecolor())
+                  for t, h in zip(bars.axes[0].get_legend().get_texts(), bars.axes[0].get_legend().legend_handles)}
+    line_colour = {ln.get_label(): to_hex(ln.get_color()) for ln in lines.axes[0].get_lines()}
+    assert bar_colour == line_colour and len(set(bar_colour.values())) == 2
+    plt.close(bars), plt.close(lines)
