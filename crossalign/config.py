@@ -199,6 +199,18 @@ class TrainParams(Section):
         return value
 
 
+# ----------------------------------------------------------------------------------------- tune
+class TuneParams(Section):
+    trials: int = Field(3, ge=0, description="Optuna trials per method, the same for every method "
+                                              "(trial 0 = the params.yaml values); 0 = no tuning")
+    seed: int = Field(0, description="seed of the TPE sampler")
+    epochs: int = Field(2, ge=1, description="maximum epochs of a trial (may be fewer than train.epochs)")
+    startup_trials: int = Field(2, ge=1, description="pruner: trials run to the end before any is pruned")
+    warmup_epochs: int = Field(1, ge=0, description="pruner: epochs a trial runs before it may be pruned")
+    threads: int = Field(1, ge=0, description="CPU threads of a trial; 1 keeps the search deterministic "
+                                              "(multi-threaded CPU kernels reduce in varying order); 0 = all cores")
+
+
 # ------------------------------------------------------------------------------------- evaluate
 class EvaluateParams(Section):
     block_images: int = Field(256, ge=1, description="images per block of exact all-pairs scoring")
@@ -213,6 +225,8 @@ class SelectParams(Section):
     baseline: str = Field("concat_mlp", description="method the gains are reported against")
     bootstrap: int = Field(1000, ge=10, description="paired bootstrap resamples for the gain CI")
     gallery: int = Field(4, ge=0, description="queries shown per direction in the report gallery")
+    controls_compete: bool = Field(False, description="evaluation-only controls (e.g. contrastive+cross_attention) "
+                                                      "may be champion; false: listed beside the methods only")
 
 
 # ------------------------------------------------------------------------------------- tracking
@@ -229,6 +243,7 @@ class Config(Section):
     features: FeaturesParams = Field(default_factory=FeaturesParams)
     methods: MethodsParams = Field(default_factory=MethodsParams)
     train: TrainParams = Field(default_factory=TrainParams)
+    tune: TuneParams = Field(default_factory=TuneParams)
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
     select: SelectParams = Field(default_factory=SelectParams)
     tracking: TrackingParams = Field(default_factory=TrackingParams)
