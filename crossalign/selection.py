@@ -4,6 +4,11 @@ over the baseline with a paired bootstrap CI, the registry versions and the ``ch
 The test split never chooses: it is only reported. A method of ``train.methods`` without its
 ``metrics/<m>.json`` stops the stage (no champion is picked among the rest), so the registry's
 previous champion stays in place.
+
+Evaluation-only controls (``crossalign.ensemble.CONTROLS``, e.g. ``contrastive+cross_attention``)
+whose parts are all in ``train.methods`` and whose ``metrics/<control>.json`` exists are listed
+beside the methods (``control: true``, with their gain CI) and never champion unless
+``select.controls_compete``; ``joint`` is also compared with the control (``gain_over_control``).
 """
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from crossalign import registry, report
+from crossalign import ensemble, registry, report
 from crossalign.config import Config
 from crossalign.io import load_npy, read_json, write_json
 from crossalign.retrieval import METRIC_KEYS, RECALL_KS
@@ -38,6 +43,13 @@ def load_metrics(cfg: Config, root: Path) -> tuple[dict[str, dict], list[str]]:
         if metrics.get("method") != method:
             raise ValueError(f"{path}: method {metrics.get('method')!r}, expected {method!r}")
         found[method] = metrics
+    for control, members in ensemble.CONTROLS.items():
+        if all(m in cfg.train.methods for m in members):
+            path = Path(root) / "metrics" / f"{control}.json"
+            if path.exists():
+                found[control] = read_json(path)
+            else:
+                log.warning("%s absent: the control %s is not listed (run evaluate_control)", path, control)
     return found, missing
 
 
@@ -49,7 +61,8 @@ def leaderboard(metrics: dict[str, dict]) -> list[dict]:
         row = {"method": method, "val_rsum": m["val"]["rsum"], "seeds": m.get("seeds", []),
                "protocol": m.get("protocol", ""),
                "test": {k: m["test"][k] for k in (*METRIC_KEYS, "i2t_medr", "t2i_medr") if k in m["test"]},
-               "test_std": {k: std[k] for k in METRIC_KEYS if std.get(k) is not None}}
+               "test_std": {k: std[k] for k in METRIC_KEYS if std.get(k) is not None},
+               "control": method in ensemble.CONTROLS}
         if "1k" in m["test"]:
             row["test_1k"] = {k: m["test"]["1k"][k] for k in METRIC_KEYS}
         probe = m["test"].get("binding_probe")
@@ -135,13 +148,21 @@ def run(cfg: Config, root: Path) -> dict:
         raise ValueError(f"no champion chosen: metrics/<method>.json missing for {missing} "
                          f"(train.methods = {cfg.train.methods}); run evaluate@<method> for them")
     board = leaderboard(metrics)
-    champion = board[0]["method"]
+    champion = next(r["method"] for r in board if cfg.select.controls_compete or not r["control"])
     selection = {"champion": champion, "metric": f"val_{cfg.select.metric}", "leaderboard": board,
-                 "gain_over_baseline": gains(cfg, root, metrics), "missing": [], "registry": None}
+                 "gain_over_baseline": gains(cfg, root, metrics), "gain_over_control": {}, "missing": [],
+                 "registry": None}
+    for control, members in ensemble.CONTROLS.items():  # what joint training adds beyond the ensemble
+        if control in metrics and "joint" in metrics:
+            g = paired_bootstrap(query_hits(root, "joint", metrics["joint"]["seeds"]),
+                                 query_hits(root, control, metrics[control]["seeds"]), cfg.select.bootstrap)
+            selection["gain_over_control"]["joint"] = {**g, "text": gain_text(g), "control": control}
     files = report.run(cfg, root, selection)
 
     candidates = {}
     for method, m in metrics.items():
+        if method in ensemble.CONTROLS:  # evaluation-only: no model of its own to register
+            continue
         seed = m.get("scores_seed", m["seeds"][0] if m.get("seeds") else 0)
         run_id = (m.get("mlflow_run_ids") or {}).get(str(seed))
         if not run_id:
@@ -150,13 +171,16 @@ def run(cfg: Config, root: Path) -> dict:
         tags = {"val_rsum": m["val"]["rsum"], **{f"test_{k}": m["test"][k] for k in METRIC_KEYS}}
         candidates[method] = {"run_id": run_id, "seed": seed, "tags": tags}
     versions = registry.register_versions(cfg, root, candidates)
-    registry.set_champion(cfg, root, versions[champion])
+    if champion in versions:
+        registry.set_champion(cfg, root, versions[champion])
+    else:  # a competing control won: it has no model to point the alias at
+        log.warning("champion %s is a control: the registry alias %s is not moved", champion, registry.CHAMPION)
     selection["registry"] = {"name": cfg.tracking.registered_model, "versions": versions,
-                             "alias": registry.CHAMPION, "champion_version": versions[champion],
+                             "alias": registry.CHAMPION, "champion_version": versions.get(champion),
                              "uri": registry.champion_uri(cfg)}
     write_json(out_path, selection)
-    best = board[0]
+    best = next(r for r in board if r["method"] == champion)
     registry.log_selection(cfg, root, [out_path, *files],
                            {"champion_val_rsum": best["val_rsum"], "champion_test_rsum": best["test"]["rsum"]})
-    log.info("champion: %s (val RSUM %.1f), version %s", champion, best["val_rsum"], versions[champion])
+    log.info("champion: %s (val RSUM %.1f), version %s", champion, best["val_rsum"], versions.get(champion))
     return selection
