@@ -260,6 +260,22 @@ def leaderboards(root: str | Path, methods: list[str]) -> dict[str, Any]:
     return out
 
 
+def leaderboards_markdown(boards: dict[str, Any]) -> list[str]:
+    """Markdown lines for the report: the two rankings side by side and whether the order changed."""
+    b = boards["budget"]
+    if boards["tuned"] is None:
+        return [f"Tuning off (`tune.trials` {b['trials']}): every method trained with its params.yaml values."]
+    lines = [f"Validation RSUM under the tuning protocol ({b['trials']} trials per method, at most "
+             f"{b['epochs_per_trial']} epochs each, {b.get('sampler', 'TPE')}, trial 0 = params.yaml values).", "",
+             "| rank | defaults | val RSUM | tuned, equal budget | val RSUM |", "|---|---|---|---|---|"]
+    for i, (d, t) in enumerate(zip(boards["defaults"], boards["tuned"]), 1):
+        dv = "failed" if d["val_rsum"] is None else f"{d['val_rsum']:.1f}"
+        lines.append(f"| {i} | {d['method']} | {dv} | {t['method']} | {t['val_rsum']:.1f} |")
+    lines += ["", "The ranking **changed** with equal tuning." if boards["ranking_changed"]
+              else "The ranking is the same with and without tuning."]
+    return lines
+
+
 # ------------------------------------------------------------------------------------------ MLflow
 class MlflowTrialLog:
     """The method's tuning run in MLflow, each trial a nested run (params, per-epoch val RSUM, state)."""

@@ -147,6 +147,8 @@ def test_leaderboards_rank_defaults_and_tuned_and_flag_a_change(tmp_path):
     assert [r["method"] for r in out["tuned"]] == ["joint", "contrastive", "concat_mlp"]
     assert out["tuned"][0]["val_rsum"] == 320.0 and out["ranking_changed"] is True
     assert tuning.leaderboards(tmp_path, ["concat_mlp", "contrastive"])["ranking_changed"] is False
+    md = "\n".join(tuning.leaderboards_markdown(out))
+    assert "| 1 | contrastive | 300.0 | joint | 320.0 |" in md and "ranking **changed**" in md
 
     _tuned(tmp_path, "joint", 290.0, 320.0, trials=12)
     with pytest.raises(ValueError, match=r"unequal tuning budgets.*joint\.json"):
