@@ -48,6 +48,8 @@ def load_metrics(cfg: Config, root: Path) -> tuple[dict[str, dict], list[str]]:
             path = Path(root) / "metrics" / f"{control}.json"
             if path.exists():
                 found[control] = read_json(path)
+                if found[control].get("method") != control:
+                    raise ValueError(f"{path}: method {found[control].get('method')!r}, expected {control!r}")
             else:
                 log.warning("%s absent: the control %s is not listed (run evaluate_control)", path, control)
     return found, missing
