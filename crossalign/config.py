@@ -13,6 +13,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 METHOD_NAMES = ("concat_mlp", "cross_attention", "contrastive", "joint")
+# evaluation-only controls (crossalign.ensemble): name -> (method that shortlists, method that re-ranks)
+CONTROL_PARTS = {"contrastive+cross_attention": ("contrastive", "cross_attention")}
 
 
 class ConfigError(ValueError):
@@ -217,6 +219,17 @@ class EvaluateParams(Section):
     block_texts: int = Field(1024, ge=1, description="captions per block of exact all-pairs scoring")
     pair_chunk: int = Field(4096, ge=1, description="pairs per match() call when re-ranking a shortlist")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    controls: list[str] = Field(default_factory=lambda: list(CONTROL_PARTS),
+                                description="evaluation-only controls (dvc.yaml foreach evaluate_control); "
+                                            "both parts must be in train.methods")
+
+    @field_validator("controls")
+    @classmethod
+    def _controls_known(cls, value: list[str]) -> list[str]:
+        unknown = [c for c in value if c not in CONTROL_PARTS]
+        if unknown:
+            raise ValueError(f"unknown controls {unknown}; allowed: {list(CONTROL_PARTS)}")
+        return value
 
 
 # --------------------------------------------------------------------------------------- select

@@ -17,12 +17,12 @@ from typing import Any, Callable
 
 from torch import Tensor
 
-from crossalign.config import Config
+from crossalign.config import CONTROL_PARTS, Config
 from crossalign.methods import load_aligner
 from crossalign.methods.base import Aligner, Rerank, State
 
 # control name -> (method that embeds and shortlists, method that matches and re-ranks)
-CONTROLS: dict[str, tuple[str, str]] = {"contrastive+cross_attention": ("contrastive", "cross_attention")}
+CONTROLS: dict[str, tuple[str, str]] = CONTROL_PARTS
 EMBED, MATCH = "e.", "m."  # prefixes of each part's tensors in the composite state
 
 

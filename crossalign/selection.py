@@ -5,7 +5,7 @@ The test split never chooses: it is only reported. A method of ``train.methods``
 ``metrics/<m>.json`` stops the stage (no champion is picked among the rest), so the registry's
 previous champion stays in place.
 
-Evaluation-only controls (``crossalign.ensemble.CONTROLS``, e.g. ``contrastive+cross_attention``)
+Evaluation-only controls (``evaluate.controls``, e.g. ``contrastive+cross_attention``)
 whose parts are all in ``train.methods`` and whose ``metrics/<control>.json`` exists are listed
 beside the methods (``control: true``, with their gain CI) and never champion unless
 ``select.controls_compete``; ``joint`` is also compared with the control (``gain_over_control``).
@@ -43,8 +43,8 @@ def load_metrics(cfg: Config, root: Path) -> tuple[dict[str, dict], list[str]]:
         if metrics.get("method") != method:
             raise ValueError(f"{path}: method {metrics.get('method')!r}, expected {method!r}")
         found[method] = metrics
-    for control, members in ensemble.CONTROLS.items():
-        if all(m in cfg.train.methods for m in members):
+    for control in cfg.evaluate.controls:
+        if all(m in cfg.train.methods for m in ensemble.CONTROLS[control]):
             path = Path(root) / "metrics" / f"{control}.json"
             if path.exists():
                 found[control] = read_json(path)
@@ -154,7 +154,7 @@ def run(cfg: Config, root: Path) -> dict:
     selection = {"champion": champion, "metric": f"val_{cfg.select.metric}", "leaderboard": board,
                  "gain_over_baseline": gains(cfg, root, metrics), "gain_over_control": {}, "missing": [],
                  "registry": None}
-    for control, members in ensemble.CONTROLS.items():  # what joint training adds beyond the ensemble
+    for control in cfg.evaluate.controls:  # what joint training adds beyond the ensemble
         if control in metrics and "joint" in metrics:
             g = paired_bootstrap(query_hits(root, "joint", metrics["joint"]["seeds"]),
                                  query_hits(root, control, metrics[control]["seeds"]), cfg.select.bootstrap)

@@ -112,3 +112,15 @@ def test_select_lists_the_control_beside_the_methods(tmp_path, compete):
     else:
         assert out["champion"] == "joint"
         assert out["registry"]["champion_version"] == out["registry"]["versions"]["joint"]
+
+
+def test_controls_param_names_known_controls_and_follows_the_flows_methods():
+    from crossalign import config
+    from flows.overrides import overrides_from
+
+    assert config.Config().evaluate.controls == [CONTROL]
+    with pytest.raises(config.ConfigError, match=r"evaluate.controls.*unknown controls \['clip\+joint'\]"):
+        config.from_dict({"evaluate": {"controls": ["clip+joint"]}})
+    # the flow's methods parameter drops a control whose parts are not both trained (its stage reads their models)
+    assert overrides_from(methods=["concat_mlp", "contrastive"])["evaluate"]["controls"] == []
+    assert overrides_from(methods=["cross_attention", "contrastive"])["evaluate"]["controls"] == [CONTROL]

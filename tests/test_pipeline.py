@@ -63,7 +63,7 @@ def test_dvc_repro_tiny_pipeline(tmp_path: Path) -> None:
     tiny_params(repo)
     first = _run(["dvc", "repro"], repo)
     methods = ["concat_mlp", "cross_attention", "contrastive", "joint"]
-    expected = ({"data", "preprocess", "features", "evaluate_control", "select"}
+    expected = ({"data", "preprocess", "features", "evaluate_control@contrastive+cross_attention", "select"}
                 | {f"{s}@{m}" for s in ("tune", "train", "evaluate") for m in methods})
     assert stages_run(first) == expected
 
@@ -85,8 +85,8 @@ def test_dvc_repro_tiny_pipeline(tmp_path: Path) -> None:
     status = json.loads(_run(["dvc", "status", "--json"], repo).stdout)
     assert set(status) == {"tune@contrastive", "train@contrastive"}
     third = _run(["dvc", "repro"], repo)
-    assert stages_run(third) == {"tune@contrastive", "train@contrastive", "evaluate@contrastive", "evaluate_control",
-                                 "select"}
+    assert stages_run(third) == {"tune@contrastive", "train@contrastive", "evaluate@contrastive",
+                                 "evaluate_control@contrastive+cross_attention", "select"}
 
     # a preprocess param -> preprocess and everything downstream, not data
     params["preprocess"]["resize"] = "center_crop"
