@@ -14,6 +14,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 METHOD_NAMES = ("concat_mlp", "cross_attention", "contrastive", "joint")
+# evaluation-only controls (crossalign.ensemble): name -> (method that shortlists, method that re-ranks)
+CONTROL_PARTS = {"contrastive+cross_attention": ("contrastive", "cross_attention")}
 
 
 class ConfigError(ValueError):
@@ -200,12 +202,35 @@ class TrainParams(Section):
         return value
 
 
+# ----------------------------------------------------------------------------------------- tune
+class TuneParams(Section):
+    trials: int = Field(3, ge=0, description="Optuna trials per method, the same for every method "
+                                              "(trial 0 = the params.yaml values); 0 = no tuning")
+    seed: int = Field(0, description="seed of the TPE sampler")
+    epochs: int = Field(2, ge=1, description="maximum epochs of a trial (may be fewer than train.epochs)")
+    startup_trials: int = Field(2, ge=1, description="pruner: trials run to the end before any is pruned")
+    warmup_epochs: int = Field(1, ge=0, description="pruner: epochs a trial runs before it may be pruned")
+    threads: int = Field(1, ge=0, description="CPU threads of a trial; 1 keeps the search deterministic "
+                                              "(multi-threaded CPU kernels reduce in varying order); 0 = all cores")
+
+
 # ------------------------------------------------------------------------------------- evaluate
 class EvaluateParams(Section):
     block_images: int = Field(256, ge=1, description="images per block of exact all-pairs scoring")
     block_texts: int = Field(1024, ge=1, description="captions per block of exact all-pairs scoring")
     pair_chunk: int = Field(4096, ge=1, description="pairs per match() call when re-ranking a shortlist")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    controls: list[str] = Field(default_factory=lambda: list(CONTROL_PARTS),
+                                description="evaluation-only controls (dvc.yaml foreach evaluate_control); "
+                                            "both parts must be in train.methods")
+
+    @field_validator("controls")
+    @classmethod
+    def _controls_known(cls, value: list[str]) -> list[str]:
+        unknown = [c for c in value if c not in CONTROL_PARTS]
+        if unknown:
+            raise ValueError(f"unknown controls {unknown}; allowed: {list(CONTROL_PARTS)}")
+        return value
 
 
 # --------------------------------------------------------------------------------------- select
@@ -214,6 +239,8 @@ class SelectParams(Section):
     baseline: str = Field("concat_mlp", description="method the gains are reported against")
     bootstrap: int = Field(1000, ge=10, description="paired bootstrap resamples for the gain CI")
     gallery: int = Field(4, ge=0, description="queries shown per direction in the report gallery")
+    controls_compete: bool = Field(False, description="evaluation-only controls (e.g. contrastive+cross_attention) "
+                                                      "may be champion; false: listed beside the methods only")
 
 
 # ------------------------------------------------------------------------------------- tracking
@@ -230,6 +257,7 @@ class Config(Section):
     features: FeaturesParams = Field(default_factory=FeaturesParams)
     methods: MethodsParams = Field(default_factory=MethodsParams)
     train: TrainParams = Field(default_factory=TrainParams)
+    tune: TuneParams = Field(default_factory=TuneParams)
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
     select: SelectParams = Field(default_factory=SelectParams)
     tracking: TrackingParams = Field(default_factory=TrackingParams)

@@ -108,6 +108,7 @@ def evaluate_model(model: torch.nn.Module, split: FeatureSplit, cfg: Config,
 def run(cfg: Config, method: str, root: Path, loader: Loader | None = None) -> dict:
     """Evaluate every seed of ``method``; write ``eval/<method>/`` and ``metrics/<method>.json``."""
     root = Path(root)
+    own_loader = loader is not None  # a custom loader (e.g. crossalign.ensemble) finds its own files
     if loader is None:
         from crossalign.methods import load_aligner as loader
     device = resolve_device(cfg.evaluate.device, "evaluate.device")
@@ -124,14 +125,15 @@ def run(cfg: Config, method: str, root: Path, loader: Loader | None = None) -> d
     protocol, best = None, None  # best: (val rsum, seed, test i2t scores, test t2i scores)
     for seed in cfg.train.seeds:
         path = model_dir(root, method, seed)
-        if not (path / "model.json").exists():
+        if not own_loader and not (path / "model.json").exists():
             raise FileNotFoundError(f"{path}/model.json: no trained model for method {method!r} seed {seed} "
                                     f"(train.seeds = {cfg.train.seeds}; has train@{method} run?)")
         model, meta = loader(path)
         if meta.get("method", method) != method:
             raise ValueError(f"{path}/model.json: method {meta.get('method')!r}, expected {method!r}")
         protocol = describe_protocol(model, cfg.evaluate.block_images, cfg.evaluate.block_texts)
-        hashes[str(seed)] = tracking.weights_sha256(path / WEIGHTS)
+        if not own_loader:  # a control (crossalign.ensemble) has no weights of its own, nor a training run
+            hashes[str(seed)] = tracking.weights_sha256(path / WEIGHTS)
         v_metrics, *_, v_i2t, v_t2i = evaluate_model(model, val, cfg, device)
         t_metrics, s_i2t, s_t2i, t_i2t, t_t2i = evaluate_model(model, test, cfg, device)
         if twins:

@@ -215,13 +215,15 @@ def markdown(cfg: Config, selection: dict, metrics: dict[str, dict], figures: li
            f"{cfg.select.bootstrap} resamples")
     lines = ["# Method comparison", "",
              f"Champion: **{champ}** — best validation RSUM "
-             f"({board[0]['val_rsum']:.1f}); the test split below is reported, never used to choose.", "",
+             f"({next(r for r in board if r['method'] == champ)['val_rsum']:.1f}); the test split below is "
+             "reported, never used to choose.", "",
              f"## Leaderboard ({seeds_heading(board)})", "",
              "| method | val RSUM | " + " | ".join(METRIC_KEYS) + " | medr i2t/t2i | seeds |",
              "|---" * (len(METRIC_KEYS) + 4) + "|"]
     for row in board:
         medr = f"{row['test'].get('i2t_medr', float('nan')):.0f}/{row['test'].get('t2i_medr', float('nan')):.0f}"
-        lines.append(f"| {row['method']} | {row['val_rsum']:.1f} | " + " | ".join(_fmt(row, k) for k in METRIC_KEYS)
+        name = f"{row['method']} (control)" if row.get("control") else row["method"]
+        lines.append(f"| {name} | {row['val_rsum']:.1f} | " + " | ".join(_fmt(row, k) for k in METRIC_KEYS)
                      + f" | {medr} | {len(row['seeds'])} |")
     if any("test_1k" in r for r in board):
         lines += ["", "1K (mean of five 1,000-image folds): " + "; ".join(
@@ -233,6 +235,18 @@ def markdown(cfg: Config, selection: dict, metrics: dict[str, dict], figures: li
         lines += [""] + _gain_lines({r["method"]: vs[r["method"]] for r in board if r["method"] in vs}, f"{champ} vs ")
     lines += ["", f"## Gain over {cfg.select.baseline} (test; 95% bootstrap CI: {how})", ""]
     lines += _gain_lines(selection["gain_over_baseline"], "")
+    if selection.get("gain_over_control"):
+        control = next(iter(selection["gain_over_control"].values()))["control"]
+        lines += ["", f"## Joint training vs ensembling ({control}, test; 95% bootstrap CI: {how})", "",
+                  f"`{control}` is an evaluation-only control: the separately trained models' shortlist and "
+                  "matcher combined exactly as `joint` ranks (same shortlist k and fusion alpha). What `joint` "
+                  "gains over it is what training the two objectives together adds beyond an ensemble.", ""]
+        lines += _gain_lines(selection["gain_over_control"], "")
+    if selection.get("tuning"):
+        lines += ["", "## Defaults vs tuned (equal budget, validation only)", ""]
+        from crossalign.tuning import leaderboards_markdown
+
+        lines += leaderboards_markdown(selection["tuning"])
     serving = selection.get("serving") or {}
     if serving:
         lines += ["", "## Cost", "",

@@ -11,6 +11,12 @@ alias and the ``select`` run's tags; :func:`run` returns them for the caller to 
 The test split never chooses: it is only reported. A method of ``train.methods`` without its
 results stops the stage before anything is written (no champion is picked among the rest), so
 the registry's previous champion and the previous selection files stay in place, consistent.
+
+Evaluation-only controls (``evaluate.controls``, e.g. ``contrastive+cross_attention``) whose parts
+are all in ``train.methods`` and whose ``eval/<control>/results.json`` exists are listed beside the
+methods (``control: true``, with their gain CI) and never champion unless ``select.controls_compete``;
+``joint`` is also compared with the control (``gain_over_control``): what joint training adds beyond
+ensembling the two separately trained models.
 """
 from __future__ import annotations
 
@@ -19,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from crossalign import costs, registry, report, tracking
+from crossalign import costs, ensemble, registry, report, tracking
 from crossalign.config import Config
 from crossalign.device import resolve_device
 from crossalign.evaluation import metrics_summary, results_path
@@ -48,6 +54,15 @@ def load_metrics(cfg: Config, root: Path) -> tuple[dict[str, dict], list[str]]:
         if metrics.get("method") != method:
             raise ValueError(f"{path}: method {metrics.get('method')!r}, expected {method!r}")
         found[method] = metrics
+    for control in cfg.evaluate.controls:
+        if all(m in cfg.train.methods for m in ensemble.CONTROLS[control]):
+            path = results_path(root, control)
+            if path.exists():
+                found[control] = read_json(path)
+                if found[control].get("method") != control:
+                    raise ValueError(f"{path}: method {found[control].get('method')!r}, expected {control!r}")
+            else:
+                log.warning("%s absent: the control %s is not listed (run evaluate_control)", path, control)
     return found, missing
 
 
@@ -59,7 +74,8 @@ def leaderboard(metrics: dict[str, dict]) -> list[dict]:
         row = {"method": method, "val_rsum": m["val"]["rsum"], "seeds": m.get("seeds", []),
                "protocol": m.get("protocol", ""),
                "test": {k: m["test"][k] for k in (*METRIC_KEYS, "i2t_medr", "t2i_medr") if k in m["test"]},
-               "test_std": {k: std[k] for k in METRIC_KEYS if std.get(k) is not None}}
+               "test_std": {k: std[k] for k in METRIC_KEYS if std.get(k) is not None},
+               "control": method in ensemble.CONTROLS}
         if "1k" in m["test"]:
             row["test_1k"] = {k: m["test"]["1k"][k] for k in METRIC_KEYS}
         probe = m["test"].get("binding_probe")
@@ -227,15 +243,21 @@ def run(cfg: Config, root: Path) -> dict:
     if missing:
         raise ValueError(f"no champion chosen: eval/<method>/results.json missing for {missing} "
                          f"(train.methods = {cfg.train.methods}); run evaluate@<method> for them")
-    candidates = {method: _candidate(cfg, root, method, m) for method, m in metrics.items()}
+    candidates = {method: _candidate(cfg, root, method, m) for method, m in metrics.items()
+                  if method not in ensemble.CONTROLS}  # a control has no model of its own to register
     board = leaderboard(metrics)
-    champion = board[0]["method"]
+    champion = next(r["method"] for r in board if cfg.select.controls_compete or not r["control"])
     hits = _Hits(root, metrics)
     selection = {"champion": champion, "metric": f"val_{cfg.select.metric}", "leaderboard": board,
                  "gain_over_baseline": gains(cfg, root, metrics, hits),
                  "champion_vs": champion_gains(cfg, root, metrics, champion, hits),
-                 "missing": []}
-    models = costs.load_models(root, metrics)
+                 "gain_over_control": {}, "missing": []}
+    for control in cfg.evaluate.controls:  # what joint training adds beyond the ensemble
+        if control in metrics and "joint" in metrics:
+            selection["gain_over_control"]["joint"] = {**compare(hits, "joint", control, cfg.select.bootstrap),
+                                                       "control": control}
+    selection["tuning"] = tuning_boards(root, cfg.train.methods)
+    models = costs.load_models(root, {m: x for m, x in metrics.items() if m not in ensemble.CONTROLS})
     selection["serving"] = {m: {"params": costs.trainable_params(x), "index": costs.serving(x)} for m, x in models.items()}
     files = report.run(cfg, root, selection)
     facts_path = root / "reports" / "selection.json"
@@ -245,19 +267,33 @@ def run(cfg: Config, root: Path) -> dict:
     write_json(out_path, numbers)
 
     versions = registry.register_versions(cfg, root, candidates)
-    registry.set_champion(cfg, root, versions[champion])
+    if champion in versions:
+        registry.set_champion(cfg, root, versions[champion])
+    else:  # a competing control won: it has no model to point the alias at
+        log.warning("champion %s is a control: the registry alias %s is not moved", champion, registry.CHAMPION)
     facts = {"name": cfg.tracking.registered_model, "versions": versions, "alias": registry.CHAMPION,
-             "champion_version": versions[champion], "uri": registry.champion_uri(cfg),
+             "champion_version": versions.get(champion), "uri": registry.champion_uri(cfg),
              "run_ids": {m: c["run_id"] for m, c in candidates.items()}}
     device = resolve_device(cfg.evaluate.device, "evaluate.device")
     measured = costs.measure(cfg, root, models, metrics, load_features(root / "data" / "features" / "test"), device)
     cost_files = costs.write(root, measured, costs.machine(device))  # not a DVC out: timings vary
     registry.log_selection(cfg, root, [out_path, facts_path, *files, *cost_files],
                            {**{f"champion_{k}": v for k, v in numbers.items()}, **costs.mlflow_metrics(measured)},
-                           tags={"champion": champion, "champion_version": versions[champion],
+                           tags={"champion": champion, "champion_version": str(versions.get(champion)),
                                  **{f"version.{m}": v for m, v in versions.items()}})
-    log.info("champion: %s (val RSUM %.1f), version %s", champion, board[0]["val_rsum"], versions[champion])
+    best = next(r for r in board if r["method"] == champion)
+    log.info("champion: %s (val RSUM %.1f), version %s", champion, best["val_rsum"], versions.get(champion))
     return {**selection, "registry": facts}
+
+
+def tuning_boards(root: Path, methods: list[str]) -> dict | None:
+    """The defaults and tuned rankings of ``tune@<method>`` (:func:`crossalign.tuning.leaderboards`),
+    or None when no method has a ``tuned/<m>.json`` (select run outside the DAG)."""
+    from crossalign import tuning
+
+    if not any(tuning.tuned_path(root, m).exists() for m in methods):
+        return None
+    return tuning.leaderboards(root, methods)
 
 
 def selection_metrics(champion_results: dict) -> dict[str, float]:

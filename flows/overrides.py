@@ -31,6 +31,9 @@ def overrides_from(methods: list[str] | None = None, dataset: str | None = None,
     out: dict[str, dict[str, Any]] = {}
     if methods is not None:
         out.setdefault("train", {})["methods"] = list(methods)
+        # a control exists only with both its methods (its dvc stage reads their models)
+        out.setdefault("evaluate", {})["controls"] = [c for c, parts in config.CONTROL_PARTS.items()
+                                                      if set(parts) <= set(methods)]
     if epochs is not None:
         out.setdefault("train", {})["epochs"] = epochs
     if dataset is not None:

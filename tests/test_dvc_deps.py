@@ -62,14 +62,17 @@ def closure(module: str) -> set[Path]:
 
 
 def stages() -> dict[str, tuple[str, list[str]]]:
-    """stage name -> (cmd, deps) with ``foreach`` expanded over every method name (the modules a
-    method stage imports do not depend on which method it is, except ``${item}`` paths)."""
+    """stage name -> (cmd, deps) with each ``foreach`` expanded over the params.yaml list it names."""
     spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     out = {}
     for name, stage in spec["stages"].items():
         if "foreach" in stage:
-            for item in params["train"]["methods"]:
+            keys = re.fullmatch(r"\$\{(.+)\}", stage["foreach"]).group(1).split(".")  # e.g. train.methods
+            items = params
+            for key in keys:
+                items = items[key]
+            for item in items:
                 do = stage["do"]
                 deps = [str(d).replace("${item}", item) for d in do.get("deps", [])]
                 out[f"{name}@{item}"] = (do["cmd"].replace("${item}", item), deps)

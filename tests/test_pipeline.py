@@ -63,7 +63,8 @@ def test_dvc_repro_tiny_pipeline(tmp_path: Path) -> None:
     tiny_params(repo)
     first = _run(["dvc", "repro"], repo)
     methods = ["concat_mlp", "cross_attention", "contrastive", "joint"]
-    expected = {"data", "preprocess", "features", "select"} | {f"{s}@{m}" for s in ("train", "evaluate") for m in methods}
+    expected = ({"data", "preprocess", "features", "evaluate_control@contrastive+cross_attention", "select"}
+                | {f"{s}@{m}" for s in ("tune", "train", "evaluate") for m in methods})
     assert stages_run(first) == expected
 
     selection = json.loads((repo / "reports" / "selection.json").read_text())
@@ -80,14 +81,15 @@ def test_dvc_repro_tiny_pipeline(tmp_path: Path) -> None:
     assert stages_run(again) == set()
     assert "up to date" in again.stdout
 
-    # one method's param -> that method's train/evaluate and select, nothing else
+    # one method's param -> that method's tune/train/evaluate, the control it is part of, and select
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["methods"]["contrastive"]["temperature"] = 0.07
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     status = json.loads(_run(["dvc", "status", "--json"], repo).stdout)
-    assert set(status) == {"train@contrastive"}
+    assert set(status) == {"tune@contrastive", "train@contrastive"}
     third = _run(["dvc", "repro"], repo)
-    assert stages_run(third) == {"train@contrastive", "evaluate@contrastive", "select"}
+    assert stages_run(third) == {"tune@contrastive", "train@contrastive", "evaluate@contrastive",
+                                 "evaluate_control@contrastive+cross_attention", "select"}
 
     # a preprocess param -> preprocess and everything downstream, not data
     params["preprocess"]["resize"] = "center_crop"

@@ -94,13 +94,38 @@ def cat_states(states: list[State]) -> State:
 
 
 @dataclass(frozen=True)
+class Dim:
+    """One dimension of a method's hyper-parameter search space (``crossalign.tuning``).
+
+    ``key`` is a dotted params.yaml key (``train.lr``, ``methods.contrastive.temperature``); the
+    value is drawn from [low, high] (log-uniform when ``log``; an integer when ``integer``)."""
+
+    key: str
+    low: float
+    high: float
+    log: bool = False
+    integer: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.low < self.high or (self.log and self.low <= 0):
+            raise ValueError(f"search dimension {self.key}: need 0 < low < high for log, low < high otherwise; "
+                             f"got [{self.low}, {self.high}] (log={self.log})")
+
+
+# What every method tunes: the optimiser's step size and weight decay.
+OPTIMISER_SPACE = (Dim("train.lr", 2e-4, 5e-3, log=True), Dim("train.weight_decay", 1e-4, 0.1, log=True))
+
+
+@dataclass(frozen=True)
 class MethodSpec:
-    """A registry entry: how to build a method's model and its loss from the config."""
+    """A registry entry: how to build a method's model and its loss from the config, and the
+    hyper-parameters an equal-budget search may change (``search_space``)."""
 
     name: str
     build_model: Callable[..., Aligner]  # (cfg: Config, image_dim: int, text_dim: int) -> Aligner
     build_loss: Callable[..., nn.Module]  # (cfg: Config) -> loss module returning dict[str, Tensor]
     description: str = ""
+    search_space: tuple[Dim, ...] = ()
 
 
 REGISTRY: dict[str, MethodSpec] = {}

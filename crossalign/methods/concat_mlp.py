@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from crossalign.losses import MatchingLoss
 from crossalign.methods.base import Aligner, Batch, MethodSpec, State, register
+from crossalign.methods.base import OPTIMISER_SPACE, Dim  # search space (crossalign.tuning)
 from crossalign.methods.common import Projection, mine_both, pair_logits, same_image
 
 
@@ -63,4 +64,6 @@ def _build(cfg, image_dim: int, text_dim: int) -> ConcatMlp:
 
 
 SPEC = register(MethodSpec("concat_mlp", _build, lambda cfg: MatchingLoss(),
-                           "pooled image+caption concatenated -> MLP -> match logit (BCE, random negatives)"))
+                           "pooled image+caption concatenated -> MLP -> match logit (BCE, random negatives)",
+                           search_space=(*OPTIMISER_SPACE, Dim("methods.concat_mlp.dropout", 0.0, 0.3),
+                                         Dim("methods.concat_mlp.negatives", 1, 7, integer=True))))

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from crossalign.losses import ContrastiveLoss
 from crossalign.methods.base import Aligner, Batch, MethodSpec, State, register
+from crossalign.methods.base import OPTIMISER_SPACE, Dim  # search space (crossalign.tuning)
 from crossalign.methods.common import EmbeddingHead, cosine_logits, logit_scale_param
 
 
@@ -46,4 +47,6 @@ def _build(cfg, image_dim: int, text_dim: int) -> Contrastive:
 
 
 SPEC = register(MethodSpec("contrastive", _build, lambda cfg: ContrastiveLoss(),
-                           "dual encoder, symmetric InfoNCE on cosine similarities"))
+                           "dual encoder, symmetric InfoNCE on cosine similarities",
+                           search_space=(*OPTIMISER_SPACE, Dim("methods.contrastive.temperature", 0.03, 0.3, log=True),
+                                         Dim("methods.contrastive.dropout", 0.0, 0.3))))

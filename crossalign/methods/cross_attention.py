@@ -18,6 +18,7 @@ from torch import Tensor
 
 from crossalign.losses import MatchingLoss
 from crossalign.methods.base import Batch, MethodSpec, State, register
+from crossalign.methods.base import OPTIMISER_SPACE, Dim  # search space (crossalign.tuning)
 from crossalign.methods.common import CrossEncoder, CrossMatcher, Projection, mine_both, pair_logits, pooled_cosine, same_image
 
 class CrossAttention(CrossMatcher):
@@ -55,4 +56,7 @@ def _build(cfg, image_dim: int, text_dim: int) -> CrossAttention:
 
 
 SPEC = register(MethodSpec("cross_attention", _build, lambda cfg: MatchingLoss(),
-                           "text<->image cross-attention (separate, masked) -> matching head (BCE, hard negatives)"))
+                           "text<->image cross-attention (separate, masked) -> matching head (BCE, hard negatives)",
+                           search_space=(*OPTIMISER_SPACE, Dim("methods.cross_attention.dropout", 0.0, 0.3),
+                                         Dim("methods.cross_attention.hard_negatives", 1, 3, integer=True),
+                                         Dim("methods.cross_attention.random_negatives", 0, 2, integer=True))))

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from crossalign.losses import JointLoss
 from crossalign.methods.base import Batch, MethodSpec, Rerank, State, register
+from crossalign.methods.base import OPTIMISER_SPACE, Dim  # search space (crossalign.tuning)
 from crossalign.methods.common import (EmbeddingHead, Projection, cosine_logits, logit_scale_param, mine_both,
                                       pair_logits, same_image)
 from crossalign.methods.common import CrossEncoder, CrossMatcher
@@ -73,4 +74,8 @@ def _build(cfg, image_dim: int, text_dim: int) -> Joint:
 
 
 SPEC = register(MethodSpec("joint", _build, lambda cfg: JointLoss(cfg.methods.joint.itc_weight, cfg.methods.joint.itm_weight),
-                           "contrastive + matching with similarity-mined negatives; shortlist then re-rank"))
+                           "contrastive + matching with similarity-mined negatives; shortlist then re-rank",
+                           search_space=(*OPTIMISER_SPACE, Dim("methods.joint.temperature", 0.03, 0.3, log=True),
+                                         Dim("methods.joint.dropout", 0.0, 0.3),
+                                         Dim("methods.joint.negatives", 1, 3, integer=True),
+                                         Dim("methods.joint.random_negative_fraction", 0.0, 1.0))))
