@@ -7,7 +7,7 @@ import torch
 
 from conftest import make_tiny_features, tiny_config
 from crossalign import ensemble, selection
-from crossalign.io import load_features, read_json
+from crossalign.io import load_features, read_json, write_json
 from crossalign.methods import build_aligner
 from crossalign.methods.base import Rerank
 from crossalign.retrieval import coco_metrics, score_matrices
@@ -98,6 +98,8 @@ def test_select_lists_the_control_beside_the_methods(tmp_path, compete):
         save_model(cfg, tmp_path, method, 0)  # a tracked training run: its weights' hash finds it
         write_eval_outputs(tmp_path, method, val, {0: ranks[method]}, tmp_path)
     write_eval_outputs(tmp_path, CONTROL, 300.0, {0: ranks[CONTROL]})  # best on val; no weights of its own
+    write_json(tmp_path / "eval" / "test_index.json",  # the N images x 2 captions the ranks describe
+               {"image_ids": list(range(N)), "caption_image_ids": [i for i in range(N) for _ in (0, 1)]})
     out = selection.run(cfg, tmp_path)
 
     rows = {r["method"]: r for r in out["leaderboard"]}
