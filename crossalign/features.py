@@ -175,7 +175,7 @@ def encode_split(src: Path, dst: Path, image_encoder: ImageEncoder, text_encoder
     regions, di, dt = grid[0] * grid[1], image_encoder.dim, text_encoder.dim
     lengths = captions.lengths  # (M,) states kept per caption
     width = max(1, int(lengths.max())) if m else 1
-    writer = FeatureWriter(dst, n, regions, di, lengths, dt)
+    writer = FeatureWriter(dst, n, regions, di, lengths, dt, release=RELEASE_BYTES)
     encode_images(images, image_encoder, writer.image_tokens, writer.image_pooled, params.image_batch_size,
                   device, desc=f"{src.name} images", progress=progress)
     encode_texts(captions, text_encoder, writer, params.text_batch_size, device, desc=f"{src.name} captions",

@@ -314,7 +314,10 @@ class FeatureWriter:
         rows = np.asarray(rows, np.int64)
         starts, lengths = self.offsets[rows], np.diff(self.offsets)[rows]  # (b,), (b,)
         mask = np.arange(states.shape[1])[None, :] < lengths[:, None]  # (b, l)
-        self.text_tokens[span_index(starts, lengths)] = states[mask]
+        if len(rows) and (np.diff(rows) == 1).all():  # consecutive captions: one contiguous span
+            self.text_tokens[starts[0]:starts[-1] + lengths[-1]] = states[mask]
+        else:
+            self.text_tokens[span_index(starts, lengths)] = states[mask]
         self.text_pooled[rows] = pooled
         self._count(int(lengths.sum()) * self.text_tokens.shape[1] * 2 + pooled.nbytes)
 

@@ -165,6 +165,7 @@ def encode_images(model: Aligner, split: FeatureSplit, device: torch.device, bat
         else:
             tok = pool.new_zeros(pool.shape[0], 0, pool.shape[1])  # (B, 0, Di) unused
         states.append(model.encode_images(tok, pool))
+        del tok, pool  # before the next batch is read: one batch resident at a time
         drop_pages(split.image_tokens), drop_pages(split.image_pooled)
     return cat_states(states)
 
@@ -186,6 +187,7 @@ def encode_texts(model: Aligner, split: FeatureSplit, device: torch.device, batc
             tok = pool.new_zeros(pool.shape[0], 0, pool.shape[1])  # (B, 0, Dt) unused
             mask = torch.zeros(pool.shape[0], 0, dtype=torch.bool, device=device)  # (B, 0)
         states.append(model.encode_texts(tok, mask, pool))
+        del tok, mask, pool
         drop_pages(split.text.tokens), drop_pages(split.text_pooled)
     return _pad_cat(states)
 
@@ -345,11 +347,10 @@ def _rerank(model: Aligner, images: State, texts: State, sim: Tensor,
                 meter.update(a.shape[0])
         return fused - fused.min() + ceiling
 
-    i2t = sim.clone()
+    i2t, t2i = sim.clone(), sim.clone()  # both up front: peak memory is reached before the slow part
     top = sim.topk(min(k, m), dim=1).indices.reshape(-1)  # (N*k,)
     ii = torch.arange(n, device=sim.device).repeat_interleave(min(k, m))  # (N*k,)
     i2t[ii, top] = lifted(ii, top, "re-rank i2t shortlist")
-    t2i = sim.clone()
     top = sim.topk(min(k, n), dim=0).indices.reshape(-1)  # (k*M,) row-major over (k, M)
     tt = torch.arange(m, device=sim.device).repeat(min(k, n))  # (k*M,)
     t2i[top, tt] = lifted(top, tt, "re-rank t2i shortlist")
