@@ -56,14 +56,16 @@ def choose_placement(placement: str, split: FeatureSplit, device: torch.device, 
     return "device" if need <= RAM_SHARE * psutil.virtual_memory().available else "stream"
 
 
-def _pad(flat: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Concatenated caption states flat (S, Dt) with lengths (B,) -> float32 (B, L, Dt) zero-padded
-    to the longest (L >= 1) and the mask (B, L)."""
-    width = max(int(lengths.max()) if lengths.numel() else 0, 1)
-    mask = torch.arange(width, device=lengths.device)[None, :] < lengths[:, None]  # (B, L)
-    out = torch.zeros(lengths.shape[0], width, flat.shape[-1], device=flat.device)  # (B, L, Dt)
-    out[mask] = flat.float()  # row-major mask order = span order
-    return out, mask
+def _pad(flat: torch.Tensor, starts: np.ndarray, lengths: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Caption states in ``flat (S + 1, Dt)`` fp16 whose last row is zeros; caption b is
+    ``flat[starts[b]:starts[b] + lengths[b]]`` -> float32 (B, L, Dt) zero-padded to the longest
+    (L >= 1) by one gather (padding reads the zero row), and the mask (B, L)."""
+    width = max(int(lengths.max()) if len(lengths) else 0, 1)
+    pos = np.arange(width)[None, :]  # (1, L)
+    valid = pos < lengths[:, None]  # (B, L)
+    index = np.where(valid, starts[:, None] + pos, flat.shape[0] - 1)  # (B, L)
+    out = flat[torch.from_numpy(index).to(flat.device)].float()  # (B, L, Dt)
+    return out, torch.from_numpy(valid).to(flat.device)
 
 
 def _empty_tokens(b: int, split: FeatureSplit, device: torch.device) -> dict[str, torch.Tensor]:
@@ -87,9 +89,9 @@ class DeviceSplit:
             # the captions' own spans, packed back to back in caption order: (T', Dt) fp16
             rows = span_index(split.text.starts, split.text.lengths)
             contiguous = rows.size == split.text.tokens.shape[0] and (rows.size == 0 or (rows == np.arange(rows.size)).all())
-            self.text_tokens = _to_device(split.text.tokens if contiguous else split.text.tokens[rows], device)
+            self.text_tokens = _to_device(split.text.tokens if contiguous else split.text.tokens[rows], device,
+                                          extra_zero_row=True)  # (T' + 1, Dt): the last row pads
             self.text_starts = np.concatenate([[0], np.cumsum(split.text.lengths[:-1], dtype=np.int64)])  # (M,)
-            self.text_lengths = torch.from_numpy(split.text.lengths.astype(np.int64)).to(device)  # (M,)
 
     def batch(self, captions: torch.Tensor) -> Batch:
         """Pairs for caption rows ``captions`` (B,) -> float32 Batch on the device."""
@@ -97,9 +99,7 @@ class DeviceSplit:
         captions = captions.to(self.device)
         img = self.caption_image[captions]  # (B,)
         if self.tokens:
-            lengths = self.text_lengths[captions]  # (B,)
-            spans = torch.from_numpy(span_index(self.text_starts[rows], self.split.text.lengths[rows])).to(self.device)
-            text, mask = _pad(self.text_tokens[spans], lengths)  # (B, L, Dt), (B, L)
+            text, mask = _pad(self.text_tokens, self.text_starts[rows], self.split.text.lengths[rows])  # (B, L, Dt), (B, L)
             tok = {"image_tokens": self.image_tokens[img].float(), "text_tokens": text, "text_mask": mask}
         else:
             tok = _empty_tokens(len(rows), self.split, self.device)
@@ -107,13 +107,18 @@ class DeviceSplit:
                      image_index=img, **tok)
 
 
-def _to_device(array: np.ndarray, device: torch.device, chunk_bytes: int = 256 << 20) -> torch.Tensor:
+def _to_device(array: np.ndarray, device: torch.device, chunk_bytes: int = 256 << 20,
+               extra_zero_row: bool = False) -> torch.Tensor:
     """An fp16 array (often a memory map) as a tensor on ``device``, copied in chunks whose mapped
-    pages are dropped after each, so the copy is the only thing that stays resident."""
-    out = torch.empty(array.shape, dtype=torch.float16, device=device)
+    pages are dropped after each, so the copy is the only thing that stays resident; with
+    ``extra_zero_row`` one row of zeros is appended."""
+    out = torch.empty((array.shape[0] + extra_zero_row,) + tuple(array.shape[1:]), dtype=torch.float16, device=device)
+    if extra_zero_row:
+        out[-1] = 0
     rows = max(1, chunk_bytes // max(1, array[:1].nbytes))
     for s in range(0, array.shape[0], rows):
-        out[s:s + rows] = torch.from_numpy(np.array(array[s:s + rows], dtype=np.float16)).to(device)
+        chunk = torch.from_numpy(np.array(array[s:s + rows], dtype=np.float16))
+        out[s:s + chunk.shape[0]] = chunk.to(device)
         drop_pages(array)
     return out
 
@@ -147,14 +152,19 @@ class StreamSplit:
     def _buffer(self, shape: tuple[int, ...]) -> torch.Tensor:
         return torch.empty(shape, dtype=torch.float16, pin_memory=self.pin)
 
-    def _read(self, name: str, array: np.ndarray, starts: np.ndarray, counts: np.ndarray) -> torch.Tensor:
-        """Spans of ``array`` (sorted starts) concatenated -> fp16 tensor (sum(counts), ...) on the host."""
-        out = self._buffer((int(counts.sum()),) + tuple(array.shape[1:]))
+    def _read(self, name: str, array: np.ndarray, starts: np.ndarray, counts: np.ndarray,
+              extra_zero_row: bool = False) -> torch.Tensor:
+        """Spans of ``array`` (sorted starts) concatenated -> fp16 tensor (sum(counts), ...) on the
+        host (plus a last row of zeros with ``extra_zero_row``)."""
+        total = int(counts.sum())
+        out = self._buffer((total + extra_zero_row,) + tuple(array.shape[1:]))
         reader = self.readers.get(name)
         if reader is not None:
             reader.read_spans(starts, counts, out.numpy())
         else:
-            out.numpy()[...] = array[span_index(starts, counts)]
+            out.numpy()[:total] = array[span_index(starts, counts)]
+        if extra_zero_row:
+            out[total:] = 0
         return out
 
     def _to(self, t: torch.Tensor) -> torch.Tensor:
@@ -173,8 +183,9 @@ class StreamSplit:
         if self.tokens:
             text = self.split.text
             lengths = text.lengths[urows].astype(np.int64)  # (U,)
-            flat = self._to(self._read("text_tokens", text.tokens, text.starts[urows], lengths))  # (S, Dt)
-            padded, mask = _pad(flat, torch.from_numpy(lengths).to(self.device))  # (U, L, Dt), (U, L)
+            flat = self._read("text_tokens", text.tokens, text.starts[urows], lengths, extra_zero_row=True)  # (S + 1, Dt)
+            starts = np.cumsum(lengths) - lengths  # (U,) each caption's first row in flat
+            padded, mask = _pad(self._to(flat), starts, lengths)  # (U, L, Dt), (U, L)
             inv_dev = inv_cap.to(self.device)
             tok = {"image_tokens": self._to(self._read("image_tokens", self.split.image_tokens, uimg, ones))[
                        inv_img.to(self.device)].float(),  # (B, R, Di)
