@@ -68,7 +68,8 @@ def random_fp16(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
     return bits.view(np.float16)
 
 
-def build(root: Path, fraction: float, seed: int, sample: Path = SAMPLE, log=print) -> dict:
+def build(root: Path, fraction: float, seed: int, sample: Path = SAMPLE, eval_fraction: float | None = None,
+          log=print) -> dict:
     """Write ``root/data/features/{train,val,test}`` with COCO Karpathy shapes -> sizes."""
     from crossalign.io import FeatureWriter, atomic_dir
 
@@ -76,7 +77,8 @@ def build(root: Path, fraction: float, seed: int, sample: Path = SAMPLE, log=pri
     sizes = {}
     for s, (split, (n_full, m_full)) in enumerate(KARPATHY.items()):
         rng = np.random.default_rng(seed + s)
-        n = max(10, round(n_full * fraction)) if split == "train" else max(10, round(n_full * min(1.0, fraction * 20)))
+        share = fraction if split == "train" else (eval_fraction if eval_fraction is not None else min(1.0, 20 * fraction))
+        n = max(10, round(n_full * share))
         counts = captions_per_image(n, round(m_full * n / n_full), rng)
         cap_img = np.repeat(np.arange(n), counts)  # (M,)
         m = cap_img.size
@@ -206,9 +208,10 @@ def run_child(argv: list[str], log_path: Path, time_limit: float | None = None) 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--fraction", type=float, default=1.0, help="share of Karpathy's train images "
-                        "(val/test: 20x the share, at most all 5,000)")
+    parser.add_argument("--fraction", type=float, default=1.0, help="share of Karpathy's train images")
     parser.add_argument("--cache", type=Path, default=Path("/work/scale-cache"), help="feature cache (not in the repo)")
+    parser.add_argument("--eval-fraction", type=float, help="share of the 5,000 val/test images "
+                        "(default: 20x --fraction, at most 1)")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--methods", nargs="*", default=list(METHODS))
     parser.add_argument("--steps", type=int, default=100, help="training steps per method")
@@ -231,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.child:
         if args.child == "build":
-            out = {"sizes": build(args.root, args.fraction, args.seed, args.sample)}
+            out = {"sizes": build(args.root, args.fraction, args.seed, args.sample, args.eval_fraction)}
         else:
             out = (stage_train if args.child == "train" else stage_evaluate)(args)
         args.result.write_text(json.dumps(out))
@@ -263,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         built = run_child(["--child", "build", "--fraction", str(args.fraction), "--seed", str(args.seed),
-                           "--sample", str(args.sample), *common],
+                           "--sample", str(args.sample), *common,
+                           *(["--eval-fraction", str(args.eval_fraction)] if args.eval_fraction is not None else [])],
                           logs / "build.log")
         sizes = built.pop("sizes")
         stages.append({"stage": "build cache", **built})
@@ -296,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     save()
     print(f"{'stage':<48}{'wall s':>9}{'peak RSS MB':>13}{'pairs/s':>11}")
     for row in stages:
-        rate = row.get("pairs_per_s", row.get("ranked_pairs_per_s", "stopped"))
+        rate = row.get("pairs_per_s", row.get("ranked_pairs_per_s", "stopped" if "stopped_after_s" in row else ""))
         print(f"{row['stage']:<48}{row['wall_s']:>9.1f}{row['peak_rss_mb']:>13.0f}{rate!s:>11}")
     return 0
 
