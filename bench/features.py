@@ -108,16 +108,13 @@ def ours_images(images, encoder, batch: int, device, tmp: Path) -> None:
 
 
 def ours_texts(ids, encoder, batch: int, device, tmp: Path) -> None:
-    from numpy.lib.format import open_memmap
-
     from crossalign.features import Captions, encode_texts
+    from crossalign.io import FeatureWriter
 
     offsets = np.cumsum([0] + [len(s) for s in ids]).astype(np.int64)
     caps = Captions(np.concatenate([np.asarray(s, np.int32) for s in ids]), offsets, encoder.max_length, "bench")
-    width = int(caps.lengths.max())
-    tokens = open_memmap(tmp / "text_tokens.npy", "w+", np.float16, (len(ids), width, encoder.dim))
-    pooled = open_memmap(tmp / "text_pooled.npy", "w+", np.float16, (len(ids), encoder.dim))
-    encode_texts(caps, encoder, tokens, pooled, batch, device, progress=False)
+    writer = FeatureWriter(tmp / "texts", 0, 1, 1, caps.lengths, encoder.dim)  # packed states, as the stage
+    encode_texts(caps, encoder, writer, batch, device, progress=False)
 
 
 def write_split(root: Path, n_images: int, captions_per_image: int = 5) -> Path:

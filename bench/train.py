@@ -24,10 +24,11 @@ import yaml
 
 from crossalign import config
 from crossalign.config import METHOD_NAMES
-from crossalign.io import FeatureSplit, atomic_file
+from crossalign.io import FeatureSplit, PackedText, atomic_file
 from crossalign.methods import get_method
 from crossalign.device import resolve_device
-from crossalign.training import SplitTensors, first_images, lr_at, validation_metrics
+from crossalign.batches import open_split
+from crossalign.training import first_images, lr_at, validation_metrics
 
 
 def synthetic_split(n_images: int, captions: int, regions: int, image_dim: int, text_dim: int,
@@ -42,7 +43,7 @@ def synthetic_split(n_images: int, captions: int, regions: int, image_dim: int, 
         root=Path("<random>"), meta={},
         image_tokens=rng.standard_normal((n_images, regions, image_dim), dtype=np.float32).astype(np.float16),
         image_pooled=rng.standard_normal((n_images, image_dim), dtype=np.float32).astype(np.float16),
-        text_tokens=text, text_lengths=lengths,
+        text=PackedText.from_padded(text, lengths),
         text_pooled=rng.standard_normal((m, text_dim), dtype=np.float32).astype(np.float16),
         image_ids=np.arange(n_images), caption_image_index=np.repeat(np.arange(n_images), captions),
         caption_ids=np.arange(m))
@@ -61,8 +62,7 @@ def bench_method(cfg: config.Config, method: str, train: FeatureSplit, val: Feat
     model = spec.build_model(cfg, train.image_dim, train.text_dim).to(device)
     loss_fn = spec.build_loss(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    data = SplitTensors.of(train)
-    data = data.to(device) if device.type == "cuda" else data  # as the training loop does
+    data = open_split(train, cfg.train.placement, device, model.reads_tokens)  # as the training loop does
     bs = cfg.train.batch_size
     steps = train.n_captions // bs
     run_steps = min(steps, max_steps) if max_steps else steps
@@ -73,7 +73,7 @@ def bench_method(cfg: config.Config, method: str, train: FeatureSplit, val: Feat
     def step(s: int) -> None:
         for group in opt.param_groups:
             group["lr"] = lr_at(s, steps, 0, cfg.train.lr)
-        batch = data.batch(order[s * bs:(s + 1) * bs], device)
+        batch = data.batch(order[s * bs:(s + 1) * bs])
         with autocast:
             loss = sum(loss_fn(model(batch), batch).values())
         opt.zero_grad(set_to_none=True)

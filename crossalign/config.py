@@ -190,6 +190,11 @@ class TrainParams(Section):
     val_images: int = Field(0, ge=0, description="early stopping scores the first N val images and their captions (0 = all)")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     threads: int = Field(0, ge=0, description="CPU threads; 0 = all cores")
+    # where the training split's fp16 features live while training (crossalign/batches.py):
+    # device = all of it on the training device (RAM on the CPU); stream = each batch read from the
+    # files, prefetched (pinned on CUDA); auto = device when it fits with headroom, else stream.
+    # Same batches either way: CPU results are bit-identical across placements.
+    placement: Literal["auto", "device", "stream"] = Field("auto", description="auto | device | stream")
 
     @field_validator("methods")
     @classmethod

@@ -27,7 +27,8 @@ from crossalign.config import Config
 from crossalign.io import FeatureSplit, atomic_dir, load_features, read_json, write_json
 from crossalign.methods import WEIGHTS
 from crossalign.device import resolve_device
-from crossalign.retrieval import METRIC_KEYS, binding_probe, coco_metrics, describe_protocol, fold_slices, score_matrices
+from crossalign.retrieval import (METRIC_KEYS, binding_probe, coco_metrics, describe_protocol, encode_split, fold_scores,
+                                  fold_slices, score_states)
 
 log = logging.getLogger(__name__)
 RESULTS = "results.json"  # eval/<m>/results.json: the full record selection and the report read
@@ -97,10 +98,15 @@ def _aggregate(per_seed: dict[int, dict]) -> dict:
 
 def evaluate_model(model: torch.nn.Module, split: FeatureSplit, cfg: Config,
                    device: torch.device) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Score one split with one model -> (metrics, i2t scores, t2i scores, i2t ranks, t2i ranks)."""
+    """Score one split with one model -> (metrics, i2t scores, t2i scores, i2t ranks, t2i ranks).
+    The 1K folds of a 5K split are re-scored on their own when the method re-ranks a shortlist."""
     ev = cfg.evaluate
-    i2t, t2i = score_matrices(model, split, device, ev.block_images, ev.block_texts, pair_chunk=ev.pair_chunk)
-    metrics, r_i2t, r_t2i = coco_metrics(i2t, t2i, split.caption_image_index)
+    model, images, texts = encode_split(model, split, device)
+    blocks = (ev.block_images, ev.block_texts, ev.pair_chunk)
+    i2t, t2i = score_states(model, images, texts, *blocks)
+    folds = fold_scores(model, images, texts, split.caption_image_index, *blocks)  # re-rankers: own shortlists
+    del images, texts
+    metrics, r_i2t, r_t2i = coco_metrics(i2t, t2i, split.caption_image_index, folds)
     metrics.update(n_images=split.n_images, n_captions=split.n_captions)
     return metrics, i2t, t2i, r_i2t, r_t2i
 
@@ -144,7 +150,8 @@ def run(cfg: Config, method: str, root: Path, loader: Loader | None = None) -> d
             best = (v_metrics["rsum"], seed, s_i2t, s_t2i)
         log.info("%s seed %d: val rsum %.1f, test rsum %.1f", method, seed, v_metrics["rsum"], t_metrics["rsum"])
 
-    folds = " + 1K (mean of 5 folds, 1K sub-matrices of the 5K scores)" if fold_slices(test.n_images) else ""
+    folds = (" + 1K (mean of 5 folds, each scored on its own: shortlists from the fold's similarities)"
+             if fold_slices(test.n_images) else "")
     result = {
         "method": method,
         "protocol": f"{protocol}; COCO {'5K' if folds else 'full split'}{folds}; i2t hit when any "

@@ -10,12 +10,12 @@ the process every ~64 MB, so peak memory is set by the batch and the model, not 
 Speed: batched ``torch.inference_mode``, channels-last, images normalised on the device from
 uint8; on CUDA bf16 autocast, pinned host memory and non-blocking copies; a reader thread
 prefetches the next batch and a writer thread stores the previous one while the model runs.
-Captions are encoded in batches sorted by length, each padded only to its own longest caption.
+Captions are encoded in batches sorted by length, each padded only to its own longest caption,
+and stored packed (each caption's own states only, :class:`crossalign.io.FeatureWriter`).
 """
 from __future__ import annotations
 
 import contextlib
-import mmap
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -23,13 +23,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from numpy.lib.format import open_memmap
 from tqdm import tqdm
 
 from crossalign.config import Config, FeaturesParams
 from crossalign.device import resolve_device
 from crossalign.encoders import ImageEncoder, TextEncoder, build_image_encoder, build_text_encoder
-from crossalign.io import atomic_dir, load_npy, read_json, save_npy, write_json
+from crossalign.io import FeatureWriter, atomic_dir, drop_pages, load_npy, read_json, write_json
 
 SPLITS = ("train", "val", "test")
 RELEASE_BYTES = 64 << 20  # drop mapped pages after about this many bytes streamed
@@ -41,18 +40,6 @@ def autocast(device: torch.device):
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-def drop_pages(array: np.ndarray) -> None:
-    """Flush a memory-mapped array (if writable) and drop its pages from this process's resident
-    set; the data stays in the file / page cache. A no-op for ordinary arrays."""
-    mapping = getattr(array, "_mmap", None)
-    if mapping is None or mapping.closed:
-        return
-    if array.flags.writeable:
-        array.flush()
-    if hasattr(mapping, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
-        mapping.madvise(mmap.MADV_DONTNEED)
 
 
 @dataclass
@@ -138,15 +125,13 @@ def encode_images(images: np.ndarray, encoder: ImageEncoder, out_tokens: np.ndar
     drop_pages(out_tokens), drop_pages(out_pooled), drop_pages(images)
 
 
-def encode_texts(captions: Captions, encoder: TextEncoder, out_tokens: np.ndarray, out_pooled: np.ndarray,
-                 batch_size: int, device: torch.device, desc: str = "captions", progress: bool = True) -> None:
-    """Encode captions in length-sorted batches into ``out_tokens (M, L, D)`` (rows past each
-    length stay zero: the file starts zeroed) and ``out_pooled (M, D)``."""
+def encode_texts(captions: Captions, encoder: TextEncoder, writer: FeatureWriter, batch_size: int,
+                 device: torch.device, desc: str = "captions", progress: bool = True) -> None:
+    """Encode captions in length-sorted batches, each padded to its own longest caption, into the
+    packed ``writer`` (:meth:`FeatureWriter.write_texts` keeps each caption's own states)."""
     lengths = captions.lengths  # (M,)
     order = np.argsort(-lengths, kind="stable")  # longest first: a batch too big fails at once
     cuda = device.type == "cuda"
-    row_bytes = out_tokens[:1].nbytes
-    streamed = 0
     with tqdm(total=len(order), desc=desc, unit="cap", disable=not progress, leave=False) as bar:
         for b in range(0, len(order), batch_size):
             rows = np.sort(order[b:b + batch_size])  # (b,) ascending rows: sequential writes
@@ -161,14 +146,10 @@ def encode_texts(captions: Captions, encoder: TextEncoder, out_tokens: np.ndarra
                 ids_t, mask_t = ids_t.pin_memory(), mask_t.pin_memory()
             with torch.inference_mode(), autocast(device):
                 states, pooled = encoder(ids_t.to(device, non_blocking=cuda), mask_t.to(device, non_blocking=cuda))
-            out_tokens[rows, :width] = states.to(torch.float16).cpu().numpy()  # (b, l, D)
-            out_pooled[rows] = pooled.to(torch.float16).cpu().numpy()  # (b, D)
-            streamed += len(rows) * row_bytes
-            if streamed >= RELEASE_BYTES:
-                drop_pages(out_tokens), drop_pages(out_pooled)
-                streamed = 0
+            writer.write_texts(rows, states.to(torch.float16).cpu().numpy(),  # (b, l, D)
+                               pooled.to(torch.float16).cpu().numpy())  # (b, D)
             bar.update(len(rows))
-    drop_pages(out_tokens), drop_pages(out_pooled)
+    writer.drop()
 
 
 def encode_split(src: Path, dst: Path, image_encoder: ImageEncoder, text_encoder: TextEncoder,
@@ -190,36 +171,25 @@ def encode_split(src: Path, dst: Path, image_encoder: ImageEncoder, text_encoder
     if m and (index.min() < 0 or index.max() >= n):
         raise ValueError(f"{src / 'caption_image_index.npy'}: rows must lie in [0, {n}), got [{index.min()}, {index.max()}]")
 
-    dst.mkdir(parents=True, exist_ok=True)
     grid = image_encoder.grid(size)
     regions, di, dt = grid[0] * grid[1], image_encoder.dim, text_encoder.dim
-    lengths = captions.lengths
+    lengths = captions.lengths  # (M,) states kept per caption
     width = max(1, int(lengths.max())) if m else 1
-    out = {
-        "image_tokens": open_memmap(dst / "image_tokens.npy", "w+", np.float16, (n, regions, di)),
-        "image_pooled": open_memmap(dst / "image_pooled.npy", "w+", np.float16, (n, di)),
-        "text_tokens": open_memmap(dst / "text_tokens.npy", "w+", np.float16, (m, width, dt)),
-        "text_pooled": open_memmap(dst / "text_pooled.npy", "w+", np.float16, (m, dt)),
-    }
-    encode_images(images, image_encoder, out["image_tokens"], out["image_pooled"], params.image_batch_size,
+    writer = FeatureWriter(dst, n, regions, di, lengths, dt, release=RELEASE_BYTES)
+    encode_images(images, image_encoder, writer.image_tokens, writer.image_pooled, params.image_batch_size,
                   device, desc=f"{src.name} images", progress=progress)
-    encode_texts(captions, text_encoder, out["text_tokens"], out["text_pooled"], params.text_batch_size,
-                 device, desc=f"{src.name} captions", progress=progress)
-    for array in out.values():
-        array.flush()
-    del out
-    save_npy(dst / "text_lengths.npy", lengths.astype(np.int32))
-    for name, array in copied.items():
-        save_npy(dst / f"{name}.npy", np.asarray(array, np.int64))
+    encode_texts(captions, text_encoder, writer, params.text_batch_size, device, desc=f"{src.name} captions",
+                 progress=progress)
     meta = {
         "split": src.name, "n_images": int(n), "n_captions": int(m), "image_size": int(size),
         "image_encoder": image_encoder.describe(size),
         "text_encoder": {**text_encoder.describe(), "token_ids": captions.source,
                          "clipped_captions": int((np.diff(captions.offsets) > captions.limit).sum())},
-        "image_dim": int(di), "text_dim": int(dt), "regions": int(regions), "max_length": int(width),
+        "image_dim": int(di), "text_dim": int(dt), "regions": int(regions), "max_length": int(width), "text_layout": "packed",
+        "n_text_tokens": int(lengths.sum()),
         "dtype": "float16", "precision": "bf16 autocast" if device.type == "cuda" else "fp32",
     }
-    write_json(dst / "meta.json", meta)
+    writer.close(copied["image_ids"], copied["caption_image_index"], copied["caption_ids"], meta)
     return meta
 
 

@@ -20,15 +20,24 @@ Contracts (all arrays are ``.npy`` files, memory-mappable with ``np.load(..., mm
 ``data/features/<split>/`` (features), fp16 unless noted
     image_tokens.npy      [N, R, Di]   grid / region tokens
     image_pooled.npy      [N, Di]
-    text_tokens.npy       [M, L, Dt]   token states, zero past each caption's length
-    text_lengths.npy      int32 [M]
+    text_tokens.npy       [T, Dt]      token states of all captions, concatenated, no padding
+    text_offsets.npy      int64 [M + 1]  caption j's states are text_tokens[offsets[j]:offsets[j+1]]
+                          (lengths = np.diff(offsets); offsets[0] = 0, offsets[M] = T)
     text_pooled.npy       [M, Dt]
     image_ids.npy, caption_image_index.npy, caption_ids.npy   copied from prepared
     meta.json             encoder names, input normalisation, dims, token layout
+
+Readers never pad a split: :meth:`PackedText.gather` reads a batch of captions and pads it to the
+batch's own longest caption (zeros past each length). Before issue 9 ``text_tokens.npy`` was
+``[M, L, Dt]`` padded to the split's longest caption, with ``text_lengths.npy``; such a directory
+fails to load with a message saying to rerun the features stage. :class:`NpyRows` reads rows of a
+``.npy`` file with positioned reads (no memory map), so streaming a file far larger than RAM keeps
+the resident set at the size of the buffers.
 """
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import shutil
 import uuid
@@ -112,6 +121,80 @@ def load_npy(path: str | Path, mmap: bool = True) -> np.ndarray:
     return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
 
 
+def drop_pages(array: np.ndarray) -> None:
+    """Flush a memory-mapped array (if writable) and drop its pages from this process's resident
+    set; the data stays in the file / page cache. A no-op for ordinary arrays."""
+    mapping = getattr(array, "_mmap", None)
+    if mapping is None or mapping.closed:
+        return
+    if array.flags.writeable:
+        array.flush()
+    if hasattr(mapping, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+        mapping.madvise(mmap.MADV_DONTNEED)
+
+
+def span_index(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Row indices of the concatenated spans [starts[j], starts[j] + lengths[j]) -> (sum(lengths),)."""
+    lengths = np.asarray(lengths, np.int64)
+    total = int(lengths.sum())
+    if total == 0:
+        return np.zeros(0, np.int64)
+    first = np.cumsum(lengths) - lengths  # (B,) position of each span in the output
+    return np.repeat(np.asarray(starts, np.int64) - first, lengths) + np.arange(total)  # (S,)
+
+
+@dataclass
+class PackedText:
+    """Caption token states without padding: caption j is ``tokens[starts[j]:starts[j] + lengths[j]]``.
+
+    ``tokens`` (T, Dt) is usually the memory-mapped ``text_tokens.npy``; ``starts`` / ``lengths``
+    come from ``text_offsets.npy``. :meth:`select` makes a subset without touching token data.
+    """
+
+    tokens: np.ndarray  # (T, Dt) fp16
+    starts: np.ndarray  # (M,) int64
+    lengths: np.ndarray  # (M,) int32
+
+    @classmethod
+    def from_offsets(cls, tokens: np.ndarray, offsets: np.ndarray) -> "PackedText":
+        offsets = np.asarray(offsets, np.int64)
+        return cls(tokens, offsets[:-1], np.diff(offsets).astype(np.int32))
+
+    @classmethod
+    def from_padded(cls, padded: np.ndarray, lengths: np.ndarray) -> "PackedText":
+        """Pack ``padded (M, L, Dt)`` (in memory) keeping ``lengths (M,)`` states per caption."""
+        lengths = np.asarray(lengths, np.int32)
+        mask = np.arange(padded.shape[1])[None, :] < lengths[:, None]  # (M, L)
+        offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+        return cls.from_offsets(np.asarray(padded)[mask], offsets)
+
+    def __len__(self) -> int:
+        return int(self.lengths.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.tokens.shape[1])
+
+    def select(self, rows) -> "PackedText":
+        """The captions ``rows`` (index array or slice), sharing the token array."""
+        return PackedText(self.tokens, self.starts[rows], self.lengths[rows])
+
+    def gather(self, rows=slice(None)) -> tuple[np.ndarray, np.ndarray]:
+        """Captions ``rows`` padded to their own longest -> (tokens (B, L, Dt) same dtype, lengths (B,)).
+
+        Reads each caption's span once (from a memory map: only those pages); L >= 1."""
+        starts, lengths = self.starts[rows], self.lengths[rows]
+        width = max(int(lengths.max()) if len(lengths) else 0, 1)
+        out = np.zeros((len(lengths), width, self.dim), self.tokens.dtype)  # (B, L, Dt)
+        mask = np.arange(width)[None, :] < lengths[:, None]  # (B, L) row-major = span order
+        out[mask] = self.tokens[span_index(starts, lengths)]
+        return out, lengths
+
+    def offsets(self) -> np.ndarray:
+        """Offsets (M + 1,) of these captions packed back to back (as written to disk)."""
+        return np.concatenate([[0], np.cumsum(self.lengths, dtype=np.int64)])
+
+
 @dataclass
 class FeatureSplit:
     """The frozen-encoder features of one split, memory-mapped (see the module docstring)."""
@@ -119,13 +202,16 @@ class FeatureSplit:
     root: Path
     image_tokens: np.ndarray  # (N, R, Di) fp16
     image_pooled: np.ndarray  # (N, Di) fp16
-    text_tokens: np.ndarray  # (M, L, Dt) fp16
-    text_lengths: np.ndarray  # (M,) int32
+    text: PackedText  # M captions, token states (T, Dt) fp16
     text_pooled: np.ndarray  # (M, Dt) fp16
     image_ids: np.ndarray  # (N,) int64
     caption_image_index: np.ndarray  # (M,) int64
     caption_ids: np.ndarray  # (M,) int64
     meta: dict
+
+    @property
+    def text_lengths(self) -> np.ndarray:  # (M,) int32
+        return self.text.lengths
 
     @property
     def n_images(self) -> int:
@@ -143,38 +229,189 @@ class FeatureSplit:
     def text_dim(self) -> int:
         return int(self.text_pooled.shape[1])
 
+    def select_captions(self, rows) -> "FeatureSplit":
+        """The same images with only the captions ``rows`` (no token data copied)."""
+        return FeatureSplit(root=self.root, meta=self.meta, image_tokens=self.image_tokens,
+                            image_pooled=self.image_pooled, text=self.text.select(rows),
+                            text_pooled=self.text_pooled[rows], image_ids=self.image_ids,
+                            caption_image_index=self.caption_image_index[rows], caption_ids=self.caption_ids[rows])
 
-FEATURE_ARRAYS = ("image_tokens", "image_pooled", "text_tokens", "text_lengths", "text_pooled",
+
+FEATURE_ARRAYS = ("image_tokens", "image_pooled", "text_tokens", "text_offsets", "text_pooled",
                   "image_ids", "caption_image_index", "caption_ids")
+RERUN = "rerun the features stage (`dvc repro features` or `python -m tasks.features`)"
+
+
+def check_text_layout(root: Path) -> None:
+    """Fail with a clear message on the pre-issue-9 padded layout ([M, L, Dt], no offsets)."""
+    tokens = root / "text_tokens.npy"
+    if tokens.exists() and not (root / "text_offsets.npy").exists():
+        shape = load_npy(tokens).shape
+        raise ValueError(f"{tokens}: old padded layout {list(shape)} [M, L, Dt] with no text_offsets.npy; "
+                         f"the packed layout is text_tokens [T, Dt] + text_offsets [M + 1]: {RERUN}")
 
 
 def load_features(root: str | Path, mmap: bool = True) -> FeatureSplit:
     """Open ``data/features/<split>/``; checks shapes agree and names the file that does not."""
     root = Path(root)
+    check_text_layout(root)
     arrays = {name: load_npy(root / f"{name}.npy", mmap) for name in FEATURE_ARRAYS}
     meta = read_json(root / "meta.json")
+    tokens, offsets = arrays.pop("text_tokens"), np.asarray(arrays.pop("text_offsets"), np.int64)
+    if tokens.ndim != 2:
+        raise ValueError(f"{root / 'text_tokens.npy'}: shape {list(tokens.shape)}, expected [T, Dt] "
+                         f"(packed captions): {RERUN}")
     n, m = arrays["image_pooled"].shape[0], arrays["text_pooled"].shape[0]
-    expect = {"image_tokens": n, "image_ids": n, "text_tokens": m, "text_lengths": m,
-              "caption_image_index": m, "caption_ids": m}
+    if offsets.shape != (m + 1,) or offsets[0] != 0 or offsets[-1] != tokens.shape[0] or (np.diff(offsets) < 0).any():
+        raise ValueError(f"{root / 'text_offsets.npy'}: expected {m + 1} non-decreasing offsets from 0 to "
+                         f"{tokens.shape[0]} (rows of text_tokens.npy), got shape {list(offsets.shape)}"
+                         + (f" from {offsets[0]} to {offsets[-1]}" if offsets.size else ""))
+    expect = {"image_tokens": n, "image_ids": n, "caption_image_index": m, "caption_ids": m}
     for name, rows in expect.items():
         if arrays[name].shape[0] != rows:
             raise ValueError(f"{root / (name + '.npy')}: {arrays[name].shape[0]} rows, expected {rows}")
-    return FeatureSplit(root=root, meta=meta, **arrays)
+    return FeatureSplit(root=root, meta=meta, text=PackedText.from_offsets(tokens, offsets), **arrays)
+
+
+class FeatureWriter:
+    """Streams one feature split into ``open_memmap`` files under ``root`` (a directory inside an
+    :func:`atomic_dir`): images by row range, captions by row set into their packed spans.
+    ``lengths (M,)`` fixes the offsets up front. Pages are dropped every ~``release`` bytes so
+    memory is set by the batches, not the split."""
+
+    def __init__(self, root: Path, n_images: int, regions: int, image_dim: int, lengths: np.ndarray,
+                 text_dim: int, release: int = 64 << 20):
+        from numpy.lib.format import open_memmap
+
+        self.root, self.release, self._written = Path(root), release, 0
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.offsets = np.concatenate([[0], np.cumsum(np.asarray(lengths, np.int64))])  # (M + 1,)
+        m, t = len(lengths), int(self.offsets[-1])
+        self.image_tokens = open_memmap(self.root / "image_tokens.npy", "w+", np.float16, (n_images, regions, image_dim))
+        self.image_pooled = open_memmap(self.root / "image_pooled.npy", "w+", np.float16, (n_images, image_dim))
+        self.text_tokens = open_memmap(self.root / "text_tokens.npy", "w+", np.float16, (t, text_dim))
+        self.text_pooled = open_memmap(self.root / "text_pooled.npy", "w+", np.float16, (m, text_dim))
+
+    def _count(self, nbytes: int) -> None:
+        self._written += nbytes
+        if self._written >= self.release:
+            self.drop()
+            self._written = 0
+
+    def drop(self) -> None:
+        for array in (self.image_tokens, self.image_pooled, self.text_tokens, self.text_pooled):
+            drop_pages(array)
+
+    def write_images(self, start: int, tokens: np.ndarray, pooled: np.ndarray) -> None:
+        """Rows start.. of image tokens (b, R, Di) and pooled (b, Di)."""
+        self.image_tokens[start:start + len(tokens)] = tokens
+        self.image_pooled[start:start + len(pooled)] = pooled
+        self._count(tokens.nbytes + pooled.nbytes)
+
+    def write_texts(self, rows: np.ndarray, states: np.ndarray, pooled: np.ndarray) -> None:
+        """Captions ``rows (b,)``: states (b, l, Dt) padded (l >= each caption's length; the
+        first ``length`` states of each are kept) and pooled (b, Dt)."""
+        rows = np.asarray(rows, np.int64)
+        starts, lengths = self.offsets[rows], np.diff(self.offsets)[rows]  # (b,), (b,)
+        mask = np.arange(states.shape[1])[None, :] < lengths[:, None]  # (b, l)
+        if len(rows) and (np.diff(rows) == 1).all():  # consecutive captions: one contiguous span
+            self.text_tokens[starts[0]:starts[-1] + lengths[-1]] = states[mask]
+        else:
+            self.text_tokens[span_index(starts, lengths)] = states[mask]
+        self.text_pooled[rows] = pooled
+        self._count(int(lengths.sum()) * self.text_tokens.shape[1] * 2 + pooled.nbytes)
+
+    def close(self, image_ids: np.ndarray, caption_image_index: np.ndarray, caption_ids: np.ndarray,
+              meta: dict) -> None:
+        """Flush the token files and write the small arrays and ``meta.json``."""
+        for array in (self.image_tokens, self.image_pooled, self.text_tokens, self.text_pooled):
+            array.flush()
+            drop_pages(array)
+        del self.image_tokens, self.image_pooled, self.text_tokens, self.text_pooled
+        np.save(self.root / "text_offsets.npy", self.offsets)
+        np.save(self.root / "image_ids.npy", np.asarray(image_ids, np.int64))
+        np.save(self.root / "caption_image_index.npy", np.asarray(caption_image_index, np.int64))
+        np.save(self.root / "caption_ids.npy", np.asarray(caption_ids, np.int64))
+        (self.root / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
 def write_features(root: str | Path, *, image_tokens: np.ndarray, image_pooled: np.ndarray,
-                   text_tokens: np.ndarray, text_lengths: np.ndarray, text_pooled: np.ndarray,
-                   image_ids: np.ndarray, caption_image_index: np.ndarray, caption_ids: np.ndarray,
-                   meta: dict) -> None:
-    """Write one feature split atomically (used by tests and small splits; the features stage
-    streams into ``np.lib.format.open_memmap`` files inside an :func:`atomic_dir`)."""
+                   text_tokens: np.ndarray, text_pooled: np.ndarray, image_ids: np.ndarray,
+                   caption_image_index: np.ndarray, caption_ids: np.ndarray, meta: dict,
+                   text_lengths: np.ndarray | None = None, text_offsets: np.ndarray | None = None) -> None:
+    """Write one feature split atomically from in-memory arrays (tests and small splits; the
+    features stage and bench/scale.py stream through :class:`FeatureWriter`). Captions either
+    packed (``text_tokens (T, Dt)`` + ``text_offsets``) or padded (``text_tokens (M, L, Dt)`` +
+    ``text_lengths``: states past each length are dropped)."""
+    if (text_lengths is None) == (text_offsets is None):
+        raise ValueError("write_features: give text_lengths (padded [M, L, Dt] tokens) or text_offsets (packed [T, Dt])")
+    packed = (PackedText.from_padded(text_tokens, text_lengths) if text_lengths is not None
+              else PackedText.from_offsets(text_tokens, text_offsets))
+    image_tokens = np.asarray(image_tokens)
     with atomic_dir(root) as tmp:
-        np.save(tmp / "image_tokens.npy", image_tokens.astype(np.float16))
-        np.save(tmp / "image_pooled.npy", image_pooled.astype(np.float16))
-        np.save(tmp / "text_tokens.npy", text_tokens.astype(np.float16))
-        np.save(tmp / "text_lengths.npy", text_lengths.astype(np.int32))
-        np.save(tmp / "text_pooled.npy", text_pooled.astype(np.float16))
-        np.save(tmp / "image_ids.npy", image_ids.astype(np.int64))
-        np.save(tmp / "caption_image_index.npy", caption_image_index.astype(np.int64))
-        np.save(tmp / "caption_ids.npy", caption_ids.astype(np.int64))
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        writer = FeatureWriter(tmp, image_tokens.shape[0], image_tokens.shape[1], image_tokens.shape[2],
+                               packed.lengths, packed.dim)
+        writer.write_images(0, image_tokens.astype(np.float16), np.asarray(image_pooled).astype(np.float16))
+        if len(packed):
+            tokens, _ = packed.gather()
+            writer.write_texts(np.arange(len(packed)), tokens.astype(np.float16),
+                               np.asarray(text_pooled).astype(np.float16))
+        writer.close(image_ids, caption_image_index, caption_ids, meta)
+
+
+class NpyRows:
+    """Rows of a ``.npy`` file read with ``os.preadv`` into caller buffers instead of a memory map:
+    pages read this way are never mapped into the process, so its resident set stays at the size of
+    the buffers however large the file (the kernel may still cache the file)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        header = load_npy(self.path)  # a memory map only to read the header
+        if not isinstance(header, np.memmap) or header.dtype.hasobject or not header.flags.c_contiguous:
+            raise ValueError(f"{self.path}: expected a C-ordered numeric .npy file")
+        self.shape, self.dtype, self.offset = header.shape, header.dtype, int(header.offset)
+        self.row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+        del header
+        self.fd = os.open(self.path, os.O_RDONLY)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __del__(self) -> None:
+        self.close()
+
+    def read_spans(self, starts: np.ndarray, counts: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """Rows [starts[j], starts[j] + counts[j]) for each j, concatenated into ``out`` (C-contiguous,
+        at least sum(counts) rows of this file's row shape and dtype). Adjacent spans are read in one
+        call, so sorted ``starts`` read fastest. Returns the filled rows of ``out``."""
+        starts, counts = np.asarray(starts, np.int64), np.asarray(counts, np.int64)
+        total = int(counts.sum())
+        flat = out.reshape(-1).view(np.uint8)
+        if out.dtype != self.dtype or not out.flags.c_contiguous or flat.size < total * self.row_bytes:
+            raise ValueError(f"{self.path}: buffer {out.dtype} {list(out.shape)} cannot hold {total} rows of "
+                             f"{self.dtype} {list(self.shape[1:])}")
+        pos = 0
+        j, n = 0, len(starts)
+        while j < n:
+            k, rows = j + 1, int(counts[j])
+            while k < n and starts[k] == starts[k - 1] + counts[k - 1]:  # coalesce adjacent spans
+                rows += int(counts[k])
+                k += 1
+            nbytes = rows * self.row_bytes
+            if nbytes:
+                view = memoryview(flat[pos:pos + nbytes])
+                got = os.preadv(self.fd, [view], self.offset + int(starts[j]) * self.row_bytes)
+                while got < nbytes:  # short reads are legal; finish them
+                    more = os.preadv(self.fd, [view[got:]], self.offset + int(starts[j]) * self.row_bytes + got)
+                    if more <= 0:
+                        raise OSError(f"{self.path}: file ends before row {int(starts[j]) + rows}")
+                    got += more
+            pos += nbytes
+            j = k
+        return out.reshape(-1)[: total * (self.row_bytes // self.dtype.itemsize)].reshape((total,) + self.shape[1:])
+
+    def read_rows(self, rows: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """Rows ``rows`` (sorted ascending reads fastest) into ``out`` -> (len(rows), ...)."""
+        return self.read_spans(rows, np.ones(len(rows), np.int64), out)

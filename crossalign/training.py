@@ -5,7 +5,9 @@ by a generator seeded from (seed, epoch); ``model(batch)`` -> named outputs -> t
 module -> named terms, summed. AdamW with linear warm-up then cosine decay, gradient clipping,
 early stopping on validation RSUM (COCO protocol) with patience; the best epoch's weights are the
 result. A checkpoint each epoch (``crossalign.checkpoint``) makes a killed run resume to identical
-weights. CUDA with bf16 autocast when present, CPU (deterministic) otherwise.
+weights. CUDA with bf16 autocast when present, CPU (deterministic) otherwise. Batches are gathered
+from the split's fp16 arrays by :mod:`crossalign.batches` (``train.placement``: held on the device
+or streamed from the files); the split is never converted to float32 as a whole.
 
 Layout under ``root``: ``models/<m>/final/seed-<s>/{model.safetensors,model.json}``,
 ``models/<m>/checkpoints/seed-<s>/``, ``plots/train/<m>.csv``.
@@ -18,7 +20,6 @@ import hashlib
 import json
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,52 +27,17 @@ import numpy as np
 import torch
 
 from crossalign import checkpoint
+from crossalign.batches import DeviceSplit, StreamSplit, iterate, open_split
 from crossalign.config import Config
 from crossalign.device import resolve_device
 from crossalign.io import FeatureSplit, atomic_dir, atomic_file, load_features
 from crossalign.methods import get_method, method_params, save_aligner
-from crossalign.methods.base import Aligner, Batch
+from crossalign.methods.base import Aligner
 from crossalign.retrieval import retrieval_metrics, score_matrices
 
 
 class NonFiniteLossError(ValueError):
     """The loss became NaN or infinite; the message names method, seed, epoch and step."""
-
-
-@dataclass
-class SplitTensors:
-    """A feature split held in RAM as float32 (the default set is < 1 GB; fp16 gathers are slow on CPU)."""
-
-    image_tokens: torch.Tensor  # (N, R, Di)
-    image_pooled: torch.Tensor  # (N, Di)
-    text_tokens: torch.Tensor  # (M, L, Dt)
-    text_lengths: torch.Tensor  # (M,) long
-    text_pooled: torch.Tensor  # (M, Dt)
-    caption_image: torch.Tensor  # (M,) long
-
-    @classmethod
-    def of(cls, split: FeatureSplit) -> "SplitTensors":
-        t = lambda a, dt: torch.from_numpy(np.ascontiguousarray(a)).to(dt)  # noqa: E731
-        return cls(t(split.image_tokens, torch.float32), t(split.image_pooled, torch.float32),
-                   t(split.text_tokens, torch.float32), t(split.text_lengths, torch.long),
-                   t(split.text_pooled, torch.float32), t(split.caption_image_index, torch.long))
-
-    def to(self, device: torch.device) -> "SplitTensors":
-        """Move the whole split (to the GPU: batches are then gathered there)."""
-        return SplitTensors(**{k: v.to(device) for k, v in vars(self).items()})
-
-    def batch(self, captions: torch.Tensor, device: torch.device) -> Batch:
-        """Pairs (image of caption c, caption c) for the caption rows ``captions`` (B,)."""
-        captions = captions.to(self.caption_image.device)
-        img = self.caption_image[captions]  # (B,)
-        lengths = self.text_lengths[captions]  # (B,)
-        width = max(int(lengths.max()), 1)
-        return Batch(image_tokens=self.image_tokens[img],  # (B, R, Di)
-                     image_pooled=self.image_pooled[img],  # (B, Di)
-                     text_tokens=self.text_tokens[captions, :width],  # (B, L, Dt)
-                     text_mask=torch.arange(width, device=lengths.device)[None, :] < lengths[:, None],  # (B, L)
-                     text_pooled=self.text_pooled[captions],  # (B, Dt)
-                     image_index=img).to(device)
 
 
 def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
@@ -89,19 +55,18 @@ def validation_metrics(model: Aligner, split: FeatureSplit, device: torch.device
 
 
 def first_images(split: FeatureSplit, n: int) -> FeatureSplit:
-    """The first ``n`` images of a split and their captions (all when n is 0 or too large)."""
+    """The first ``n`` images of a split and their captions (all when n is 0 or too large);
+    no token data is copied."""
     if not n or n >= split.n_images:
         return split
     keep = np.flatnonzero(np.asarray(split.caption_image_index) < n)  # (M',)
-    return FeatureSplit(root=split.root, meta=split.meta, image_tokens=split.image_tokens[:n],
-                        image_pooled=split.image_pooled[:n], image_ids=split.image_ids[:n],
-                        text_tokens=split.text_tokens[keep], text_lengths=split.text_lengths[keep],
-                        text_pooled=split.text_pooled[keep], caption_image_index=split.caption_image_index[keep],
-                        caption_ids=split.caption_ids[keep])
+    sub = split.select_captions(keep)
+    sub.image_tokens, sub.image_pooled, sub.image_ids = split.image_tokens[:n], split.image_pooled[:n], split.image_ids[:n]
+    return sub
 
 
 _PACKAGE = Path(__file__).resolve().parent
-WEIGHT_CODE = ("training.py", "losses.py", "mining.py", "retrieval.py", "checkpoint.py", "methods")
+WEIGHT_CODE = ("training.py", "batches.py", "losses.py", "mining.py", "retrieval.py", "checkpoint.py", "methods")
 
 
 def code_hash() -> str:
@@ -122,7 +87,7 @@ def fingerprint(cfg: Config, method: str, seed: int, train: FeatureSplit, val: F
     blob = {"methods": method_params(cfg, method), "seed": seed, "code": code_hash(),
             "train": [t.epochs, t.batch_size, t.lr, t.weight_decay, t.warmup_fraction, t.grad_clip, t.patience,
                       t.val_images],
-            "features": [list(train.image_tokens.shape), list(train.text_tokens.shape), list(val.text_tokens.shape),
+            "features": [list(train.image_tokens.shape), list(train.text.tokens.shape), list(val.text.tokens.shape),
                          _sample_digest(train), _sample_digest(val)]}
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -150,12 +115,16 @@ class NullTracker:
 
 
 def _epochs(cfg: Config, method: str, seed: int, model: Aligner, loss_fn: torch.nn.Module,
-            opt: torch.optim.Optimizer, data: SplitTensors, val: FeatureSplit, state: dict[str, Any],
-            best: dict[str, torch.Tensor], ckpt_dir: Path, tracker: Any, log) -> dict[str, torch.Tensor]:
-    """Run the remaining epochs (updating ``state`` and the checkpoint) -> best weights."""
+            opt: torch.optim.Optimizer, data: DeviceSplit | StreamSplit, val: FeatureSplit, state: dict[str, Any],
+            best: dict[str, torch.Tensor], ckpt_dir: Path, tracker: Any, log,
+            max_steps: int | None = None) -> dict[str, torch.Tensor]:
+    """Run the remaining epochs (updating ``state`` and the checkpoint) -> best weights.
+    ``max_steps``: at most this many steps per epoch (benchmarks only)."""
     t, device = cfg.train, next(model.parameters()).device
-    n_cap = data.caption_image.shape[0]
+    n_cap = data.split.n_captions
     steps_per_epoch = max(1, n_cap // t.batch_size + (n_cap % t.batch_size >= 2))
+    if max_steps:
+        steps_per_epoch = min(steps_per_epoch, max_steps)
     total = t.epochs * steps_per_epoch
     warmup = int(t.warmup_fraction * total)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
@@ -167,12 +136,11 @@ def _epochs(cfg: Config, method: str, seed: int, model: Aligner, loss_fn: torch.
         model.train()
         order = torch.randperm(n_cap, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
         sums: dict[str, float] = {}
-        for b in range(steps_per_epoch):
-            idx = order[b * t.batch_size:(b + 1) * t.batch_size]
+        index = (order[b * t.batch_size:(b + 1) * t.batch_size] for b in range(steps_per_epoch))
+        for b, batch in enumerate(iterate(data, index)):
             lr = lr_at(state["step"], total, warmup, t.lr)
             for group in opt.param_groups:
                 group["lr"] = lr
-            batch = data.batch(idx, device)
             with autocast:
                 terms = loss_fn(model(batch), batch)
             loss = sum(terms.values())
@@ -209,8 +177,9 @@ def _epochs(cfg: Config, method: str, seed: int, model: Aligner, loss_fn: torch.
 
 
 def train_seed(cfg: Config, root: Path, method: str, seed: int, train: FeatureSplit, val: FeatureSplit,
-               final_dir: Path, tracker: Any = None, log=print) -> dict[str, Any]:
-    """Train one (method, seed) to ``final_dir`` (model.safetensors + model.json); returns meta."""
+               final_dir: Path, tracker: Any = None, log=print, max_steps: int | None = None) -> dict[str, Any]:
+    """Train one (method, seed) to ``final_dir`` (model.safetensors + model.json); returns meta.
+    ``max_steps`` caps the steps per epoch (benchmarks only)."""
     tracker = tracker or NullTracker()
     t, device = cfg.train, resolve_device(cfg.train.device, "train.device")
     spec = get_method(method)
@@ -218,9 +187,9 @@ def train_seed(cfg: Config, root: Path, method: str, seed: int, train: FeatureSp
     model = spec.build_model(cfg, train.image_dim, train.text_dim).to(device)
     loss_fn = spec.build_loss(cfg)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t.lr, weight_decay=t.weight_decay)
-    data = SplitTensors.of(train)
-    if device.type == "cuda":  # the default set is < 1 GB: gather batches on the GPU
-        data = data.to(device)
+    data = open_split(train, t.placement, device, model.reads_tokens)  # batches never widen the whole split
+    log(f"[{method} seed {seed}] train.placement {t.placement}: {data.placement} "
+        f"({'tokens + pooled' if model.reads_tokens else 'pooled only'})")
     ckpt_dir = root / "models" / method / "checkpoints" / f"seed-{seed}"
     fp = fingerprint(cfg, method, seed, train, val)
     state: dict[str, Any] = {"epoch": 0, "step": 0, "best_rsum": -1.0, "best_epoch": 0, "bad_epochs": 0,
@@ -234,7 +203,8 @@ def train_seed(cfg: Config, root: Path, method: str, seed: int, train: FeatureSp
         log(f"[{method} seed {seed}] {ckpt_dir} was written with other params or data: starting afresh")
     state["run_id"] = tracker.start(method, seed, state.get("run_id"))
     try:
-        best = _epochs(cfg, method, seed, model, loss_fn, opt, data, val, state, best, ckpt_dir, tracker, log)
+        best = _epochs(cfg, method, seed, model, loss_fn, opt, data, val, state, best, ckpt_dir, tracker, log,
+                      max_steps)
     except BaseException:
         tracker.abort()
         raise
@@ -256,23 +226,25 @@ def write_curves(path: Path, history: list[dict]) -> None:
         writer.writerows(history)
 
 
-def run(cfg: Config, root: Path, method: str, tracker_factory=None, log=print) -> list[dict[str, Any]]:
+def run(cfg: Config, root: Path, method: str, tracker_factory=None, log=print,
+        max_steps: int | None = None) -> list[dict[str, Any]]:
     """Train ``method`` for every seed in ``train.seeds`` on ``root/data/features/{train,val}``.
 
     ``tracker_factory(cfg, root) -> tracker`` (e.g. :class:`crossalign.tracking.MlflowTracker`);
     None trains without tracking. Returns each seed's model meta (with its history).
+    ``max_steps`` caps the steps per epoch (``bench/scale.py``; never set by the stage).
     """
     root = Path(root)
     get_method(method)  # unknown names fail before any work
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    train = load_features(root / "data" / "features" / "train", mmap=False)
-    val = first_images(load_features(root / "data" / "features" / "val", mmap=False), cfg.train.val_images)
+    train = load_features(root / "data" / "features" / "train")  # memory maps: placement decides what is read
+    val = first_images(load_features(root / "data" / "features" / "val"), cfg.train.val_images)
     tracker = tracker_factory(cfg, root) if tracker_factory else None
     results, history = [], []
     with atomic_dir(root / "models" / method / "final") as final:
         for seed in cfg.train.seeds:
-            result = train_seed(cfg, root, method, seed, train, val, final / f"seed-{seed}", tracker, log)
+            result = train_seed(cfg, root, method, seed, train, val, final / f"seed-{seed}", tracker, log, max_steps)
             results.append(result)
             history.extend(result["history"])
     write_curves(root / "plots" / "train" / f"{method}.csv", history)

@@ -63,8 +63,8 @@ def test_text_query_ranks_test_images_like_the_evaluation(project, monkeypatch, 
     monkeypatch.chdir(root)
     cfg, params = _params(root, "text-query", "contrastive", runs)
     feats, j = _test_features(root), 5
-    stored = (torch.from_numpy(np.array(feats.text_tokens[j:j + 1])).float(),
-              torch.arange(feats.text_tokens.shape[1])[None] < int(feats.text_lengths[j]),
+    tokens, lengths = feats.text.gather([j])  # (1, L, Dt) padded to its own length
+    stored = (torch.from_numpy(tokens).float(), torch.arange(tokens.shape[1])[None] < int(lengths[0]),
               torch.from_numpy(np.array(feats.text_pooled[j:j + 1])).float())
     monkeypatch.setattr(cli, "text_features", lambda cfg, text, device: stored)
     images = root / "data" / "raw" / cfg.data.dataset / "images"  # where the data stage puts them

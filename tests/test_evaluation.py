@@ -102,3 +102,42 @@ def test_stage_entry_point_exits_2_with_the_reason(tmp_path, monkeypatch, capsys
     monkeypatch.chdir(tmp_path)
     assert stage.main(["--method", "joint"]) == 2
     assert "data/features/val" in capsys.readouterr().err
+
+
+def _fold_alone(split, rows: slice):
+    """The fold as its own split: its images and only their captions (rows re-based)."""
+    from crossalign.io import FeatureSplit
+
+    cols = np.flatnonzero((split.caption_image_index >= rows.start) & (split.caption_image_index < rows.stop))
+    sub = split.select_captions(cols)
+    return FeatureSplit(root=split.root, meta=split.meta, image_tokens=split.image_tokens[rows],
+                        image_pooled=split.image_pooled[rows], text=sub.text, text_pooled=sub.text_pooled,
+                        image_ids=split.image_ids[rows], caption_image_index=sub.caption_image_index - rows.start,
+                        caption_ids=sub.caption_ids)
+
+
+@pytest.mark.parametrize("method", ["joint", "contrastive"])
+def test_each_fold_equals_evaluating_that_fold_alone(tmp_path, monkeypatch, method):
+    """The 1K numbers are the mean over folds of each fold evaluated as a split of its own. For the
+    re-ranking method the shortlists must come from the fold: the old cut of the full matrices (a
+    fold re-ranking only its members of the full top-k) gives other numbers here."""
+    from conftest import make_tiny_features
+    from crossalign import retrieval
+    from crossalign.methods import build_aligner
+
+    monkeypatch.setattr(retrieval, "FOLD_IMAGES", 8)  # five folds of 8 images in a 40-image split
+    # re-rank by the match score alone over a shortlist of 6 of a fold's 16 captions
+    cfg = tiny_config(tmp_path, methods={"embed_dim": 16, "joint": {"heads": 2, "hard_k": 4, "shortlist_k": 6,
+                                                                    "fusion_alpha": 1.0}})
+    split = load_features(make_tiny_features(tmp_path / "split", n_images=40, seed=3))
+    torch.manual_seed(0)
+    model = build_aligner(cfg, method, split.image_dim, split.text_dim).eval()
+    metrics, *_ = evaluation.evaluate_model(model, split, cfg, torch.device("cpu"))
+    folds = retrieval.fold_slices(40)
+    alone = [evaluation.evaluate_model(model, _fold_alone(split, rows), cfg, torch.device("cpu"))[0] for rows in folds]
+    for key in METRIC_KEYS:
+        assert metrics["1k"][key] == pytest.approx(np.mean([a[key] for a in alone])), key
+    if method == "joint":  # the old protocol (cut out of the full re-ranked matrices) differs
+        i2t, t2i = score_matrices(model, split, "cpu", 8, 16)
+        cut = retrieval.coco_metrics(i2t, t2i, split.caption_image_index)[0]["1k"]
+        assert cut["rsum"] != pytest.approx(metrics["1k"]["rsum"])

@@ -12,7 +12,7 @@ import torch
 from crossalign import config, features
 from crossalign.device import resolve_device
 from crossalign.encoders.text import default_model_path
-from crossalign.io import load_features, read_json
+from crossalign.io import FeatureWriter, load_features, read_json
 from conftest import tiny_config
 
 torch.set_num_threads(1)
@@ -67,14 +67,18 @@ def test_features_stage_writes_the_contract(prepared, tmp_path):
         feats = load_features(out / split)
         offsets = np.load(src / "offsets.npy")
         assert feats.image_tokens.shape == (n, 1, 1280) and feats.image_pooled.shape == (n, 1280)
-        assert feats.text_tokens.shape == (2 * n, int(np.diff(offsets).max()), 384)
-        assert {a.dtype for a in (feats.image_tokens, feats.image_pooled, feats.text_tokens, feats.text_pooled)} == {np.dtype(np.float16)}
+        # packed: one row per caption token, offsets equal to the prepared ids' offsets
+        assert feats.text.tokens.shape == (int(offsets[-1]), 384)
+        np.testing.assert_array_equal(np.load(out / split / "text_offsets.npy"), offsets)
+        assert {a.dtype for a in (feats.image_tokens, feats.image_pooled, feats.text.tokens, feats.text_pooled)} == {np.dtype(np.float16)}
         np.testing.assert_array_equal(feats.text_lengths, np.diff(offsets))
-        for j, length in enumerate(feats.text_lengths):
-            assert np.abs(feats.text_tokens[j, length:]).max(initial=0) == 0
-            assert np.abs(feats.text_tokens[j, :length]).max() > 0
-        np.testing.assert_allclose(feats.text_pooled, feats.text_tokens.astype(np.float32).sum(1)
-                                   / feats.text_lengths[:, None], rtol=2e-2, atol=2e-3)
+        padded, lengths = feats.text.gather()  # (M, L, D) padded to the longest caption
+        assert padded.shape == (2 * n, int(np.diff(offsets).max()), 384)
+        for j, length in enumerate(lengths):
+            assert np.abs(padded[j, length:]).max(initial=0) == 0
+            assert np.abs(padded[j, :length]).max() > 0
+        np.testing.assert_allclose(feats.text_pooled, padded.astype(np.float32).sum(1)
+                                   / lengths[:, None], rtol=2e-2, atol=2e-3)
         np.testing.assert_allclose(feats.image_pooled, feats.image_tokens.astype(np.float32).mean(1), atol=1e-3)
         for name in ("image_ids", "caption_image_index", "caption_ids"):
             np.testing.assert_array_equal(getattr(feats, name), np.load(src / f"{name}.npy"))
@@ -130,11 +134,10 @@ def test_streaming_with_page_release_matches_in_memory(prepared, monkeypatch, tm
     np.testing.assert_array_equal(np.load(tmp_path / "out" / "image_pooled.npy"), pooled)
     # captions batched 5 at a time by length vs all at once: equal up to fp16 rounding
     captions = features.caption_ids(src, txt_enc)
-    text_tokens = np.zeros((16, int(captions.lengths.max()), 384), np.float16)
-    text_pooled = np.zeros((16, 384), np.float16)
-    features.encode_texts(captions, txt_enc, text_tokens, text_pooled, 64, cpu, progress=False)
-    np.testing.assert_allclose(np.load(tmp_path / "out" / "text_pooled.npy"), text_pooled, atol=2e-3)
-    np.testing.assert_allclose(np.load(tmp_path / "out" / "text_tokens.npy"), text_tokens, atol=2e-2)
+    writer = FeatureWriter(tmp_path / "mem", 0, 1, 1280, captions.lengths, 384)
+    features.encode_texts(captions, txt_enc, writer, 64, cpu, progress=False)
+    np.testing.assert_allclose(np.load(tmp_path / "out" / "text_pooled.npy"), writer.text_pooled, atol=2e-3)
+    np.testing.assert_allclose(np.load(tmp_path / "out" / "text_tokens.npy"), writer.text_tokens, atol=2e-2)
 
 
 def test_other_vocabulary_retokenises_captions(prepared, tmp_path):
@@ -150,7 +153,7 @@ def test_other_vocabulary_retokenises_captions(prepared, tmp_path):
     captions = read_json(prepared / "data" / "prepared" / "val" / "captions.json")
     expect = [len(c.split()) + 2 for c in captions]  # every word is one token here, plus [CLS] / [SEP]
     np.testing.assert_array_equal(feats.text_lengths, expect)
-    assert feats.text_tokens.shape == (8, max(expect), 16)
+    assert feats.text.tokens.shape == (sum(expect), 16)
     assert feats.meta["text_encoder"]["token_ids"].startswith("re-tokenised")
 
 
@@ -191,13 +194,74 @@ def test_cuda_path_matches_cpu(prepared, tmp_path):
     """The CUDA path (bf16 autocast, pinned memory, non-blocking copies) gives the CPU's features
     up to bf16 rounding."""
     cpu = load_features(features.run(tiny_config(tmp_path), prepared, progress=False) / "train")
-    cpu_arrays = {k: np.array(getattr(cpu, k), np.float32) for k in ("image_pooled", "text_pooled", "text_tokens")}
+    cpu_arrays = {k: np.array(getattr(cpu, k), np.float32) for k in ("image_pooled", "text_pooled")}
+    cpu_arrays["text"] = np.array(cpu.text.tokens, np.float32)
     gpu = load_features(features.run(tiny_config(tmp_path, features={"device": "cuda"}), prepared, progress=False) / "train")
     assert gpu.meta["precision"] == "bf16 autocast"
     np.testing.assert_array_equal(gpu.text_lengths, cpu.text_lengths)
     for name, expect in cpu_arrays.items():
-        got = np.array(getattr(gpu, name), np.float32)
+        got = np.array(gpu.text.tokens if name == "text" else getattr(gpu, name), np.float32)
         scale = float(np.abs(expect).max())
         assert np.abs(got - expect).max() <= 0.05 * scale, name
         cos = (got * expect).sum(-1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(expect, axis=-1) + 1e-9)
         assert float(cos[np.linalg.norm(expect, axis=-1) > 0].min()) > 0.99, name
+
+
+# ----------------------------------------------------------------------- packed layout (issue 9)
+def _padded_split(rng: np.random.Generator, m: int = 9, width: int = 7, dim: int = 5):
+    lengths = rng.integers(0, width + 1, size=m).astype(np.int32)
+    lengths[2] = width  # one caption at the longest
+    padded = rng.normal(size=(m, width, dim)).astype(np.float16)
+    padded[np.arange(width)[None, :] >= lengths[:, None]] = 0
+    return padded, lengths
+
+
+def test_packed_features_round_trip(tmp_path):
+    """Padded captions in -> packed file (only real states) -> any batch gathered back equals the
+    same rows of the padded input, cut to the batch's own longest caption."""
+    from crossalign.io import NpyRows, write_features
+
+    rng = np.random.default_rng(0)
+    padded, lengths = _padded_split(rng)
+    m = len(lengths)
+    write_features(tmp_path / "s", image_tokens=rng.normal(size=(3, 2, 4)), image_pooled=rng.normal(size=(3, 4)),
+                   text_tokens=padded, text_lengths=lengths, text_pooled=rng.normal(size=(m, 5)),
+                   image_ids=np.arange(3), caption_image_index=np.arange(m) % 3, caption_ids=np.arange(m), meta={})
+    feats = load_features(tmp_path / "s")
+    assert feats.text.tokens.shape == (int(lengths.sum()), 5)  # no padding stored
+    np.testing.assert_array_equal(np.load(tmp_path / "s" / "text_offsets.npy"),
+                                  np.concatenate([[0], np.cumsum(lengths)]))
+    np.testing.assert_array_equal(feats.text_lengths, lengths)
+    for rows in ([4, 2, 0], [1], [8, 7], list(range(m))):
+        got, got_len = feats.text.gather(rows)
+        width = max(int(lengths[rows].max()), 1)
+        np.testing.assert_array_equal(got_len, lengths[rows])
+        np.testing.assert_array_equal(got, padded[rows, :width])  # zeros past each length included
+    # a subset shares the tokens; positioned reads give the same spans as the memory map
+    sub = feats.text.select(np.array([6, 3]))
+    np.testing.assert_array_equal(sub.gather()[0], padded[[6, 3], :max(lengths[[6, 3]].max(), 1)])
+    reader = NpyRows(tmp_path / "s" / "text_tokens.npy")
+    starts, counts = feats.text.starts[[3, 4, 6]], lengths[[3, 4, 6]]
+    got = reader.read_spans(starts, counts, np.empty((int(counts.sum()) + 2, 5), np.float16))
+    np.testing.assert_array_equal(got, np.concatenate([padded[j, :lengths[j]] for j in (3, 4, 6)]))
+    reader.close()
+
+
+def test_old_padded_layout_fails_with_rerun_message(tmp_path):
+    """A pre-issue-9 directory (text_tokens [M, L, Dt] + text_lengths, no offsets) names the file
+    and says to rerun the features stage."""
+    from crossalign.io import write_features
+
+    rng = np.random.default_rng(1)
+    padded, lengths = _padded_split(rng)
+    write_features(tmp_path / "s", image_tokens=rng.normal(size=(3, 2, 4)), image_pooled=rng.normal(size=(3, 4)),
+                   text_tokens=padded, text_lengths=lengths, text_pooled=rng.normal(size=(9, 5)),
+                   image_ids=np.arange(3), caption_image_index=np.arange(9) % 3, caption_ids=np.arange(9), meta={})
+    (tmp_path / "s" / "text_offsets.npy").unlink()  # the old layout: padded tokens, lengths, no offsets
+    np.save(tmp_path / "s" / "text_tokens.npy", padded)
+    np.save(tmp_path / "s" / "text_lengths.npy", lengths)
+    with pytest.raises(ValueError) as err:
+        load_features(tmp_path / "s")
+    message = str(err.value)
+    assert str(tmp_path / "s" / "text_tokens.npy") in message and "[9, 7, 5]" in message
+    assert "dvc repro features" in message

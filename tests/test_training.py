@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -182,3 +183,35 @@ def test_cuda_bf16_training(tmp_path, tiny_features):
     cfg = tiny_config(tmp_path, train={"epochs": 1, "device": "cuda"})
     for method in METHODS:
         assert training.run(cfg, tmp_path, method, log=quiet)[0]["val_metrics"]["rsum"] > 0
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_streamed_and_in_memory_training_give_identical_weights(tmp_path, method):
+    """train.placement stream (positioned reads per batch, prefetch thread) and device (fp16 held in
+    RAM) feed identical float32 batches: bit-identical CPU weights."""
+    shared_features(tmp_path)
+    weights = {}
+    for placement in ("device", "stream"):
+        cfg = tiny_config(tmp_path, train={"epochs": 2, "batch_size": 16, "patience": 2, "device": "cpu",
+                                           "threads": 1, "placement": placement})
+        training.run(cfg, tmp_path, method, log=quiet)
+        weights[placement] = load_file(str(tmp_path / "models" / method / "final" / "seed-0" / "model.safetensors"))
+        shutil.rmtree(tmp_path / "models" / method / "checkpoints")  # no resume: the next one trains afresh
+    assert weights["device"].keys() == weights["stream"].keys()
+    for key, value in weights["device"].items():
+        assert torch.equal(value, weights["stream"][key]), key
+
+
+def test_placement_auto_and_unknown(tmp_path):
+    from crossalign.batches import choose_placement, held_bytes
+
+    shared_features(tmp_path)
+    split = load_features(tmp_path / "data" / "features" / "train")
+    cpu = torch.device("cpu")
+    # pooled only: image (64 x 12) + caption (128 x 10) fp16
+    assert held_bytes(split, tokens=False) == 2 * (64 * 12 + 128 * 10)
+    assert held_bytes(split, tokens=True) == 2 * (64 * 12 + 128 * 10 + 64 * 4 * 12 + int(split.text_lengths.sum()) * 10)
+    assert choose_placement("auto", split, cpu, True) == "device"  # a few KB fit any machine
+    assert choose_placement("stream", split, cpu, True) == "stream"
+    with pytest.raises(ValueError, match="train.placement = 'disk'"):
+        choose_placement("disk", split, cpu, True)

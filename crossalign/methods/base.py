@@ -51,6 +51,9 @@ class Aligner(nn.Module):
 
     embeds: ClassVar[bool] = False
     matches: ClassVar[bool] = False
+    # whether encode_* read the token states (False: pooled only; training and evaluation then pass
+    # empty (B, 0, D) token tensors and never read the token arrays)
+    reads_tokens: ClassVar[bool] = True
     rerank: Rerank | None = None
 
     def encode_images(self, tokens: Tensor, pooled: Tensor) -> State:

@@ -16,6 +16,7 @@ class ConcatMlp(Aligner):
     """Pooled features -> projection (D) -> [image; text] -> MLP -> match logit."""
 
     matches = True
+    reads_tokens = False  # pooled features only
 
     def __init__(self, image_dim: int, text_dim: int, dim: int, hidden: int, dropout: float, negatives: int):
         super().__init__()

@@ -18,6 +18,7 @@ class Contrastive(Aligner):
     """Dual encoder over frozen pooled features: image / caption -> unit vectors in D."""
 
     embeds = True
+    reads_tokens = False  # pooled features only
 
     def __init__(self, image_dim: int, text_dim: int, dim: int, dropout: float, temperature: float,
                  learnable_temperature: bool):

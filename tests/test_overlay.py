@@ -1,0 +1,72 @@
+"""params-coco-gpu.yaml (the real-COCO GPU params set) applied the way `dvc exp run -S` applies it."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import yaml
+
+from conftest import REPO
+from crossalign import config
+from crossalign.overlay import main, overrides
+
+OVERLAY = REPO / "params-coco-gpu.yaml"
+
+
+def test_overrides_are_dotted_hydra_values():
+    got = overrides({"data": {"dataset": "coco-karpathy"}, "train": {"seeds": [0, 1], "epochs": 10, "lr": 0.0005},
+                     "methods": {"joint": {"learnable_temperature": True}}, "data2": {"folder": None}})
+    assert got == ["data.dataset=coco-karpathy", "train.seeds=[0,1]", "train.epochs=10", "train.lr=0.0005",
+                   "methods.joint.learnable_temperature=true", "data2.folder=null"]
+    with pytest.raises(ValueError, match="'a b'"):
+        overrides({"data": {"folder": "a b"}})
+
+
+def test_cli_prints_set_param_flags(capsys, tmp_path):
+    path = tmp_path / "o.yaml"
+    path.write_text("train:\n  epochs: 3\n  device: cuda\n")
+    assert main([str(path), "--flag=-S"]) == 0
+    assert capsys.readouterr().out.split() == ["-S", "train.epochs=3", "-S", "train.device=cuda"]
+
+
+def test_coco_gpu_overlay_applied_by_dvc_set_param_loads_and_reaches_stages(tmp_path):
+    """DVC's own --set-param code (dvc.utils.hydra.apply_overrides, what `dvc exp run -S` calls) on a
+    copy of params.yaml: the config loads, carries every overlay value, keeps every other value,
+    and each overlay key is a param of some stage in dvc.yaml (so `dvc exp run` reruns it)."""
+    from dvc.utils.hydra import apply_overrides
+
+    params = tmp_path / "params.yaml"
+    shutil.copy(REPO / "params.yaml", params)
+    items = overrides(yaml.safe_load(OVERLAY.read_text()))
+    apply_overrides(params, items)
+    cfg = config.load(params).model_dump(mode="json")
+    base = config.load(REPO / "params.yaml").model_dump(mode="json")
+    expected = {"data.dataset": "coco-karpathy", "methods.embed_dim": 256, "train.device": "cuda",
+                "train.placement": "auto", "features.image_batch_size": 256, "evaluate.device": "cuda"}
+    for key, value in expected.items():  # hand-picked from the overlay file
+        section, *rest = key.split(".")
+        node = cfg[section]
+        for part in rest:
+            node = node[part]
+        assert node == value, key
+    changed = {item.partition("=")[0] for item in items}
+
+    def leaves(tree, prefix=""):
+        for k, v in tree.items():
+            yield from leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else [(f"{prefix}{k}", v)]
+
+    after = dict(leaves(cfg))
+    for key, value in leaves(base):
+        if key not in changed:
+            assert after[key] == value, key  # nothing else moved
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    declared = set()
+    for stage in stages.values():
+        body = stage.get("do", stage)
+        for entry in body.get("params", []):
+            names = [entry] if isinstance(entry, str) else list(entry)
+            for name in names:
+                declared.update(name.replace("${item}", m) for m in base["train"]["methods"])
+    for key in changed:
+        parts = key.split(".")
+        assert any(".".join(parts[:i]) in declared for i in range(1, len(parts) + 1)), f"{key}: no stage reads it"
