@@ -31,8 +31,9 @@ from crossalign.batches import DeviceSplit, StreamSplit, iterate, open_split
 from crossalign.config import Config
 from crossalign.device import resolve_device
 from crossalign.io import FeatureSplit, atomic_dir, atomic_file, load_features
-from crossalign.methods import get_method, method_params, save_aligner
+from crossalign.methods import get_method, method_params, save_aligner, trainable_params
 from crossalign.methods.base import Aligner
+from crossalign.optim import param_groups
 from crossalign.retrieval import retrieval_metrics, score_matrices
 
 
@@ -66,7 +67,8 @@ def first_images(split: FeatureSplit, n: int) -> FeatureSplit:
 
 
 _PACKAGE = Path(__file__).resolve().parent
-WEIGHT_CODE = ("training.py", "batches.py", "losses.py", "mining.py", "retrieval.py", "checkpoint.py", "methods")
+WEIGHT_CODE = ("training.py", "batches.py", "losses.py", "mining.py", "retrieval.py", "checkpoint.py", "optim.py",
+               "methods")
 
 
 def code_hash() -> str:
@@ -186,7 +188,7 @@ def train_seed(cfg: Config, root: Path, method: str, seed: int, train: FeatureSp
     torch.manual_seed(seed)
     model = spec.build_model(cfg, train.image_dim, train.text_dim).to(device)
     loss_fn = spec.build_loss(cfg)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t.lr, weight_decay=t.weight_decay)
+    opt = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr)  # no decay on biases, norms, logit scale
     data = open_split(train, t.placement, device, model.reads_tokens)  # batches never widen the whole split
     log(f"[{method} seed {seed}] train.placement {t.placement}: {data.placement} "
         f"({'tokens + pooled' if model.reads_tokens else 'pooled only'})")
@@ -210,7 +212,8 @@ def train_seed(cfg: Config, root: Path, method: str, seed: int, train: FeatureSp
         raise
     model.load_state_dict({k: v.to(device) for k, v in best.items()})
     meta = {"method": method, "image_dim": train.image_dim, "text_dim": train.text_dim,
-            "methods": method_params(cfg, method), "seed": seed, "best_epoch": state["best_epoch"],
+            "methods": method_params(cfg, method), "trainable_params": trainable_params(model),
+            "seed": seed, "best_epoch": state["best_epoch"],
             "epochs_run": state["epoch"], "val_metrics": state.get("best_metrics", {})}
     save_aligner(model.cpu(), final_dir, meta)
     tracker.finish(final_dir, ckpt_dir, state["history"])  # the run is found by its tags, not named here

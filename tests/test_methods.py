@@ -155,3 +155,43 @@ def test_load_rejects_weights_of_another_architecture(cfg, tmp_path):
         load_aligner(tmp_path / "m")
     with pytest.raises(ValueError, match="meta lacks"):
         save_aligner(model, tmp_path / "x", {"method": "contrastive"})
+
+
+def test_joint_aligns_before_it_fuses(cfg):
+    """The contrastive (ITC) and matching (ITM) objectives train the same token projections: the
+    cross-encoder reads exactly the projected tokens whose pool is embedded, ITC alone moves the
+    projections but not the encoder, ITM alone moves them but not the embedding heads."""
+    from crossalign.losses import ContrastiveLoss, MatchingLoss
+    from crossalign.methods import trainable_params
+
+    torch.manual_seed(0)
+    model = build_aligner(cfg, "joint", DI, DT)
+    batch = make_batch()
+    with torch.no_grad():
+        im, tx = encode(model.eval(), batch)
+        x_img, x_txt = model.image_proj(batch.image_tokens), model.text_proj(batch.text_tokens)  # (B, R|L, D)
+        torch.testing.assert_close(im["x_img"], x_img)
+        torch.testing.assert_close(tx["x_txt"], x_txt)
+        w = batch.text_mask[..., None].float()  # caption padding is not pooled
+        torch.testing.assert_close(im["embed"], torch.nn.functional.normalize(model.image_head(x_img.mean(1)), dim=-1))
+        torch.testing.assert_close(tx["embed"], torch.nn.functional.normalize(
+            model.text_head((x_txt * w).sum(1) / w.sum(1)), dim=-1))
+    model.train()
+    moved = {}
+    for name, loss in (("itc", ContrastiveLoss()), ("itm", MatchingLoss())):
+        model.zero_grad(set_to_none=True)
+        sum(loss(model(batch), batch).values()).backward()
+        moved[name] = {n.split(".")[0] for n, p in model.named_parameters()
+                       if p.grad is not None and p.grad.abs().sum() > 0}
+    assert moved["itc"] == {"image_proj", "text_proj", "image_head", "text_head"}
+    assert moved["itm"] == {"image_proj", "text_proj", "encoder"}
+    # one set of projections: joint = cross_attention + the two embedding heads, not + a whole contrastive model
+    heads = sum(p.numel() for p in [*model.image_head.parameters(), *model.text_head.parameters()])
+    cross = trainable_params(build_aligner(cfg, "cross_attention", DI, DT))
+    assert trainable_params(model) == cross + heads
+    # at the shipped dims (1280-d image, 384-d text tokens, D = 64): 152,833 + 2 x 8,448 = 169,729,
+    # where the ensemble it replaced had cross_attention + contrastive = 152,833 + 115,200 = 268,033
+    from crossalign import config
+    shipped = config.from_dict({}, "defaults")
+    counts = {m: trainable_params(build_aligner(shipped, m, 1280, 384)) for m in ("cross_attention", "joint")}
+    assert counts == {"cross_attention": 152_833, "joint": 169_729}

@@ -1,6 +1,8 @@
 """Hard-negative mining on hand-built similarity matrices."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -35,14 +37,38 @@ def test_never_picks_a_same_image_candidate():
             assert len(set(row)) == len(row)
 
 
-def test_sampled_hard_negatives_come_from_the_top_k_pool():
-    gen = torch.Generator().manual_seed(1)
-    seen = set()
-    for _ in range(300):
-        index, _ = mine_negatives(SCORES, POSITIVE, n_hard=1, hard_k=2, generator=gen)
-        assert index[0, 0].item() in (3, 4)  # query 0: non-positives ranked 5.0, 3.0 (not 1.0)
-        seen.add(index[0, 0].item())
-    assert seen == {3, 4}  # both sampled, column 3 (higher score) more often is not asserted
+def test_sampled_hard_negatives_follow_the_softmax_of_the_top_k_pool():
+    """Hard negatives are drawn with probability softmax(score) over the ``hard_k`` most similar
+    non-positives, outside the pool never. One row repeated N times = N independent draws."""
+    n = 6000
+    row = torch.tensor([[2.0, 9.0, 0.5, 1.5, 1.0, -1.0]])  # candidate 1 is the positive
+    scores, positive = row.repeat(n, 1), torch.zeros(n, 6, dtype=torch.bool)
+    positive[:, 1] = True
+    for hard_k, pool in ((3, [0, 3, 4]), (6, [0, 3, 4, 2, 5])):
+        picks = mine_negatives(scores, positive, n_hard=1, hard_k=hard_k,
+                               generator=torch.Generator().manual_seed(hard_k))[0][:, 0]  # (n,)
+        freq = torch.bincount(picks, minlength=6).double() / n
+        expected = torch.zeros(6, dtype=torch.double)
+        weights = [math.exp(row[0, c].item()) for c in pool]  # softmax by hand
+        for c, w in zip(pool, weights):
+            expected[c] = w / sum(weights)
+        sigma = (expected * (1 - expected) / n).sqrt()  # binomial std of each frequency
+        assert (freq - expected).abs().le(4 * sigma + 1e-12).all(), (hard_k, freq.tolist(), expected.tolist())
+
+
+def test_two_hard_negatives_are_drawn_without_replacement_by_softmax():
+    """n_hard=2 from a pool of 3: P({a, b}) = p_a p_b / (1 - p_a) + p_b p_a / (1 - p_b)
+    (successive softmax draws without replacement, Plackett-Luce)."""
+    n = 6000
+    scores = torch.tensor([[0.0, 1.0, 2.0, -9.0]]).repeat(n, 1)
+    positive = torch.zeros(n, 4, dtype=torch.bool)
+    index, valid = mine_negatives(scores, positive, n_hard=2, hard_k=3, generator=torch.Generator().manual_seed(7))
+    assert valid.all() and (index[:, 0] != index[:, 1]).all() and not (index == 3).any()
+    p = [math.exp(s) / sum(math.exp(t) for t in (0.0, 1.0, 2.0)) for s in (0.0, 1.0, 2.0)]
+    for a, b in ((0, 1), (0, 2), (1, 2)):
+        expected = p[a] * p[b] / (1 - p[a]) + p[b] * p[a] / (1 - p[b])
+        got = ((index.min(1).values == a) & (index.max(1).values == b)).double().mean().item()
+        assert abs(got - expected) <= 4 * math.sqrt(expected * (1 - expected) / n), ((a, b), got, expected)
 
 
 def test_random_negatives_are_uniform_over_the_rest():

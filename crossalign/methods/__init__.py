@@ -21,12 +21,17 @@ from crossalign.methods.base import REGISTRY, Aligner, get_method
 WEIGHTS, META = "model.safetensors", "model.json"
 
 __all__ = ["META", "REGISTRY", "WEIGHTS", "Aligner", "build_aligner", "get_method", "load_aligner",
-           "method_params", "save_aligner"]
+           "method_params", "save_aligner", "trainable_params"]
 
 
 def build_aligner(cfg: config.Config, method: str, image_dim: int, text_dim: int) -> Aligner:
     """A freshly initialised model of ``method`` for features of the given dims."""
     return get_method(method).build_model(cfg, image_dim, text_dim)
+
+
+def trainable_params(model: Aligner) -> int:
+    """Number of trainable scalars (``requires_grad``; a parameter shared by two modules counts once)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def method_params(cfg: config.Config, method: str) -> dict[str, Any]:

@@ -216,8 +216,16 @@ def pooled_cosine(img_tokens: Tensor, txt_tokens: Tensor, txt_mask: Tensor) -> T
 
 
 def gather(state: State, index: Tensor) -> State:
-    """Rows of every state tensor at ``index`` (any shape) -> tensors of shape index.shape + (...)."""
-    return {k: v[index] for k, v in state.items()}
+    """Rows of every state tensor at ``index`` (any shape) -> tensors of shape index.shape + (...).
+
+    ``index_select``, not ``v[index]``: the backward of advanced indexing on CPU is ``index_put_``
+    with accumulation, which with more than one thread (and >= 32768 elements) adds with float
+    atomics in whatever order the threads arrive, so two identical runs differ in the last bits
+    (and after a few hundred steps by ~1e-4). ``index_select``'s backward (``index_add_``) sums
+    duplicate rows in index order: bit-identical run to run at any thread count.
+    """
+    flat = index.reshape(-1)  # (N,)
+    return {k: v.index_select(0, flat).view(*index.shape, *v.shape[1:]) for k, v in state.items()}
 
 
 def unsqueeze(state: State) -> State:

@@ -1,12 +1,30 @@
-"""``joint``: contrastive + matching, ALBEF-style ("Align before Fuse", Li et al., 2021).
+"""``joint``: align before fuse (ALBEF, Li et al., 2021): one set of token projections trained by
+both a contrastive (ITC) and a matching (ITM) objective.
 
-The contrastive part embeds pooled features (as ``contrastive``); the matching part is the
-``cross_attention`` encoder over projected tokens. The matching head's negatives (``negatives`` per
-positive and direction, ALBEF uses one) are sampled from the batch's contrastive similarities
-(softmax-weighted among the ``hard_k`` most similar), each swapped with probability
-``random_negative_fraction`` for a uniform random one: a prototype fed only top-16
-negatives left the head stuck at its prior. Ranking: similarity shortlist of ``shortlist_k``, then
-re-rank by ``fusion_alpha * match + (1 - fusion_alpha) * similarity`` (:class:`Rerank`).
+What is shared and what is not:
+
+* **Shared** — ``image_proj`` / ``text_proj`` (:class:`Projection`: Linear -> LayerNorm ->
+  Dropout over every frozen token, into the shared space D). Their outputs feed *both* objectives:
+  the contrastive embedding is ``image_head`` / ``text_head`` (an :class:`EmbeddingHead` D -> D)
+  of the mean of the projected tokens (caption padding excluded), and the cross-attention
+  encoder (``encoder``, a :class:`CrossEncoder`) reads the same projected tokens. So the ITC loss
+  shapes the token representations the matching head fuses, as ALBEF's fusion layers read the
+  unimodal encoders its ITC aligned.
+* **Contrastive only** — ``image_head``, ``text_head`` (the embedding MLPs on the pooled
+  projected tokens) and ``logit_scale`` (frozen unless ``learnable_temperature``).
+* **Matching only** — ``encoder`` (cross-attention blocks of both directions and the matching
+  head).
+
+The frozen *pooled* features (``image_pooled`` / ``text_pooled``) are not read: everything comes
+from the tokens, as in ALBEF, where the ITC embedding is the [CLS] token of the same unimodal
+encoder the fusion layers read.
+
+Negatives for the matching head (``negatives`` per positive and direction, ALBEF uses one) are
+sampled from the batch's contrastive similarities (softmax-weighted among the ``hard_k`` most
+similar), each swapped with probability ``random_negative_fraction`` for a uniform random one: a
+prototype fed only top-16 negatives left the head stuck at its prior. Ranking: similarity
+shortlist of ``shortlist_k``, then re-rank by ``fusion_alpha * match + (1 - fusion_alpha) *
+similarity`` (:class:`Rerank`).
 """
 from __future__ import annotations
 
@@ -17,13 +35,13 @@ from torch import Tensor
 from crossalign.losses import JointLoss
 from crossalign.methods.base import Batch, MethodSpec, Rerank, State, register
 from crossalign.methods.base import OPTIMISER_SPACE, Dim  # search space (crossalign.tuning)
-from crossalign.methods.common import (EmbeddingHead, Projection, cosine_logits, logit_scale_param, mine_both,
-                                      pair_logits, same_image)
-from crossalign.methods.common import CrossEncoder, CrossMatcher
+from crossalign.methods.common import (CrossEncoder, CrossMatcher, EmbeddingHead, Projection, cosine_logits,
+                                      logit_scale_param, masked_mean, mine_both, pair_logits, same_image)
 
 
 class Joint(CrossMatcher):
-    """Dual-encoder embeddings for similarity + a cross-attention matching head for re-ranking."""
+    """Shared token projections -> (pooled -> embedding for similarity) and (cross-encoder for
+    matching); see the module docstring for which parameters each objective trains."""
 
     embeds = True
 
@@ -31,24 +49,26 @@ class Joint(CrossMatcher):
                  learnable_temperature: bool, heads: int, layers: int, negatives: int,
                  random_negative_fraction: float, hard_k: int, rerank: Rerank):
         super().__init__()
-        self.image_head = EmbeddingHead(image_dim, dim, dropout)
-        self.text_head = EmbeddingHead(text_dim, dim, dropout)
+        self.image_proj = Projection(image_dim, dim, dropout)  # shared by ITC and ITM
+        self.text_proj = Projection(text_dim, dim, dropout)  # shared by ITC and ITM
+        self.image_head = EmbeddingHead(dim, dim, dropout)  # ITC only
+        self.text_head = EmbeddingHead(dim, dim, dropout)  # ITC only
         self.logit_scale = logit_scale_param(temperature, learnable_temperature)
-        self.image_proj = Projection(image_dim, dim, dropout)
-        self.text_proj = Projection(text_dim, dim, dropout)
-        self.encoder = CrossEncoder(dim, heads, layers, dropout)
+        self.encoder = CrossEncoder(dim, heads, layers, dropout)  # ITM only
         self.negatives = (negatives, 0)  # per positive and direction; a share swapped for random ones
         self.random_fraction = random_negative_fraction
         self.hard_k = hard_k
         self.rerank = rerank
 
     def encode_images(self, tokens: Tensor, pooled: Tensor) -> State:
-        return {"embed": F.normalize(self.image_head(pooled), dim=-1),  # (B, D)
-                **self.encoder.image_state(self.image_proj(tokens))}  # (B, R, D) tensors
+        x = self.image_proj(tokens)  # (B, R, D): what both objectives read
+        return {"embed": F.normalize(self.image_head(x.mean(1)), dim=-1),  # (B, D)
+                **self.encoder.image_state(x)}  # (B, R, D) tensors
 
     def encode_texts(self, tokens: Tensor, mask: Tensor, pooled: Tensor) -> State:
-        return {"embed": F.normalize(self.text_head(pooled), dim=-1),  # (B, D)
-                **self.encoder.text_state(self.text_proj(tokens), mask)}  # (B, L, D) tensors
+        x = self.text_proj(tokens)  # (B, L, D): what both objectives read
+        return {"embed": F.normalize(self.text_head(masked_mean(x, mask)), dim=-1),  # (B, D)
+                **self.encoder.text_state(x, mask)}  # (B, L, D) tensors
 
     def similarity(self, images: State, texts: State) -> Tensor:
         return cosine_logits(images["embed"], texts["embed"], self.logit_scale)  # (Bi, Bt)
@@ -74,7 +94,8 @@ def _build(cfg, image_dim: int, text_dim: int) -> Joint:
 
 
 SPEC = register(MethodSpec("joint", _build, lambda cfg: JointLoss(cfg.methods.joint.itc_weight, cfg.methods.joint.itm_weight),
-                           "contrastive + matching with similarity-mined negatives; shortlist then re-rank",
+                           "align before fuse: shared token projections trained by contrastive + matching "
+                           "(similarity-mined negatives); shortlist then re-rank",
                            search_space=(*OPTIMISER_SPACE, Dim("methods.joint.temperature", 0.03, 0.3, log=True),
                                          Dim("methods.joint.dropout", 0.0, 0.3),
                                          Dim("methods.joint.negatives", 1, 3, integer=True),
