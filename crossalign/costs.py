@@ -12,7 +12,6 @@ Two kinds of numbers, kept apart on purpose:
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import platform
@@ -83,9 +82,7 @@ def rank_images(model: Aligner, gallery: State, queries: State, cfg: Config) -> 
 
 def _first_captions(split: FeatureSplit, n: int) -> FeatureSplit:
     """The split with only its first ``n`` captions (the queries)."""
-    return dataclasses.replace(split, text_tokens=split.text_tokens[:n], text_lengths=split.text_lengths[:n],
-                               text_pooled=split.text_pooled[:n], caption_image_index=split.caption_image_index[:n],
-                               caption_ids=split.caption_ids[:n])
+    return split.select_captions(np.arange(min(n, split.n_captions)))
 
 
 def query_latency(model: Aligner, split: FeatureSplit, device: torch.device, cfg: Config) -> dict[str, dict]:

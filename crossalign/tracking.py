@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 FEATURE_PATHS = ("data/features", "data/features/train", "data/features/val")
 TAG_METHOD, TAG_SEED, TAG_WEIGHTS = "crossalign.method", "crossalign.seed", "crossalign.weights_sha256"
+TAG_FINGERPRINT = "crossalign.fingerprint"  # training fingerprint: a resumed checkpoint reopens its run
 EPOCH_PREFIX = "epoch/"  # per-epoch history; ``best_*`` are the kept (best-epoch) values
 # The MLflow 3 UI's ExperimentKind enum (mlflow/server/js: "mlflow.experimentKind"): classic ML, not GenAI.
 # MLflow 3.17's UI reads the kind from its GenAI / Model training toggle (URL ``workflowType=machine_learning``,
@@ -170,6 +171,16 @@ def weights_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def unfinished_run(client: MlflowClient, experiment_id: str, method: str, seed: int, fingerprint: str):
+    """The newest run of ``method``/``seed`` with this training fingerprint that did not finish
+    (killed: RUNNING; stopped by an error: FAILED), or None."""
+    runs = client.search_runs(
+        [experiment_id], max_results=20, order_by=["attributes.start_time DESC"],
+        filter_string=f"tags.`{TAG_METHOD}` = '{method}' AND tags.`{TAG_SEED}` = '{int(seed)}' "
+                      f"AND tags.`{TAG_FINGERPRINT}` = '{fingerprint}'")
+    return next((r for r in runs if r.info.status != "FINISHED"), None)
+
+
 def find_run(client: MlflowClient, experiment_id: str, method: str, seed: int, sha256: str):
     """The newest finished run of ``method``/``seed`` whose saved weights hash to ``sha256``, or
     None. Several runs can match (the same config trained twice gives identical weights): any of
@@ -242,18 +253,18 @@ class MlflowTracker:
         self.run: Any = None
         self.name, self.method, self.seed = "", "", 0
 
-    def start(self, method: str, seed: int, run_id: str | None) -> str:
-        """Start (or, resuming a checkpoint, reopen) the run -> its id."""
+    def start(self, method: str, seed: int, fingerprint: str) -> str:
+        """Start the run of this (method, seed, training fingerprint), or reopen the unfinished one
+        (a training killed and resumed from its checkpoint) -> its id. The checkpoint is a DVC out
+        and holds no run id: the run is found by its tags."""
         self.name = method if len(self.cfg.train.seeds) == 1 else f"{method}-s{seed}"
         self.method, self.seed = method, seed
-        if run_id:
-            try:
-                self.run = mlflow.start_run(run_id=run_id, log_system_metrics=self.system_metrics)
-                return run_id
-            except MlflowException:
-                log.warning("run %s of the checkpoint is not in the store: starting a new run", run_id)
-        tags = {TAG_METHOD: method, TAG_SEED: str(seed), "git_commit": git_commit(self.root),
-                **dvc_feature_hashes(self.root)}
+        unfinished = unfinished_run(MlflowClient(), self.experiment_id, method, seed, fingerprint)
+        if unfinished is not None:
+            self.run = mlflow.start_run(run_id=unfinished.info.run_id, log_system_metrics=self.system_metrics)
+            return unfinished.info.run_id
+        tags = {TAG_METHOD: method, TAG_SEED: str(seed), TAG_FINGERPRINT: fingerprint,
+                "git_commit": git_commit(self.root), **dvc_feature_hashes(self.root)}
         self.run = mlflow.start_run(experiment_id=self.experiment_id, run_name=self.name, tags=tags,
                                     log_system_metrics=self.system_metrics)
         mlflow.log_params({k: str(v) for k, v in self.cfg.flat().items()})

@@ -103,7 +103,7 @@ def _sample_digest(split: FeatureSplit) -> str:
 class NullTracker:
     """Tracking off: the interface :class:`crossalign.tracking.MlflowTracker` implements."""
 
-    def start(self, method: str, seed: int, run_id: str | None) -> str | None:
+    def start(self, method: str, seed: int, fingerprint: str) -> str | None:
         return None
 
     def log_epoch(self, metrics: dict[str, float], epoch: int) -> None:
@@ -195,7 +195,7 @@ def train_seed(cfg: Config, root: Path, method: str, seed: int, train: FeatureSp
     ckpt_dir = root / "models" / method / "checkpoints" / f"seed-{seed}"
     fp = fingerprint(cfg, method, seed, train, val)
     state: dict[str, Any] = {"epoch": 0, "step": 0, "best_rsum": -1.0, "best_epoch": 0, "bad_epochs": 0,
-                             "done": False, "history": [], "fingerprint": fp, "run_id": None}
+                             "done": False, "history": [], "fingerprint": fp}  # no run id: the checkpoint is a DVC out
     best = checkpoint.state_tensors(model)
     previous = checkpoint.read_state(ckpt_dir)
     if previous is not None and previous.get("fingerprint") == fp:
@@ -203,7 +203,7 @@ def train_seed(cfg: Config, root: Path, method: str, seed: int, train: FeatureSp
         log(f"[{method} seed {seed}] resuming after epoch {state['epoch']} from {ckpt_dir}")
     elif previous is not None:
         log(f"[{method} seed {seed}] {ckpt_dir} was written with other params or data: starting afresh")
-    state["run_id"] = tracker.start(method, seed, state.get("run_id"))
+    tracker.start(method, seed, fp)  # a resumed run is found by its fingerprint tag
     try:
         best = _epochs(cfg, method, seed, model, loss_fn, opt, data, val, state, best, ckpt_dir, tracker, log,
                       max_steps)

@@ -89,7 +89,7 @@ class TrialTracker:
         self.last_rsum: float | None = None
         self.epochs = 0
 
-    def start(self, method: str, seed: int, run_id: str | None) -> None:
+    def start(self, method: str, seed: int, fingerprint: str) -> None:
         return None
 
     def log_epoch(self, metrics: dict[str, float], epoch: int) -> None:

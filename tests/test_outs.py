@@ -94,3 +94,35 @@ def test_select_registers_the_run_that_produced_the_weights_not_a_newer_one(tmp_
     facts = read_json(tmp_path / "reports" / "selection.json")
     assert facts["champion"] == out["champion"] and "registry" not in facts
     assert not [k for k in json.dumps(facts).split('"') if k in set(produced.values()) | {stale}]  # no run ids
+
+
+def test_checkpoint_holds_no_run_id_and_a_resumed_training_reopens_its_run(tmp_path, tiny_features, monkeypatch):
+    write_split_features(tmp_path)
+    cfg = tiny_config(tmp_path, train={"epochs": 3, "patience": 5, "device": "cpu", "threads": 1})
+    real, calls = training.validation_metrics, []
+
+    def dies_in_epoch_2(*args, **kwargs):  # the training is stopped after epoch 1's checkpoint
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(training, "validation_metrics", dies_in_epoch_2)
+    with pytest.raises(RuntimeError, match="killed"):
+        training.run(cfg, tmp_path, "contrastive", tracker_factory=tracking.MlflowTracker, log=quiet)
+    ckpt = tmp_path / "models" / "contrastive" / "checkpoints" / "seed-0"
+    client = MlflowClient(cfg.tracking.tracking_uri)
+    exp_id = tracking.setup(cfg, tmp_path)
+    (first,) = client.search_runs([exp_id], filter_string=f"tags.`{tracking.TAG_METHOD}` = 'contrastive'")
+    state_text = "".join(p.read_text() for p in ckpt.glob("*.json"))
+    assert '"epoch": 1' in state_text and first.info.run_id not in state_text and "run_id" not in state_text
+
+    training.run(cfg, tmp_path, "contrastive", tracker_factory=tracking.MlflowTracker, log=quiet)  # resumes
+    runs = client.search_runs([exp_id], filter_string=f"tags.`{tracking.TAG_METHOD}` = 'contrastive'")
+    assert [r.info.run_id for r in runs] == [first.info.run_id] and runs[0].info.status == "FINISHED"
+    history = client.get_metric_history(first.info.run_id, "epoch/val_rsum")
+    assert sorted(m.step for m in history) == [1, 2, 3]  # one run holds the whole history
+    # a finished run is never reopened: training the same config afresh starts a new one
+    shutil.rmtree(tmp_path / "models")
+    training.run(cfg, tmp_path, "contrastive", tracker_factory=tracking.MlflowTracker, log=quiet)
+    assert len(client.search_runs([exp_id], filter_string=f"tags.`{tracking.TAG_METHOD}` = 'contrastive'")) == 2
