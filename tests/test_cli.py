@@ -159,7 +159,8 @@ def test_check_suggests_the_key_a_typo_meant(repo_root, tmp_path, capsys):
     assert cli.main(["check", "--params", params, "--dvc-yaml", str(repo_root / "dvc.yaml")]) == 2
     err = capsys.readouterr().err
     assert "train.epoch: unknown key (value 3); did you mean `epochs`?" in err
-    assert "train.epochs (read by train@concat_mlp, train@cross_attention, train@contrastive, train@joint)" in err
+    assert ("train.epochs (read by tune@concat_mlp, tune@cross_attention, tune@contrastive, tune@joint, "
+            "train@concat_mlp, train@cross_attention, train@contrastive, train@joint)") in err
     assert "Nothing was run" in err
 
 
