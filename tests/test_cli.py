@@ -171,7 +171,7 @@ def test_check_finds_a_key_dvc_reads_that_the_file_lacks(repo_root, tmp_path, ca
     params = _write(tmp_path / "params.yaml", text.replace(line + "\n", ""))
     assert cli.main(["check", "--params", params, "--dvc-yaml", str(repo_root / "dvc.yaml")]) == 2
     err = capsys.readouterr().err
-    assert "train.patience (read by train@" in err and "invalid configuration" not in err
+    assert "train.patience (read by tune@concat_mlp" in err and "train@joint)" in err and "invalid configuration" not in err
 
 
 def test_dvc_param_keys_expands_foreach_and_reports_unknown_vars(tmp_path):
