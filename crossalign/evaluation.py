@@ -111,8 +111,10 @@ def evaluate_model(model: torch.nn.Module, split: FeatureSplit, cfg: Config,
     return metrics, i2t, t2i, r_i2t, r_t2i
 
 
-def run(cfg: Config, method: str, root: Path, loader: Loader | None = None) -> dict:
-    """Evaluate every seed of ``method``; write ``eval/<method>/`` and ``metrics/<method>.json``."""
+def run(cfg: Config, method: str, root: Path, loader: Loader | None = None, metrics_file: bool = True) -> dict:
+    """Evaluate every seed of ``method``; write ``eval/<method>/`` and (unless ``metrics_file`` is
+    False: an evaluation-only control, reported by ``select`` but not a row of ``dvc metrics show``)
+    ``metrics/<method>.json``."""
     root = Path(root)
     own_loader = loader is not None  # a custom loader (e.g. crossalign.ensemble) finds its own files
     if loader is None:
@@ -178,5 +180,6 @@ def run(cfg: Config, method: str, root: Path, loader: Loader | None = None) -> d
             for name, arr in arrays.items():
                 np.save(tmp / "ranks" / f"seed-{seed}" / f"{name}.npy", arr.astype(np.int64))
         write_json(tmp / RESULTS, result)
-    write_json(root / "metrics" / f"{method}.json", metrics_summary(result))
+    if metrics_file:
+        write_json(root / "metrics" / f"{method}.json", metrics_summary(result))
     return result

@@ -21,7 +21,8 @@ def _args(parser: argparse.ArgumentParser) -> None:
 
 
 def _run(args: argparse.Namespace, cfg: config.Config, root: Path) -> None:
-    result = evaluation.run(cfg, args.control, root, loader=ensemble.loader(cfg, root, args.control))
+    result = evaluation.run(cfg, args.control, root, loader=ensemble.loader(cfg, root, args.control),
+                            metrics_file=False)  # numbers in eval/<control>/results.json and the report
     val, test = result["val"], result["test"]
     print(f"{args.control} (control): val RSUM {val['rsum']:.1f}, test RSUM {test['rsum']:.1f} "
           f"(R@1 i2t {test['i2t_r1']:.1f}, t2i {test['t2i_r1']:.1f}) [{result['protocol']}]")
