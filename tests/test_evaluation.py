@@ -9,8 +9,8 @@ import torch
 from conftest import tiny_config
 from crossalign import evaluation, registry
 from crossalign.io import load_features, read_json, write_json
-from crossalign.methods import load_aligner
-from crossalign.retrieval import METRIC_KEYS, retrieval_metrics, score_matrices
+from crossalign.methods import load_aligner, save_aligner
+from crossalign.retrieval import METRIC_KEYS
 from eval_helpers import run_of, save_model, write_split_features
 
 torch.set_num_threads(1)
@@ -18,12 +18,19 @@ torch.set_num_threads(1)
 
 @pytest.mark.parametrize("method, protocol", [("contrastive", "embedding similarity"),
                                               ("cross_attention", "exact all-pairs (blocks 8x16)"),
-                                              ("joint", "shortlist k=4 re-rank alpha=0.5"),
+                                              ("joint", "shortlist k=12 re-rank alpha=0.9"),
                                               ("concat_mlp", "exact all-pairs (blocks 8x16)")])
 def test_evaluate_writes_metrics_scores_ranks(tmp_path, method, protocol):
-    cfg = tiny_config(tmp_path)
+    # joint: the matcher re-ranks a deep shortlist (12 of 32 captions, where true captions of this
+    # untrained model lie), mostly by its own score: a wrong shortlist or fusion changes ranks
+    cfg = tiny_config(tmp_path, methods={"joint": {"fusion_alpha": 0.9, "shortlist_k": 12}})
     write_split_features(tmp_path)
     path = save_model(cfg, tmp_path, method, 0, mlflow_run=False)
+    if method == "joint":  # a freshly initialised matcher scores every pair about the same: spread it
+        model, meta = load_aligner(path)
+        with torch.no_grad():
+            model.encoder.head[-1].weight.mul_(1000.0)
+        save_aligner(model, path, meta)
     result = evaluation.run(cfg, method, tmp_path)
 
     assert read_json(evaluation.results_path(tmp_path, method)) == result and result["method"] == method
@@ -32,21 +39,90 @@ def test_evaluate_writes_metrics_scores_ranks(tmp_path, method, protocol):
     assert result["protocol"].startswith(protocol) and "full split" in result["protocol"]
     for split in ("val", "test"):
         assert set(METRIC_KEYS) <= set(result[split])
-    # the written numbers are the pure metrics of the method's own score matrices
+    # the written numbers against an independent computation: every pair scored on its own (no
+    # blocks, no tiling), ranks counted by brute force, the re-rank and the probe written out here
     model, _ = load_aligner(path)
     test = load_features(tmp_path / "data" / "features" / "test")
-    i2t, t2i = score_matrices(model, test, "cpu", 8, 16)
-    expected = retrieval_metrics(i2t, test.caption_image_index, t2i)
-    assert {k: result["test"][k] for k in expected} == pytest.approx(expected)
+    sim, match = _pairwise(model, test)  # (N, M) each; None where the method lacks it
+    cap_img = np.asarray(test.caption_image_index)
+    i2t_s, t2i_s = _brute_rank_scores(model, sim, match)
+    r_i2t, r_t2i = _brute_ranks(i2t_s, t2i_s, cap_img)
+    for name, want in (("test_i2t", r_i2t), ("test_t2i", r_t2i)):  # every query's rank, not only R@K
+        np.testing.assert_array_equal(np.load(tmp_path / "eval" / method / "ranks" / "seed-0" / f"{name}.npy"), want)
+    want = {f"{d}_r{k}": 100.0 * np.mean(r < k) for d, r in (("i2t", r_i2t), ("t2i", r_t2i)) for k in (1, 5, 10)}
+    want["rsum"] = sum(want.values())
+    assert {k: result["test"][k] for k in want} == pytest.approx(want, abs=1e-9)
     scores = np.load(tmp_path / "eval" / method / "test_scores.npy")
     assert scores.dtype == np.float32 and scores.shape == (16, 32)
-    np.testing.assert_allclose(scores, i2t, rtol=1e-5, atol=1e-6)
     assert (tmp_path / "eval" / method / "test_scores_t2i.npy").exists() == (method == "joint")
     ranks = np.load(tmp_path / "eval" / method / "ranks" / "seed-0" / "test_t2i.npy")
     assert ranks.shape == (32,) and result["test"]["t2i_r1"] == pytest.approx(100 * (ranks < 1).mean())
     probe = result["test"]["binding_probe"]
     assert probe["overall"]["pairs"] == 8 and set(probe["per_swap"]) == {"colour", "position"}
-    assert 0 <= probe["overall"]["i2t"] <= 100
+    twins = read_json(tmp_path / "eval" / "test_index.json")["twins"]
+    assert probe["overall"]["i2t"] == pytest.approx(_brute_probe(i2t_s, t2i_s, cap_img, twins)[0], abs=1e-9)
+    assert probe["overall"]["t2i"] == pytest.approx(_brute_probe(i2t_s, t2i_s, cap_img, twins)[1], abs=1e-9)
+
+
+def _pairwise(model, split):
+    """Similarity and match score of every (image, caption) pair, one pair per call."""
+    from crossalign.retrieval import encode_images, encode_texts
+
+    with torch.inference_mode():
+        im, tx = encode_images(model, split, "cpu"), encode_texts(model, split, "cpu")
+        n, m = split.n_images, split.n_captions
+        one = lambda st, i: {k: v[i:i + 1] for k, v in st.items()}  # noqa: E731
+        sim = np.array([[float(model.similarity(one(im, i), one(tx, j))[0, 0]) for j in range(m)]
+                        for i in range(n)]) if model.embeds else None
+        match = np.array([[float(model.match(one(im, i), one(tx, j))[0]) for j in range(m)]
+                          for i in range(n)]) if model.matches else None
+    return sim, match
+
+
+def _brute_rank_scores(model, sim, match):
+    """Per-direction ranking keys: higher ranks first. Re-rank (ALBEF): a query's top-k by
+    similarity come first, ordered by alpha*match + (1-alpha)*sim; the rest follow by similarity."""
+    if model.rerank is None:
+        s = sim if model.embeds else match
+        return s, s
+    k, alpha = model.rerank.k, model.rerank.alpha
+    fused = alpha * match + (1 - alpha) * sim
+    lift = np.abs(fused).max() + np.abs(sim).max() + 1.0  # puts any shortlisted key above every other
+    i2t, t2i = sim.copy(), sim.copy()
+    for i in range(sim.shape[0]):
+        top = np.argsort(-sim[i], kind="stable")[:k]
+        i2t[i, top] = fused[i, top] + 2 * lift
+    for j in range(sim.shape[1]):
+        top = np.argsort(-sim[:, j], kind="stable")[:k]
+        t2i[top, j] = fused[top, j] + 2 * lift
+    return i2t, t2i
+
+
+def _brute_ranks(i2t, t2i, cap_img):
+    """0-based ranks by counting, ties against the query: i2t ranks an image's best true caption."""
+    n, m = i2t.shape
+    r_i2t = []
+    for i in range(n):
+        true = cap_img == i
+        best = i2t[i, true].max()
+        r_i2t.append(int((i2t[i] > best).sum() + ((i2t[i] == best) & ~true).sum()))
+    r_t2i = [int((t2i[:, j] > t2i[cap_img[j], j]).sum() + (t2i[:, j] == t2i[cap_img[j], j]).sum() - 1)
+             for j in range(m)]
+    return np.array(r_i2t), np.array(r_t2i)
+
+
+def _brute_probe(i2t, t2i, cap_img, twins):
+    """Share of (true, twin) comparisons the true item wins (ties half), both sides of each pair."""
+    wins = {"i2t": [], "t2i": []}
+    for t in twins:
+        for x, y in ((t["image"], t["twin"]), (t["twin"], t["image"])):
+            for c in np.flatnonzero(cap_img == x):
+                for d in np.flatnonzero(cap_img == y):
+                    a, b = i2t[x, c], i2t[x, d]
+                    wins["i2t"].append(1.0 if a > b else 0.5 if a == b else 0.0)
+                a, b = t2i[x, c], t2i[y, c]
+                wins["t2i"].append(1.0 if a > b else 0.5 if a == b else 0.0)
+    return 100 * np.mean(wins["i2t"]), 100 * np.mean(wins["t2i"])
 
 
 def test_several_seeds_mean_std_and_mlflow_logging(tmp_path):
