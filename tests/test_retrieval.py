@@ -96,14 +96,17 @@ def test_1k_folds_are_the_mean_of_per_fold_metrics(monkeypatch):
     ci = np.repeat(np.arange(20), rng.integers(1, 4, size=20))
     s = rng.normal(size=(20, ci.size)).astype(np.float32)
     s[ci, np.arange(ci.size)] += 1.0
-    metrics, r_i2t, r_t2i = coco_metrics(s, s, ci)
-    assert {k: v for k, v in metrics.items() if k != "1k"} == pytest.approx(retrieval_metrics(s, ci))
+    s2 = rng.normal(size=s.shape).astype(np.float32)  # a different t2i matrix: each direction reads its own
+    metrics, r_i2t, r_t2i = coco_metrics(s, s2, ci)
+    assert {k: v for k, v in metrics.items() if k != "1k"} == pytest.approx(retrieval_metrics(s, ci, s2))
+    assert metrics["t2i_r1"] != pytest.approx(retrieval_metrics(s, ci)["t2i_r1"])  # s2 was read for t2i
     folds = []
     for f in range(5):
         cols = (ci >= 4 * f) & (ci < 4 * f + 4)
-        folds.append(retrieval_metrics(s[4 * f:4 * f + 4][:, cols], ci[cols] - 4 * f))
-    assert metrics["1k"]["rsum"] == pytest.approx(np.mean([x["rsum"] for x in folds]))
-    assert metrics["1k"]["rsum"] >= metrics["rsum"]  # 4 candidates per fold are easier than 20
+        folds.append(retrieval_metrics(s[4 * f:4 * f + 4][:, cols], ci[cols] - 4 * f, s2[4 * f:4 * f + 4][:, cols]))
+    for key in ("i2t_r1", "t2i_r1", "rsum"):
+        assert metrics["1k"][key] == pytest.approx(np.mean([x[key] for x in folds]))
+    assert metrics["1k"]["i2t_r1"] >= metrics["i2t_r1"]  # 4 candidates per fold are easier than 20
     assert len(r_i2t) == 20 and len(r_t2i) == ci.size
     keep = ci < 19
     assert "1k" not in coco_metrics(s[:19][:, keep], s[:19][:, keep], ci[keep])[0]  # no folds unless 5 x 1K
