@@ -218,13 +218,15 @@ def markdown(cfg: Config, selection: dict, metrics: dict[str, dict], figures: li
              f"({next(r for r in board if r['method'] == champ)['val_rsum']:.1f}); the test split below is "
              "reported, never used to choose.", "",
              f"## Leaderboard ({seeds_heading(board)})", "",
-             "| method | val RSUM | " + " | ".join(METRIC_KEYS) + " | medr i2t/t2i | seeds |",
-             "|---" * (len(METRIC_KEYS) + 4) + "|"]
+             "| method | params | val RSUM | " + " | ".join(METRIC_KEYS) + " | medr i2t/t2i | seeds |",
+             "|---" * (len(METRIC_KEYS) + 5) + "|"]
     for row in board:
         medr = f"{row['test'].get('i2t_medr', float('nan')):.0f}/{row['test'].get('t2i_medr', float('nan')):.0f}"
         name = f"{row['method']} (control)" if row.get("control") else row["method"]
-        lines.append(f"| {name} | {row['val_rsum']:.1f} | " + " | ".join(_fmt(row, k) for k in METRIC_KEYS)
+        params = "–" if row.get("params") is None else f"{row['params']:,}"
+        lines.append(f"| {name} | {params} | {row['val_rsum']:.1f} | " + " | ".join(_fmt(row, k) for k in METRIC_KEYS)
                      + f" | {medr} | {len(row['seeds'])} |")
+    lines += ["", "params: trainable parameters (a control: its two separately trained models together)."]
     if any("test_1k" in r for r in board):
         lines += ["", "1K (mean of five 1,000-image folds): " + "; ".join(
             f"{r['method']} RSUM {r['test_1k']['rsum']:.1f}" for r in board if "test_1k" in r)]

@@ -259,6 +259,10 @@ def run(cfg: Config, root: Path) -> dict:
     selection["tuning"] = tuning_boards(root, cfg.train.methods)
     models = costs.load_models(root, {m: x for m, x in metrics.items() if m not in ensemble.CONTROLS})
     selection["serving"] = {m: {"params": costs.trainable_params(x), "index": costs.serving(x)} for m, x in models.items()}
+    for row in board:  # trainable parameters: a control counts both of its separately trained models
+        parts = ensemble.CONTROLS.get(row["method"], (row["method"],))
+        row["params"] = sum(selection["serving"][p]["params"] for p in parts) if all(
+            p in selection["serving"] for p in parts) else None
     files = report.run(cfg, root, selection)
     facts_path = root / "reports" / "selection.json"
     write_json(facts_path, selection)

@@ -8,7 +8,7 @@ import torch
 from conftest import make_tiny_features, tiny_config
 from crossalign import ensemble, selection
 from crossalign.io import load_features, read_json, write_json
-from crossalign.methods import build_aligner
+from crossalign.methods import build_aligner, load_aligner
 from crossalign.methods.base import Rerank
 from crossalign.retrieval import coco_metrics, score_matrices
 from eval_helpers import IMAGE_DIM, TEXT_DIM, save_model, write_eval_outputs, write_split_features
@@ -104,6 +104,11 @@ def test_select_lists_the_control_beside_the_methods(tmp_path, compete):
 
     rows = {r["method"]: r for r in out["leaderboard"]}
     assert rows[CONTROL]["control"] is True and not any(rows[m]["control"] for m in methods)
+    for m in methods:  # the params column: each model's trainable parameters, the control both of its models
+        model, _ = load_aligner(tmp_path / "models" / m / "final" / "seed-0")
+        assert rows[m]["params"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert rows[CONTROL]["params"] == rows["contrastive"]["params"] + rows["cross_attention"]["params"]
+    assert f"| {CONTROL} (control) | {rows[CONTROL]['params']:,} |" in (tmp_path / "reports" / "comparison.md").read_text()
     assert out["leaderboard"][0]["method"] == CONTROL
     assert CONTROL in out["gain_over_baseline"] and CONTROL not in out["registry"]["versions"]
     # joint vs the control, paired: hand-computed point estimate from the ranks
