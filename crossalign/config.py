@@ -215,8 +215,8 @@ class TuneParams(Section):
     epochs: int = Field(2, ge=1, description="maximum epochs of a trial (may be fewer than train.epochs)")
     startup_trials: int = Field(2, ge=1, description="pruner: trials run to the end before any is pruned")
     warmup_epochs: int = Field(1, ge=0, description="pruner: epochs a trial runs before it may be pruned")
-    threads: int = Field(1, ge=0, description="CPU threads of a trial; 1 keeps the search deterministic "
-                                              "(multi-threaded CPU kernels reduce in varying order); 0 = all cores")
+    threads: int = Field(0, ge=0, description="CPU threads of a trial; 0 = all cores (CPU training is "
+                                              "bit-identical run to run at a fixed thread count)")
 
 
 # ------------------------------------------------------------------------------------- evaluate

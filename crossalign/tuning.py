@@ -5,9 +5,10 @@ each, over the search space declared beside the method (``MethodSpec.search_spac
 the params.yaml values (enqueued), so the defaults are scored under the same protocol as the
 tuned values; the rest are drawn by a seeded TPE sampler. A trial trains on ``train`` (first seed
 of ``train.seeds``) in a temporary directory and is scored by its best **validation** RSUM (the
-split early stopping reads); a median pruner fed each epoch's val RSUM stops hopeless ones. With
-``tune.threads: 1`` the CPU kernels run single-threaded, so the same inputs give the same trials
-and the same ``tuned/<m>.json`` (it holds no timings or run ids: it is a DVC out).
+split early stopping reads); a median pruner fed each epoch's val RSUM stops hopeless ones. CPU
+training is bit-identical run to run at a fixed thread count (``tests/test_determinism.py``), so
+the same inputs and ``tune.threads`` give the same trials and the same ``tuned/<m>.json`` (it holds
+no timings or run ids: it is a DVC out).
 
 Trials are logged as nested MLflow runs under the method's tuning run (:class:`MlflowTrialLog`).
 :func:`leaderboards` ranks the methods by the defaults' and by the tuned val RSUM.
