@@ -10,7 +10,7 @@ from conftest import tiny_config
 from crossalign import evaluation, registry
 from crossalign.io import load_features, read_json, write_json
 from crossalign.methods import load_aligner, save_aligner
-from crossalign.retrieval import METRIC_KEYS
+from crossalign.retrieval import METRIC_KEYS, score_matrices
 from eval_helpers import run_of, save_model, write_split_features
 
 torch.set_num_threads(1)
