@@ -232,7 +232,8 @@ def test_stage_entry_point_exit_codes(tmp_path: Path, monkeypatch: pytest.Monkey
     assert "missing file" in err and "preprocess.on_bad_input: skip" in err and "Traceback" not in err
 
 
-def test_real_coco_sample_center_crop(tmp_path: Path, coco_sample: Path) -> None:
+def _coco_sample_raw(tmp_path: Path, coco_sample: Path) -> tuple[Path, dict]:
+    """A raw dataset of the shared sample's first 16 real COCO images (8 / 4 / 4) and their captions."""
     raw = tmp_path / "data" / "raw" / "synthetic"
     (raw / "annotations").mkdir(parents=True)
     (raw / "images").symlink_to(coco_sample / "train2017")
@@ -240,6 +241,11 @@ def test_real_coco_sample_center_crop(tmp_path: Path, coco_sample: Path) -> None
     for split, part in zip(SIZES, (doc["images"][:8], doc["images"][8:12], doc["images"][12:16])):
         ids = {r["id"] for r in part}
         write_split(raw, split, part, [a for a in doc["annotations"] if a["image_id"] in ids])
+    return raw, doc
+
+
+def test_real_coco_sample_center_crop(tmp_path: Path, coco_sample: Path) -> None:
+    _, doc = _coco_sample_raw(tmp_path, coco_sample)
     run(tiny_config(tmp_path, preprocess={"image_size": 64, "resize": "center_crop"}), tmp_path)
     train = load_split(tmp_path, "train")
     assert train["images"].shape == (8, 3, 64, 64) and len(train["captions"]) == train["caption_ids"].size >= 40
@@ -253,13 +259,7 @@ def test_many_bad_records_give_counts_the_first_20_and_the_full_list(tmp_path: P
                                                                         capsys: pytest.CaptureFixture) -> None:
     """A COCO caption file whose images are mostly absent (issue 12: 4,841 of 5,000 missing printed
     4,841 lines): 16 real COCO images, 300 records of absent files, 25 captions of unknown images."""
-    raw = tmp_path / "data" / "raw" / "synthetic"
-    (raw / "annotations").mkdir(parents=True)
-    (raw / "images").symlink_to(coco_sample / "train2017")
-    doc = json.loads((coco_sample / "annotations" / "captions_train2017.json").read_text())
-    for split, part in zip(SIZES, (doc["images"][:8], doc["images"][8:12], doc["images"][12:16])):
-        ids = {r["id"] for r in part}
-        write_split(raw, split, part, [a for a in doc["annotations"] if a["image_id"] in ids])
+    raw, doc = _coco_sample_raw(tmp_path, coco_sample)
     absent = [{"id": 10**9 + k, "file_name": f"absent_{k:04d}.jpg"} for k in range(300)]
     anns = [{"id": 10**9 + k, "image_id": r["id"], "caption": "a photo that is not there"} for k, r in enumerate(absent)]
     anns += [{"id": 2 * 10**9 + k, "image_id": 7 * 10**9 + k, "caption": "points at nothing"} for k in range(25)]
