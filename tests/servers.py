@@ -1,0 +1,185 @@
+"""Real servers for tests, on 127.0.0.1, always stopped: an MLflow tracking server and a local
+DVC remote.
+
+``mlflow_server(workdir)`` starts ``mlflow server`` (SQLite backend store, proxied artifacts
+under ``workdir/artifacts``) on a free loopback port, in its own process group, waits until
+``/health`` answers and, on exit, stops the whole group by its pid (SIGTERM, then SIGKILL).
+With ``auth=True`` (the default) it runs MLflow's ``basic-auth`` app: an admin user with a
+password generated here, written to a private (0600) auth config file in ``workdir`` as MLflow
+documents it (``MLFLOW_AUTH_CONFIG_PATH``, ``admin_username`` / ``admin_password``), with the
+auth users' database and the Flask secret key (``MLFLOW_FLASK_SERVER_SECRET_KEY``, CSRF) beside
+it. Nothing is shared with another test's server.
+
+A client process needs only the environment of :meth:`MlflowServer.client_env`::
+
+    MLFLOW_TRACKING_URI=http://127.0.0.1:<port>
+    MLFLOW_TRACKING_USERNAME=<username>   # MLflow's own client variables (HTTP basic auth)
+    MLFLOW_TRACKING_PASSWORD=<password>
+
+``local_dvc_remote(tmp)`` is a directory that clones share as their DVC remote
+(``dvc remote add -d``); :func:`use_dvc_remote` points a clone at it.
+"""
+from __future__ import annotations
+
+import configparser
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator, NamedTuple
+
+BIN = Path(sys.executable).parent
+MLFLOW = str(BIN / "mlflow")
+DVC = str(BIN / "dvc")
+QUIET_ENV = {"DO_NOT_TRACK": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1"}
+
+
+class MlflowServer(NamedTuple):
+    """A running tracking server: its URL and the admin credentials (None without auth)."""
+
+    url: str
+    username: str | None
+    password: str | None
+
+    def client_env(self) -> dict[str, str]:
+        """The variables a client process needs to log to this server (MLflow's own names)."""
+        env = {"MLFLOW_TRACKING_URI": self.url}
+        if self.username is not None:
+            env |= {"MLFLOW_TRACKING_USERNAME": self.username, "MLFLOW_TRACKING_PASSWORD": self.password}
+        return env
+
+
+def free_port() -> int:
+    """A TCP port that was free on 127.0.0.1 a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def log_tail(path: Path, chars: int = 4000) -> str:
+    try:
+        return path.read_text(errors="replace")[-chars:]
+    except OSError:
+        return "(no log)"
+
+
+def wait_until(ready: Callable[[], bool], timeout: float, what: str, proc: subprocess.Popen | None = None,
+               log: Path | None = None) -> None:
+    """Poll ``ready`` every 0.5 s until it is true; an error naming ``what`` (with the log's tail)
+    when ``proc`` exits first or ``timeout`` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what}: exited with {proc.returncode} before it was ready:\n"
+                               f"{log_tail(log) if log else ''}")
+        if ready():
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"{what}: not ready after {timeout:.0f} s:\n{log_tail(log) if log else ''}")
+
+
+def stop(proc: subprocess.Popen, grace: float = 20) -> None:
+    """Stop ``proc`` and every process of its group (started with ``start_new_session``)."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        except ProcessLookupError:
+            proc.wait()
+    try:  # workers that outlived their parent still belong to the group
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def http_status(url: str, auth: tuple[str, str] | None = None, timeout: float = 5) -> int | None:
+    """The HTTP status of a GET of ``url`` (with basic-auth credentials if given); None when
+    nothing answers."""
+    request = urllib.request.Request(url)
+    if auth is not None:
+        import base64
+
+        token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status
+    except urllib.error.HTTPError as err:
+        return err.code
+    except OSError:
+        return None
+
+
+def write_auth_config(path: Path, database: Path, username: str, password: str,
+                      default_permission: str = "READ") -> Path:
+    """MLflow's basic-auth config file (the keys of ``mlflow/server/auth/basic_auth.ini``),
+    created private (0600) before the password is written into it."""
+    parser = configparser.ConfigParser()
+    parser["mlflow"] = {"default_permission": default_permission, "database_uri": f"sqlite:///{database}",
+                        "admin_username": username, "admin_password": password,
+                        "authorization_function": "mlflow.server.auth:authenticate_request_basic_auth"}
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        parser.write(fh)
+    return path
+
+
+@contextmanager
+def mlflow_server(workdir: str | Path, *, auth: bool = True, workers: int = 1, default_permission: str = "READ",
+                  timeout: float = 120) -> Iterator[MlflowServer]:
+    """A real ``mlflow server`` on 127.0.0.1 (SQLite store ``workdir/mlflow.db``, artifacts
+    proxied to ``workdir/artifacts``, log ``workdir/server.log``) -> its URL and admin
+    credentials; stopped by process group on exit. ``auth``: MLflow's basic-auth app with a
+    generated admin password and ``default_permission`` for other users."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, **QUIET_ENV}
+    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
+                "MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD"):
+        env.pop(key, None)
+    cmd = [MLFLOW, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers),
+           "--backend-store-uri", f"sqlite:///{workdir / 'mlflow.db'}",
+           "--artifacts-destination", str(workdir / "artifacts")]
+    username = password = None
+    if auth:
+        username, password = "admin", secrets.token_urlsafe(18)
+        config = write_auth_config(workdir / "basic_auth.ini", workdir / "basic_auth.db", username, password,
+                                   default_permission)
+        env |= {"MLFLOW_AUTH_CONFIG_PATH": str(config), "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16)}
+        cmd += ["--app-name", "basic-auth"]
+    log = workdir / "server.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_until(lambda: http_status(f"{url}/health", timeout=2) == 200, timeout, f"mlflow server at {url}",
+                   proc, log)
+        yield MlflowServer(url, username, password)
+    finally:
+        stop(proc)
+
+
+@contextmanager
+def local_dvc_remote(tmp: str | Path) -> Iterator[Path]:
+    """A directory used as the shared DVC remote (``tmp/dvc-remote``); nothing runs, nothing to stop."""
+    remote = Path(tmp) / "dvc-remote"
+    remote.mkdir(parents=True, exist_ok=True)
+    yield remote
+
+
+def use_dvc_remote(clone: Path, remote: Path, name: str = "shared") -> None:
+    """Make ``remote`` the default DVC remote of ``clone`` (in ``.dvc/config.local``: not committed)."""
+    subprocess.run([DVC, "remote", "add", "--local", "-f", "-d", name, str(remote)], cwd=clone, check=True,
+                   capture_output=True, env={**os.environ, **QUIET_ENV})
