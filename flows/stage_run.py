@@ -1,0 +1,261 @@
+"""``run-stage``: one DVC stage of a comparison, run by a Prefect worker on its own host.
+
+The orchestrating ``compare-aligners`` flow run (``--dispatch``, flows/dispatch.py) starts one flow
+run of the ``run-stage`` deployment per stage. The worker that picks it up runs it in its own clone
+of the repository (``CROSSALIGN_CLONE``, the worker's working directory) and:
+
+1. fetches and checks out the orchestrator's commit (detached, tracked files forced to it), and
+   writes the orchestrator's ``params.yaml``;
+2. writes the ``dvc.lock`` entries of the upstream stages that the orchestrator hands over, pulls
+   from the DVC remote exactly the outputs of those stages that this stage reads, and fetches their
+   ``cache: false`` outs from the remote's side path (flows/side_store.py);
+3. pulls this stage's own outputs when the commit's ``dvc.lock`` has an entry for it, so that an
+   up-to-date stage is skipped, and puts back the last pushed checkpoint of a ``persist`` out
+   (``train``'s ``models/<m>/checkpoints``) — a retry on another host resumes from it;
+4. runs ``dvc repro --single-item <stage>`` (DVC decides whether to run, and writes the lock entry),
+   pushing the ``persist`` outs to the side path each time they change while it runs;
+5. ``dvc push``es the stage's outputs, uploads its ``cache: false`` outs to the side path, and
+   hands back its ``dvc.lock`` entry as a markdown artifact of the flow run (the flow run's
+   return value lives in the worker's local result storage, which other hosts cannot read).
+
+    prefect worker start --pool crossalign-gpu --name "$(hostname)-gpu0" --limit 1   # in the clone
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import yaml
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+from prefect.runtime import flow_run
+
+from flows.side_store import SideStore, files_under
+
+CLONE_ENV = "CROSSALIGN_CLONE"        # the worker's clone; default: the flow run's working directory
+CHECKPOINT_PUSH_SECONDS = 2.0         # how often a running stage's persist outs are checked for changes
+RESULT_FENCE = "```yaml"
+
+
+class StageRunError(RuntimeError):
+    """A step of a stage run failed; the message names the step and holds its output."""
+
+
+def _sh(args: list[str], cwd: Path, env: dict[str, str] | None = None, what: str | None = None) -> str:
+    """Run a command; return its stdout; raise :class:`StageRunError` with its output when it fails."""
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise StageRunError(f"{what or ' '.join(args)} failed (exit {proc.returncode}) in {cwd}:\n"
+                            f"{(proc.stdout + proc.stderr)[-4000:]}")
+    return proc.stdout
+
+
+def _dvc() -> str:
+    return str(Path(sys.executable).parent / "dvc")
+
+
+def stage_env(stage: str) -> dict[str, str]:
+    """The stage command's environment: this interpreter first on PATH and as ``CROSSALIGN_PYTHON``
+    (``tasks/python`` runs it), as in the single-host flow (flows/dvc_dag.py)."""
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env["CROSSALIGN_PYTHON"] = sys.executable
+    env["DVC_STAGE"] = stage
+    return env
+
+
+def checkout(clone: Path, commit: str) -> None:
+    """Fetch ``origin`` and check out ``commit`` detached, tracked files forced to it."""
+    _sh(["git", "fetch", "--quiet", "origin"], clone, what="git fetch origin")
+    known = subprocess.run(["git", "cat-file", "-e", f"{commit}^{{commit}}"], cwd=clone, capture_output=True)
+    if known.returncode != 0:
+        raise StageRunError(f"commit {commit} is not on origin of {clone}: push it before dispatching")
+    _sh(["git", "checkout", "--quiet", "--force", "--detach", commit], clone, what=f"git checkout {commit}")
+
+
+def read_lock(root: Path) -> dict[str, Any]:
+    path = root / "dvc.lock"
+    if not path.exists():
+        return {}
+    return (yaml.safe_load(path.read_text()) or {}).get("stages", {}) or {}
+
+
+def write_lock(root: Path, entries: dict[str, Any]) -> None:
+    """Write ``dvc.lock`` holding ``entries`` (stage name -> lock entry), in DVC's own format."""
+    from dvc.utils.serialize import dump_yaml
+
+    dump_yaml(root / "dvc.lock", {"schema": "2.0", "stages": entries})
+
+
+def stage_outs(root: Path, stage: str) -> list[dict[str, Any]]:
+    """The outs of ``stage`` as declared in dvc.yaml: ``{"path", "cache", "persist"}``."""
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        (found,) = repo.stage.collect(f"{root / 'dvc.yaml'}:{stage}")
+        return [{"path": Path(o.fs_path).relative_to(root).as_posix(), "cache": o.use_cache,
+                 "persist": o.persist} for o in found.outs]
+
+
+def _inside(path: str, parent: str) -> bool:
+    return path == parent or path.startswith(parent.rstrip("/") + "/")
+
+
+def pull_targets(deps: list[str], upstream_outs: list[str]) -> list[str]:
+    """What to pull so a stage finds its deps: for each dep inside an upstream out, the dep (a part
+    of the out); for each upstream out inside a dep (a dep on a parent directory), the out."""
+    targets = set()
+    for dep in deps:
+        for out in upstream_outs:
+            if _inside(dep, out):
+                targets.add(dep)
+            elif _inside(out, dep):
+                targets.add(out)
+    return sorted(targets)
+
+
+def checkpoint_key(stage: str, params_yaml: str, upstream: dict[str, Any]) -> str:
+    """Where a stage's checkpoint is pushed: its name and a hash of its inputs (params + upstream
+    lock entries), so two comparisons with different inputs never share one."""
+    blob = json.dumps({"params": params_yaml, "upstream": upstream}, sort_keys=True).encode()
+    return f"{stage.replace('@', '-').replace('+', '-')}-{hashlib.md5(blob).hexdigest()[:16]}"
+
+
+class CheckpointPusher(threading.Thread):
+    """Pushes the files of ``rels`` (persist outs) to the side store whenever they change.
+
+    A checkpoint directory is replaced atomically by ``os.replace`` (crossalign.io.atomic_dir), so a
+    snapshot is kept only when no directory's inode changed while its files were read.
+    """
+
+    def __init__(self, store: SideStore, key: str, root: Path, rels: list[str], every: float):
+        super().__init__(daemon=True)
+        self.store, self.key, self.root, self.rels, self.every = store, key, root, rels, every
+        self.stop = threading.Event()
+        self.pushed: dict[str, str] | None = None
+        self.count = 0
+
+    def _dirs(self) -> dict[str, int]:
+        return {str(p): p.stat().st_ino for rel in self.rels if (self.root / rel).is_dir()
+                for p in [self.root / rel, *(q for q in (self.root / rel).rglob("*") if q.is_dir())]}
+
+    def push_once(self) -> None:
+        try:
+            before = self._dirs()
+            files = [f for rel in self.rels if (self.root / rel).exists() for f in files_under(self.root, rel)]
+            if not files:
+                return
+            manifest = self.store.put(files, self.root)
+            if self._dirs() != before or manifest == self.pushed:
+                return
+        except (FileNotFoundError, NotADirectoryError):  # replaced while read: next round
+            return
+        self.store.put_checkpoint(self.key, manifest)
+        self.pushed = manifest
+        self.count += 1
+
+    def run(self) -> None:
+        while not self.stop.wait(self.every):
+            self.push_once()
+
+
+def result_markdown(result: dict[str, Any]) -> str:
+    """The artifact a stage run leaves: a title line and the result as YAML (read back by
+    :func:`parse_result`)."""
+    return (f"# {result['stage']}: {result['outcome']} on {result['host']}\n\n"
+            f"{RESULT_FENCE}\n{yaml.safe_dump(result, sort_keys=False)}```\n")
+
+
+def parse_result(markdown: str) -> dict[str, Any]:
+    """Inverse of :func:`result_markdown`."""
+    start = markdown.find(RESULT_FENCE + "\n")
+    end = markdown.rfind("\n```")
+    if start < 0 or end <= start:
+        raise ValueError(f"stage-run artifact holds no {RESULT_FENCE} block:\n{markdown[:500]}")
+    return yaml.safe_load(markdown[start + len(RESULT_FENCE) + 1:end + 1])
+
+
+def result_key(stage: str) -> str:
+    """Artifact key of a stage's result (keys: lowercase letters, digits, dashes)."""
+    slug = "".join(c if c.isalnum() else "-" for c in stage.lower())
+    return f"crossalign-stage-{slug}"
+
+
+@flow(name="run-stage", log_prints=True)
+def run_stage(stage: str, commit: str, params_yaml: str, upstream: dict[str, Any],
+              side: dict[str, str]) -> dict[str, Any]:
+    """Run DVC stage ``stage`` of commit ``commit`` in this worker's clone (module docstring).
+
+    ``upstream``: the ``dvc.lock`` entries of the stages it reads; ``side``: their ``cache: false``
+    outs as a side-store manifest. Returns (and leaves as an artifact) ``{"stage", "outcome":
+    "ran" | "skipped", "host", "lock": <dvc.lock entry>, "side": <manifest of its cache: false outs>}``.
+    """
+    log = get_run_logger()
+    root = Path(os.environ.get(CLONE_ENV) or os.getcwd()).resolve()
+    host = os.environ.get("CROSSALIGN_HOST") or socket.gethostname()
+    log.info("%s: commit %s in %s on %s", stage, commit[:12], root, host)
+    checkout(root, commit)
+    (root / "params.yaml").write_text(params_yaml)
+    own = read_lock(root).get(stage)
+    write_lock(root, {**read_lock(root), **upstream})
+
+    store = SideStore(root)
+    store.get(side, root)
+    outs = stage_outs(root, stage)
+    from dvc.dependency.param import ParamsDependency
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        (found,) = repo.stage.collect(f"{root / 'dvc.yaml'}:{stage}")
+        deps = [Path(d.fs_path).relative_to(root).as_posix() for d in found.deps
+                if not isinstance(d, ParamsDependency)]
+    upstream_outs = [o["path"] for name in upstream for o in stage_outs(root, name) if o["cache"]]
+    targets = pull_targets(deps, upstream_outs)
+    if targets:
+        log.info("%s: dvc pull %s", stage, " ".join(targets))
+        _sh([_dvc(), "pull", "--quiet", *targets], root)
+    if own is not None:  # the commit's lock knows this stage: its outs may make it up to date
+        subprocess.run([_dvc(), "pull", "--quiet", "--allow-missing", stage], cwd=root, capture_output=True)
+
+    persist = [o["path"] for o in outs if o["persist"]]
+    key = checkpoint_key(stage, params_yaml, upstream)
+    pusher = None
+    if persist:
+        saved = store.get_checkpoint(key)
+        if saved:
+            log.info("%s: resuming from the pushed checkpoint %s (%d files)", stage, key, len(saved))
+            store.get(saved, root)
+        pusher = CheckpointPusher(store, key, root, persist, CHECKPOINT_PUSH_SECONDS)
+        pusher.start()
+    try:
+        proc = subprocess.Popen([_dvc(), "repro", "--single-item", stage], cwd=root, env=stage_env(stage),
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+        assert proc.stdout is not None
+        lines = []
+        for line in proc.stdout:
+            lines.append(line.rstrip("\n"))
+            log.info(line.rstrip("\n"))
+        code = proc.wait()
+    finally:
+        if pusher is not None:
+            pusher.stop.set()
+            pusher.join()
+    if code != 0:
+        raise StageRunError(f"stage {stage} failed (exit {code}); last output:\n" + "\n".join(lines[-30:]))
+    outcome = "skipped" if any("didn't change, skipping" in ln for ln in lines) else "ran"
+
+    _sh([_dvc(), "push", "--quiet", stage], root, what=f"dvc push {stage}")
+    uncached = [f for o in outs if not o["cache"] for f in files_under(root, o["path"])]
+    result = {"stage": stage, "outcome": outcome, "host": host, "flow_run_id": str(flow_run.get_id()),
+              "lock": read_lock(root)[stage], "side": store.put(uncached, root)}
+    create_markdown_artifact(key=result_key(stage), markdown=result_markdown(result),
+                             description=f"dvc.lock entry of {stage} (run-stage on {host})")
+    log.info("%s: %s on %s, pushed", stage, outcome, host)
+    return result
