@@ -11,7 +11,11 @@ of one ``foreach`` (``select``): it runs once every branch has finished, so that
 which branches are missing (and fail) rather than choose among the rest. The flow run then fails
 with a message naming the failed stages and the last lines the gathering stage printed.
 
+Distributed mode (``dispatch``: a deployment of the ``run-stage`` flow, flows/stage_run.py): each
+stage runs as a flow run of that deployment on whichever worker (host, GPU) is free; flows/dispatch.py.
+
     python -m flows.compare [--methods a,b] [--dataset synthetic] [--epochs N] [--max-parallel N]
+    python -m flows.compare --dispatch run-stage/gpu      # stages on the workers of run-stage/gpu's pool
 """
 from __future__ import annotations
 
@@ -159,13 +163,16 @@ def default_parallelism() -> int:
 
 @flow(name="compare-aligners", log_prints=True)
 def compare_aligners(root: str = ".", methods: list[str] | None = None, dataset: str | None = None,
-                     epochs: int | None = None, max_parallel: int | None = None) -> dict[str, Any]:
+                     epochs: int | None = None, max_parallel: int | None = None,
+                     dispatch: str | None = None, dispatch_retries: int = 2) -> dict[str, Any]:
     """Train, evaluate and select crossalign's aligners: the DAG of ``<root>/dvc.yaml``.
 
     ``methods`` / ``dataset`` / ``epochs`` (``None``: as in params.yaml) are written into
     ``params.yaml`` first, so DVC sees them; ``max_parallel`` (``None``: the number of GPUs, at
-    least 1) bounds the stage commands running at once. Returns the stage outcomes and the
-    selection; raises :class:`PipelineFailed` when a stage failed.
+    least 1) bounds the stage commands running at once. ``dispatch`` (``None``: run here) names the
+    ``run-stage`` deployment that runs each stage on a worker; a stage whose host dies is started
+    again up to ``dispatch_retries`` times. Returns the stage outcomes and the selection; raises
+    :class:`PipelineFailed` when a stage failed.
     """
     log = get_run_logger()
     start = time.monotonic()
@@ -184,13 +191,30 @@ def compare_aligners(root: str = ".", methods: list[str] | None = None, dataset:
     from crossalign import tracking  # mlflow is heavy: imported only when the flow runs
 
     tracking.setup(cfg, project)  # the MLflow store, once, before branches race to create it
-    with chdir(project):  # as `dvc repro` in the project root: DVC resolves paths against the cwd
-        rows = outcomes(submit_dag(dag, books, slots))
+    if dispatch:
+        rows = _run_dispatched(project, dag, dispatch, dispatch_retries, effective)
+    else:
+        with chdir(project):  # as `dvc repro` in the project root: DVC resolves paths against the cwd
+            rows = outcomes(submit_dag(dag, books, slots))
     message = failure_message(rows)
     selection = artifacts.publish(project, rows, effective, message, time.monotonic() - start)
     if message:
         raise PipelineFailed(message)
     return {"stages": rows, "selection": selection, "parameters": effective}
+
+
+def _run_dispatched(project: Path, dag: dict[str, StageNode], deployment: str, retries: int,
+                    effective: dict[str, Any]) -> list[dict[str, Any]]:
+    """The stages as flow runs of ``deployment`` (flows/dispatch.py); then dvc.lock and the outs here."""
+    from flows import dispatch
+
+    commit = dispatch.dispatch_commit(project, dag)
+    effective.update({"dispatch": deployment, "commit": commit})
+    get_run_logger().info("dispatching the stages of commit %s to %s", commit[:12], deployment)
+    rows, results = dispatch.dispatched_rows(dispatch.submit_dispatched(
+        dag, deployment, commit, (project / "params.yaml").read_text(), retries))
+    dispatch.gather(project, dag, results)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -200,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dataset", help="data.dataset (default: params.yaml)")
     parser.add_argument("--epochs", type=int, help="train.epochs (default: params.yaml)")
     parser.add_argument("--max-parallel", type=int, help="stage commands at once (default: GPUs, >= 1)")
+    parser.add_argument("--dispatch", metavar="DEPLOYMENT",
+                        help="run each stage as a flow run of this run-stage deployment (e.g. run-stage/gpu) "
+                             "on its work pool's workers, instead of here")
     args = parser.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
     try:  # bad parameters: one clear message and exit 2, before Prefect starts a flow run
@@ -209,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: " + "; ".join(line.strip() for line in str(err).splitlines() if line.strip()), file=sys.stderr)
         return 2
     state = compare_aligners(root=args.root, methods=methods, dataset=args.dataset, epochs=args.epochs,
-                             max_parallel=args.max_parallel, return_state=True)
+                             max_parallel=args.max_parallel, dispatch=args.dispatch, return_state=True)
     return 0 if state.is_completed() else 1
 
 

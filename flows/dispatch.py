@@ -32,7 +32,7 @@ from prefect.states import Crashed
 
 from flows.dvc_dag import StageNode
 from flows.side_store import SideStore
-from flows.stage_run import parse_result, read_lock, result_key, stage_outs, write_lock
+from flows.stage_run import parse_result, read_lock, result_key, write_lock
 
 MISSED_HEARTBEATS = 3        # as Prefect's server marks a worker OFFLINE (foreman inactivity multiple)
 POLL_SECONDS = 2.0
@@ -59,7 +59,10 @@ def dispatch_commit(project: Path, dag: dict[str, StageNode]) -> str:
     if not _git(project, "branch", "-r", "--contains", commit).strip():
         raise DispatchError(f"commit {commit[:12]} of {project} is not on origin: `git push` it first, "
                             "the workers check it out from there")
-    outs = [o["path"] for name in dag for o in stage_outs(project, name)]
+    from dvc.repo import Repo
+
+    with Repo(str(project)) as repo:
+        outs = [Path(o.fs_path).relative_to(project).as_posix() for s in repo.index.stages for o in s.outs]
     dirty = [line[3:] for line in _git(project, "status", "--porcelain", "--untracked-files=no").splitlines()]
     code = [p for p in dirty if p not in ("params.yaml", "dvc.lock")
             and not any(p == o or p.startswith(o.rstrip("/") + "/") for o in outs)]
@@ -72,7 +75,8 @@ def dispatch_commit(project: Path, dag: dict[str, StageNode]) -> str:
 def worker_of(client, run_id) -> str | None:
     """The name of the worker that took flow run ``run_id``, from its ``submitted-flow-run`` event."""
     page = client.read_events(filter=EventFilter(event=EventNameFilter(name=[SUBMITTED]),
-                                                 related=EventRelatedFilter(id=[f"prefect.flow-run.{run_id}"])))
+                                                 related=EventRelatedFilter(id=[f"prefect.flow-run.{run_id}"])),
+                              limit=50)  # the server's maximum page
     names = [e.resource.get("prefect.resource.name") for e in page.events]
     return names[0] if names else None
 
@@ -191,7 +195,9 @@ def gather(project: Path, dag: dict[str, StageNode], results: dict[str, dict[str
     store = SideStore(project)
     for r in results.values():
         store.get(r["side"], project)
+    if not results:
+        return
     dvc = str(Path(sys.executable).parent / "dvc")
-    proc = subprocess.run([dvc, "pull", "--quiet"], cwd=project, capture_output=True, text=True)
+    proc = subprocess.run([dvc, "pull", "--force", *results], cwd=project, capture_output=True, text=True)
     if proc.returncode != 0:
         raise DispatchError(f"dvc pull in {project} failed:\n{(proc.stdout + proc.stderr)[-3000:]}")

@@ -28,6 +28,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,7 @@ from prefect.runtime import flow_run
 from flows.side_store import SideStore, files_under
 
 CLONE_ENV = "CROSSALIGN_CLONE"        # the worker's clone; default: the flow run's working directory
-CHECKPOINT_PUSH_SECONDS = 2.0         # how often a running stage's persist outs are checked for changes
+CHECKPOINT_PUSH_SECONDS = 1.0         # how often a running stage's persist outs are checked for changes
 RESULT_FENCE = "```yaml"
 
 
@@ -94,14 +95,32 @@ def write_lock(root: Path, entries: dict[str, Any]) -> None:
     dump_yaml(root / "dvc.lock", {"schema": "2.0", "stages": entries})
 
 
+def _outs(stage, root: Path) -> list[dict[str, Any]]:
+    return [{"path": Path(o.fs_path).relative_to(root).as_posix(), "cache": o.use_cache, "persist": o.persist}
+            for o in stage.outs]
+
+
 def stage_outs(root: Path, stage: str) -> list[dict[str, Any]]:
     """The outs of ``stage`` as declared in dvc.yaml: ``{"path", "cache", "persist"}``."""
     from dvc.repo import Repo
 
     with Repo(str(root)) as repo:
         (found,) = repo.stage.collect(f"{root / 'dvc.yaml'}:{stage}")
-        return [{"path": Path(o.fs_path).relative_to(root).as_posix(), "cache": o.use_cache,
-                 "persist": o.persist} for o in found.outs]
+        return _outs(found, root)
+
+
+def stage_io(root: Path, stage: str, upstream: list[str]) -> tuple[list[dict[str, Any]], list[str], list[str]]:
+    """``stage``'s outs (as :func:`stage_outs`), its file deps, and the cached outs of ``upstream``."""
+    from dvc.dependency.param import ParamsDependency
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        (found,) = repo.stage.collect(f"{root / 'dvc.yaml'}:{stage}")
+        deps = [Path(d.fs_path).relative_to(root).as_posix() for d in found.deps
+                if not isinstance(d, ParamsDependency)]
+        ups = [o["path"] for name in upstream for (s,) in [repo.stage.collect(f"{root / 'dvc.yaml'}:{name}")]
+               for o in _outs(s, root) if o["cache"]]
+    return _outs(found, root), deps, ups
 
 
 def _inside(path: str, parent: str) -> bool:
@@ -131,35 +150,54 @@ def checkpoint_key(stage: str, params_yaml: str, upstream: dict[str, Any]) -> st
 class CheckpointPusher(threading.Thread):
     """Pushes the files of ``rels`` (persist outs) to the side store whenever they change.
 
-    A checkpoint directory is replaced atomically by ``os.replace`` (crossalign.io.atomic_dir), so a
-    snapshot is kept only when no directory's inode changed while its files were read.
+    Training replaces a checkpoint directory as a whole each epoch (``os.replace`` of a finished
+    directory, crossalign.io.atomic_dir) and never rewrites its files, so hard links taken while no
+    directory's inode changed are one consistent checkpoint; they are uploaded at leisure while
+    training goes on.
     """
 
     def __init__(self, store: SideStore, key: str, root: Path, rels: list[str], every: float):
         super().__init__(daemon=True)
         self.store, self.key, self.root, self.rels, self.every = store, key, root, rels, every
         self.stop = threading.Event()
-        self.pushed: dict[str, str] | None = None
+        self.seen: dict[str, int] | None = None   # directory inodes of the last push
         self.count = 0
 
     def _dirs(self) -> dict[str, int]:
         return {str(p): p.stat().st_ino for rel in self.rels if (self.root / rel).is_dir()
                 for p in [self.root / rel, *(q for q in (self.root / rel).rglob("*") if q.is_dir())]}
 
-    def push_once(self) -> None:
-        try:
-            before = self._dirs()
-            files = [f for rel in self.rels if (self.root / rel).exists() for f in files_under(self.root, rel)]
-            if not files:
-                return
-            manifest = self.store.put(files, self.root)
-            if self._dirs() != before or manifest == self.pushed:
-                return
-        except (FileNotFoundError, NotADirectoryError):  # replaced while read: next round
-            return
-        self.store.put_checkpoint(self.key, manifest)
-        self.pushed = manifest
-        self.count += 1
+    def _snapshot(self, into: Path) -> tuple[list[str], dict[str, int]] | None:
+        """Hard-link the current files into ``into``; ``None`` when a directory was replaced meanwhile."""
+        before = self._dirs()
+        files = [f for rel in self.rels if (self.root / rel).exists() for f in files_under(self.root, rel)]
+        for rel in files:
+            (into / rel).parent.mkdir(parents=True, exist_ok=True)
+            os.link(self.root / rel, into / rel)
+        return (files, before) if self._dirs() == before else None
+
+    def push_once(self) -> bool:
+        """Push the checkpoint if it changed since the last push; True when one was pushed."""
+        scratch = self.root / ".dvc" / "tmp"
+        scratch.mkdir(parents=True, exist_ok=True)
+        for _ in range(5):  # a directory replaced while linking: try again at once
+            with tempfile.TemporaryDirectory(dir=scratch, prefix="checkpoint-") as tmp:
+                try:
+                    if self._dirs() == self.seen:
+                        return False
+                    snap = self._snapshot(Path(tmp))
+                except (FileNotFoundError, NotADirectoryError):
+                    continue
+                if snap is None:
+                    continue
+                files, dirs = snap
+                if not files:
+                    return False
+                self.store.put_checkpoint(self.key, self.store.put(files, Path(tmp)))
+                self.seen = dirs
+                self.count += 1
+                return True
+        return False
 
     def run(self) -> None:
         while not self.stop.wait(self.every):
@@ -208,21 +246,19 @@ def run_stage(stage: str, commit: str, params_yaml: str, upstream: dict[str, Any
 
     store = SideStore(root)
     store.get(side, root)
-    outs = stage_outs(root, stage)
-    from dvc.dependency.param import ParamsDependency
+    outs, deps, upstream_outs = stage_io(root, stage, list(upstream))
+    targets = pull_targets(deps, upstream_outs)
     from dvc.repo import Repo
 
     with Repo(str(root)) as repo:
-        (found,) = repo.stage.collect(f"{root / 'dvc.yaml'}:{stage}")
-        deps = [Path(d.fs_path).relative_to(root).as_posix() for d in found.deps
-                if not isinstance(d, ParamsDependency)]
-    upstream_outs = [o["path"] for name in upstream for o in stage_outs(root, name) if o["cache"]]
-    targets = pull_targets(deps, upstream_outs)
-    if targets:
-        log.info("%s: dvc pull %s", stage, " ".join(targets))
-        _sh([_dvc(), "pull", "--quiet", *targets], root)
-    if own is not None:  # the commit's lock knows this stage: its outs may make it up to date
-        subprocess.run([_dvc(), "pull", "--quiet", "--allow-missing", stage], cwd=root, capture_output=True)
+        if targets:
+            log.info("%s: dvc pull %s", stage, " ".join(targets))
+            repo.pull(targets=targets, force=True)
+        if own is not None:  # the commit's lock knows this stage: its outs may make it up to date
+            try:
+                repo.pull(targets=[stage], allow_missing=True, force=True)
+            except Exception as err:  # noqa: BLE001 - not on the remote: the stage runs
+                log.info("%s: its outputs of the commit's dvc.lock are not on the remote (%s)", stage, err)
 
     persist = [o["path"] for o in outs if o["persist"]]
     key = checkpoint_key(stage, params_yaml, upstream)
@@ -251,7 +287,8 @@ def run_stage(stage: str, commit: str, params_yaml: str, upstream: dict[str, Any
         raise StageRunError(f"stage {stage} failed (exit {code}); last output:\n" + "\n".join(lines[-30:]))
     outcome = "skipped" if any("didn't change, skipping" in ln for ln in lines) else "ran"
 
-    _sh([_dvc(), "push", "--quiet", stage], root, what=f"dvc push {stage}")
+    with Repo(str(root)) as repo:
+        repo.push(targets=[stage])
     uncached = [f for o in outs if not o["cache"] for f in files_under(root, o["path"])]
     result = {"stage": stage, "outcome": outcome, "host": host, "flow_run_id": str(flow_run.get_id()),
               "lock": read_lock(root)[stage], "side": store.put(uncached, root)}
