@@ -3,6 +3,7 @@
     crossalign check                                                   # params.yaml vs the typed config and dvc.yaml
     crossalign search "a red circle left of a blue square" --top 5   # best test images
     crossalign search --image photo.jpg --top 5                        # best test captions
+    crossalign mlflow-server --host 0.0.0.0 --port 5000 --backend-store-uri ... --artifacts-destination ...
 
 ``check`` validates ``params.yaml`` with the typed config (unknown keys get a "did you mean"
 suggestion) and checks that every param key a ``dvc.yaml`` stage lists is written in the file:
@@ -27,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from crossalign import config
+from crossalign import config, mlflow_server
 
 if TYPE_CHECKING:
     import torch
@@ -296,9 +297,14 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--top", type=int, default=5, help="results to print (default 5)")
     s.add_argument("--split", default="test", choices=("train", "val", "test"), help="split searched")
     s.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    m = sub.add_parser("mlflow-server", help="run the MLflow tracking server every host logs to (basic-auth)",
+                       description=mlflow_server.__doc__.split("\n\n")[0])
+    mlflow_server.add_arguments(m)
     args = parser.parse_args(argv)
     if args.command == "check":
         return run_check(Path(args.params), Path(args.dvc_yaml))
+    if args.command == "mlflow-server":
+        return mlflow_server.run(args)
     if (args.text is None) == (args.image is None):
         s.error("give either a query text or --image PATH")
     if args.text is not None and not args.text.strip():

@@ -250,10 +250,24 @@ class SelectParams(Section):
 
 # ------------------------------------------------------------------------------------- tracking
 class TrackingParams(Section):
-    tracking_uri: str = Field("sqlite:///mlruns/mlflow.db", description="MLflow tracking URI")
-    artifact_location: str = Field("mlruns/artifacts", description="artifact root of the experiment")
+    tracking_uri: str = Field("sqlite:///mlruns/mlflow.db",
+                              description="MLflow tracking URI: sqlite:///<file> (one host) or http(s)://HOST:PORT, "
+                                          "a tracking server shared by every host (credentials from the environment)")
+    artifact_location: str = Field("mlruns/artifacts", description="artifact root of the experiment in a sqlite "
+                                   "store (a tracking server keeps its own, --artifacts-destination)")
     experiment: str = Field("crossalign", description="MLflow experiment name")
     registered_model: str = Field("crossalign-aligner", description="registered model holding every method's version")
+
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _no_credentials(cls, value: str) -> str:
+        scheme, sep, rest = value.partition("://")
+        if sep and "@" in rest.split("/", 1)[0]:
+            raise ValueError(f"{scheme}://<credentials>@...: params.yaml is committed, credentials belong in the "
+                             "environment (a server: MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD; "
+                             "a database: its own, e.g. PGPASSWORD)")
+        return value
 
 
 class Config(Section):

@@ -3,7 +3,10 @@ metrics to it, one registered-model version per method (with a one-line descript
 ``champion`` alias.
 
 The tracking URI comes from ``params.yaml:tracking``; a relative ``sqlite:///`` path is taken
-relative to the project root so library calls with another ``root`` (tests) stay inside it.
+relative to the project root so library calls with another ``root`` (tests) stay inside it; an
+``http(s)://`` URI is the tracking server every host shares. Only ``select`` moves the alias
+(:func:`set_champion`): training registers versions, evaluation logs metrics, neither points
+``champion`` anywhere, so the alias moves once per comparison, after every evaluation.
 """
 from __future__ import annotations
 
@@ -36,8 +39,7 @@ def tracking_uri(cfg: Config, root: Path) -> str:
 def using(cfg: Config, root: Path) -> Iterator[MlflowClient]:
     """Point the fluent MLflow API (and a client) at this project's store, restoring after."""
     previous, previous_registry = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
-    uri = tracking_uri(cfg, root)
-    tracking.follow_checkout(cfg, Path(root))
+    uri = tracking.connect(cfg, Path(root))  # a server is asked once: a refusal is one clear error
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     try:
@@ -153,7 +155,8 @@ def log_selection(cfg: Config, root: Path, files: list[Path], metrics: dict[str,
     registry versions), its metrics and the report files."""
     with using(cfg, root) as client:
         exp_id = tracking.setup(cfg, root)
-        run = client.create_run(exp_id, run_name="select", tags={"stage": "select", **(tags or {})})
+        run = client.create_run(exp_id, run_name="select",
+                                tags={"stage": "select", **tracking.origin_tags(), **(tags or {})})
         client.log_batch(run.info.run_id, metrics=_metrics(metrics))
         for path in files:
             client.log_artifact(run.info.run_id, str(path), artifact_path="reports")

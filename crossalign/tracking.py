@@ -1,6 +1,12 @@
 """MLflow tracking of training runs: one experiment, one run per method (and seed).
 
-Metadata go to SQLite (``tracking.tracking_uri``), artifacts under ``tracking.artifact_location``.
+``tracking.tracking_uri`` is a SQLite file (one host: metadata in it, artifacts under
+``tracking.artifact_location``) or an MLflow tracking server ``http(s)://HOST:PORT`` shared by
+every host (artifacts go through the server, proxied ``mlflow-artifacts:``; credentials only from
+MLflow's own environment variables, ``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD``).
+A server is asked once per process before anything is logged, so a refusal (401/403) or an
+unreachable address is one error naming the URI instead of MLflow's minutes of retries.
+Every run is tagged with where it ran (:func:`origin_tags`: host, Prefect flow run).
 A run holds the resolved config as params; per-epoch history as ``epoch/<name>`` metrics (losses,
 learning rate, validation recall, wall seconds); the best epoch's values that early stopping kept
 as ``best_val_<name>`` / ``best_epoch``; system metrics; lineage tags (``crossalign.method``,
@@ -24,6 +30,8 @@ import hashlib
 import importlib.util
 import json
 import logging
+import os
+import socket
 import sqlite3
 import subprocess
 import tempfile
@@ -38,6 +46,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from crossalign.config import Config
+from crossalign.tracking_server import TrackingServerError, check_server, is_server  # noqa: F401 (re-exported)
 from crossalign.methods import META, WEIGHTS, load_aligner
 from crossalign.methods.base import Aligner
 
@@ -46,6 +55,13 @@ PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 FEATURE_PATHS = ("data/features", "data/features/train", "data/features/val")
 TAG_METHOD, TAG_SEED, TAG_WEIGHTS = "crossalign.method", "crossalign.seed", "crossalign.weights_sha256"
 TAG_FINGERPRINT = "crossalign.fingerprint"  # training fingerprint: a resumed checkpoint reopens its run
+TAG_HOST, TAG_FLOW_RUN = "crossalign.host", "crossalign.flow_run_id"  # where a run ran (tags, never DVC outs)
+TAG_STAGE_FLOW_RUN = "crossalign.stage_flow_run_id"  # Prefect's own flow run of the process, when it differs
+TAG_RESUMED_FROM = "crossalign.resumed_from_host"  # a training resumed on another host: where it began
+# CROSSALIGN_HOST overrides the host name (two "hosts" on one machine in tests); the stage runner
+# sets CROSSALIGN_FLOW_RUN_ID to the comparison's flow run; Prefect sets PREFECT__FLOW_RUN_ID in
+# every flow-run process it starts (workers, served deployments), inherited by stage subprocesses.
+HOST_ENV, FLOW_RUN_ENV, PREFECT_FLOW_RUN_ENV = "CROSSALIGN_HOST", "CROSSALIGN_FLOW_RUN_ID", "PREFECT__FLOW_RUN_ID"
 EPOCH_PREFIX = "epoch/"  # per-epoch history; ``best_*`` are the kept (best-epoch) values
 # The MLflow 3 UI's ExperimentKind enum (mlflow/server/js: "mlflow.experimentKind"): classic ML, not GenAI.
 # MLflow 3.17's UI reads the kind from its GenAI / Model training toggle (URL ``workflowType=machine_learning``,
@@ -67,6 +83,18 @@ def resolve_uri(uri: str, root: Path) -> str:
     return uri
 
 
+def origin_tags() -> dict[str, str]:
+    """Where a run ran: ``crossalign.host`` and, inside a Prefect flow run, ``crossalign.flow_run_id``
+    (the comparison's, :data:`FLOW_RUN_ENV`, else Prefect's own) -- MLflow tags, never DVC outs."""
+    tags = {TAG_HOST: os.environ.get(HOST_ENV) or socket.gethostname()}
+    ours, prefect = os.environ.get(FLOW_RUN_ENV), os.environ.get(PREFECT_FLOW_RUN_ENV)
+    if ours or prefect:
+        tags[TAG_FLOW_RUN] = ours or prefect
+    if ours and prefect and ours != prefect:
+        tags[TAG_STAGE_FLOW_RUN] = prefect
+    return tags
+
+
 def artifact_root(cfg: Config, root: Path) -> Path:
     """``tracking.artifact_location`` resolved against the checkout ``root`` (absolute ones as given)."""
     location = Path(cfg.tracking.artifact_location)
@@ -81,27 +109,21 @@ def shared_view() -> dict[str, Any]:
 
 
 def setup(cfg: Config, root: str | Path = ".") -> str:
-    """Create (once) the SQLite store, the experiment and the registered model -> experiment id.
+    """Create (once) the store, the experiment and the registered model -> experiment id.
 
-    The experiment is tagged as model training with a shared runs-table view; a store moved
-    with its checkout is re-pointed at it first. Call before fanning out parallel training:
-    concurrent first-time creation races."""
+    The experiment is tagged as model training with a shared runs-table view; a SQLite store
+    moved with its checkout is re-pointed at it first. Safe when several processes or hosts
+    set up at once: a concurrent creation of the experiment or registered model is taken as
+    done (on one SQLite file, better called once before fanning out: SQLite locks)."""
     root = Path(root)
-    uri = resolve_uri(cfg.tracking.tracking_uri, root)
-    if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    uri = connect(cfg, root)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)  # explicitly: an earlier registry.using() may have pinned the default ./mlflow.db
-    follow_checkout(cfg, root)
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
     if exp is None:
-        location = artifact_root(cfg, root)
-        location.mkdir(parents=True, exist_ok=True)
-        try:
-            exp_id = client.create_experiment(cfg.tracking.experiment, artifact_location=location.as_uri())
-        except MlflowException:  # created meanwhile by another process
-            exp_id = client.get_experiment_by_name(cfg.tracking.experiment).experiment_id
+        exp_id = _create_experiment(client, cfg, root, uri)
+        exp = client.get_experiment(exp_id)
     else:
         exp_id = exp.experiment_id
     tags = {EXPERIMENT_KIND[0]: EXPERIMENT_KIND[1], SHARED_VIEW_PREFIX + SHARED_VIEW_KEY: json.dumps(shared_view()),
@@ -110,7 +132,7 @@ def setup(cfg: Config, root: str | Path = ".") -> str:
                                    "evaluate stage's COCO metrics; `select` runs hold the comparison report. "
                                    f"Runs table with these columns: add `?workflowType=machine_learning&"
                                    f"viewStateShareKey={SHARED_VIEW_KEY}` to this page's address."}
-    current = (exp.tags if exp is not None else {}) or {}
+    current = exp.tags or {}
     for key, value in tags.items():
         if current.get(key) != value:
             client.set_experiment_tag(exp_id, key, value)
@@ -122,6 +144,39 @@ def setup(cfg: Config, root: str | Path = ".") -> str:
         except MlflowException:
             pass  # created meanwhile
     return exp_id
+
+
+def connect(cfg: Config, root: Path) -> str:
+    """The tracking URI, ready to use: a SQLite store's directory made (and the store re-pointed
+    at a moved checkout), a server asked once (:func:`check_server`)."""
+    uri = resolve_uri(cfg.tracking.tracking_uri, Path(root))
+    if uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        follow_checkout(cfg, Path(root))
+    elif is_server(uri):
+        check_server(uri, cfg.tracking.experiment)
+    return uri
+
+
+def _create_experiment(client: MlflowClient, cfg: Config, root: Path, uri: str) -> str:
+    """Create the experiment -> its id; one created meanwhile by another process or host is
+    taken. A local store gets ``tracking.artifact_location``; a server keeps its own artifact
+    root (``--artifacts-destination``, served as ``mlflow-artifacts:``) so every host reads
+    the artifacts every other host wrote."""
+    location = None
+    if not is_server(uri):
+        path = artifact_root(cfg, root)
+        path.mkdir(parents=True, exist_ok=True)
+        location = path.as_uri()
+    try:
+        return client.create_experiment(cfg.tracking.experiment, artifact_location=location)
+    except MlflowException as err:
+        exp = client.get_experiment_by_name(cfg.tracking.experiment)  # created meanwhile?
+        if exp is None:
+            raise
+        log.info("experiment %s was created meanwhile by another process (%s)", cfg.tracking.experiment,
+                 err.error_code)
+        return exp.experiment_id
 
 
 def _sqlite_path(uri: str) -> Path | None:
@@ -262,9 +317,13 @@ class MlflowTracker:
         unfinished = unfinished_run(MlflowClient(), self.experiment_id, method, seed, fingerprint)
         if unfinished is not None:
             self.run = mlflow.start_run(run_id=unfinished.info.run_id, log_system_metrics=self.system_metrics)
+            origin, before = origin_tags(), unfinished.data.tags.get(TAG_HOST)
+            if before and before != origin[TAG_HOST]:  # resumed on another host: keep where it began
+                origin[TAG_RESUMED_FROM] = before
+            mlflow.set_tags(origin)
             return unfinished.info.run_id
         tags = {TAG_METHOD: method, TAG_SEED: str(seed), TAG_FINGERPRINT: fingerprint,
-                "git_commit": git_commit(self.root), **dvc_feature_hashes(self.root)}
+                "git_commit": git_commit(self.root), **dvc_feature_hashes(self.root), **origin_tags()}
         self.run = mlflow.start_run(experiment_id=self.experiment_id, run_name=self.name, tags=tags,
                                     log_system_metrics=self.system_metrics)
         mlflow.log_params({k: str(v) for k, v in self.cfg.flat().items()})

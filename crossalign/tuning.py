@@ -284,19 +284,21 @@ class MlflowTrialLog:
     def __init__(self, cfg: config.Config, root: str | Path, method: str):
         from mlflow.tracking import MlflowClient
 
-        from crossalign.tracking import resolve_uri, setup
+        from crossalign.tracking import origin_tags, resolve_uri, setup
 
         self.experiment_id = setup(cfg, Path(root))
         self.client = MlflowClient(resolve_uri(cfg.tracking.tracking_uri, Path(root)))
+        self.origin = origin_tags()  # host and flow run, on the tuning run and each trial
         self.parent = self.client.create_run(self.experiment_id, run_name=f"tune-{method}",
-                                             tags={"method": method, "stage": "tune"}).info.run_id
+                                             tags={"method": method, "stage": "tune", **self.origin}).info.run_id
         self.client.log_batch(self.parent, params=[_param(f"tune.{k}", v) for k, v in cfg.tune.model_dump().items()])
 
     def trial_start(self, number: int, values: dict[str, Any]) -> str:
         from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
         run = self.client.create_run(self.experiment_id, run_name=f"trial-{number}",
-                                     tags={MLFLOW_PARENT_RUN_ID: self.parent, "trial": str(number)}).info.run_id
+                                     tags={MLFLOW_PARENT_RUN_ID: self.parent, "trial": str(number),
+                                           **self.origin}).info.run_id
         self.client.log_batch(run, params=[_param(k, v) for k, v in values.items()])
         return run
 

@@ -1,14 +1,14 @@
 """Real servers for tests, on 127.0.0.1, always stopped: an MLflow tracking server and a local
 DVC remote.
 
-``mlflow_server(workdir)`` starts ``mlflow server`` (SQLite backend store, proxied artifacts
-under ``workdir/artifacts``) on a free loopback port, in its own process group, waits until
+``mlflow_server(workdir)`` starts the server the way the README does, ``crossalign mlflow-server``
+(which execs ``mlflow server``; SQLite backend store, proxied artifacts under
+``workdir/artifacts``), on a free loopback port, in its own process group; it waits until
 ``/health`` answers and, on exit, stops the whole group by its pid (SIGTERM, then SIGKILL).
-With ``auth=True`` (the default) it runs MLflow's ``basic-auth`` app: an admin user with a
-password generated here, written to a private (0600) auth config file in ``workdir`` as MLflow
-documents it (``MLFLOW_AUTH_CONFIG_PATH``, ``admin_username`` / ``admin_password``), with the
-auth users' database and the Flask secret key (``MLFLOW_FLASK_SERVER_SECRET_KEY``, CSRF) beside
-it. Nothing is shared with another test's server.
+With ``auth=True`` (the default) it runs MLflow's ``basic-auth`` app: an admin user whose
+password is generated here and handed over in ``CROSSALIGN_MLFLOW_ADMIN_PASSWORD``; the launcher
+writes MLflow's auth config (0600), the users' database and the Flask secret key into a private
+temporary directory. Nothing is shared with another test's server.
 
 A client process needs only the environment of :meth:`MlflowServer.client_env`::
 
@@ -21,13 +21,14 @@ A client process needs only the environment of :meth:`MlflowServer.client_env`::
 """
 from __future__ import annotations
 
-import configparser
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -36,8 +37,8 @@ from pathlib import Path
 from typing import Callable, Iterator, NamedTuple
 
 BIN = Path(sys.executable).parent
-MLFLOW = str(BIN / "mlflow")
 DVC = str(BIN / "dvc")
+REPO = Path(__file__).resolve().parents[1]  # the checkout whose crossalign starts the server
 QUIET_ENV = {"DO_NOT_TRACK": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1"}
 
 
@@ -120,48 +121,36 @@ def http_status(url: str, auth: tuple[str, str] | None = None, timeout: float = 
         return None
 
 
-def write_auth_config(path: Path, database: Path, username: str, password: str,
-                      default_permission: str = "READ") -> Path:
-    """MLflow's basic-auth config file (the keys of ``mlflow/server/auth/basic_auth.ini``),
-    created private (0600) before the password is written into it."""
-    parser = configparser.ConfigParser()
-    parser["mlflow"] = {"default_permission": default_permission, "database_uri": f"sqlite:///{database}",
-                        "admin_username": username, "admin_password": password,
-                        "authorization_function": "mlflow.server.auth:authenticate_request_basic_auth"}
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        parser.write(fh)
-    return path
-
-
 @contextmanager
 def mlflow_server(workdir: str | Path, *, auth: bool = True, workers: int = 1, default_permission: str = "READ",
                   timeout: float = 120) -> Iterator[MlflowServer]:
-    """A real ``mlflow server`` on 127.0.0.1 (SQLite store ``workdir/mlflow.db``, artifacts
-    proxied to ``workdir/artifacts``, log ``workdir/server.log``) -> its URL and admin
-    credentials; stopped by process group on exit. ``auth``: MLflow's basic-auth app with a
-    generated admin password and ``default_permission`` for other users."""
+    """A real MLflow tracking server on 127.0.0.1, started as users start it (``crossalign
+    mlflow-server``: SQLite store ``workdir/mlflow.db``, artifacts proxied to
+    ``workdir/artifacts``, log ``workdir/server.log``) -> its URL and admin credentials; stopped
+    by process group on exit. ``auth``: MLflow's basic-auth app, admin ``admin`` with a generated
+    password and ``default_permission`` for other users; its private files in a fresh temporary
+    directory (outside any git work tree, as the launcher demands), removed on exit."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, **QUIET_ENV}
     for key in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
-                "MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD"):
+                "MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY",
+                "CROSSALIGN_MLFLOW_ADMIN_USERNAME", "CROSSALIGN_MLFLOW_ADMIN_PASSWORD"):
         env.pop(key, None)
-    cmd = [MLFLOW, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers),
-           "--backend-store-uri", f"sqlite:///{workdir / 'mlflow.db'}",
-           "--artifacts-destination", str(workdir / "artifacts")]
+    auth_dir = Path(tempfile.mkdtemp(prefix="crossalign-mlflow-auth-"))
+    cmd = [sys.executable, "-m", "crossalign.cli", "mlflow-server", "--host", "127.0.0.1", "--port", str(port),
+           "--workers", str(workers), "--backend-store-uri", f"sqlite:///{workdir / 'mlflow.db'}",
+           "--artifacts-destination", str(workdir / "artifacts"), "--auth-dir", str(auth_dir),
+           "--default-permission", default_permission]
     username = password = None
     if auth:
         username, password = "admin", secrets.token_urlsafe(18)
-        config = write_auth_config(workdir / "basic_auth.ini", workdir / "basic_auth.db", username, password,
-                                   default_permission)
-        env |= {"MLFLOW_AUTH_CONFIG_PATH": str(config), "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16)}
-        cmd += ["--app-name", "basic-auth"]
+        env |= {"CROSSALIGN_MLFLOW_ADMIN_USERNAME": username, "CROSSALIGN_MLFLOW_ADMIN_PASSWORD": password}
     log = workdir / "server.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
     try:
         wait_until(lambda: http_status(f"{url}/health", timeout=2) == 200, timeout, f"mlflow server at {url}",
@@ -169,6 +158,7 @@ def mlflow_server(workdir: str | Path, *, auth: bool = True, workers: int = 1, d
         yield MlflowServer(url, username, password)
     finally:
         stop(proc)
+        shutil.rmtree(auth_dir, ignore_errors=True)
 
 
 @contextmanager
