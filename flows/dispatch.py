@@ -28,6 +28,7 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRun
 from prefect.deployments import run_deployment
 from prefect.events.filters import EventFilter, EventNameFilter, EventRelatedFilter
 from prefect.futures import PrefectFuture, wait
+from prefect.runtime import flow_run
 from prefect.states import Crashed
 
 from flows.dvc_dag import StageNode
@@ -35,7 +36,7 @@ from flows.side_store import SideStore
 from flows.stage_run import parse_result, read_lock, result_key, write_lock
 
 MISSED_HEARTBEATS = 3        # as Prefect's server marks a worker OFFLINE (foreman inactivity multiple)
-POLL_SECONDS = 2.0
+POLL_SECONDS = 1.0
 SUBMITTED = "prefect.worker.submitted-flow-run"
 
 
@@ -130,11 +131,13 @@ def dispatch_stage(name: str, deployment: str, commit: str, params_yaml: str,
     upstream = {r["stage"]: r["lock"] for r in upstream_results}
     side = {rel: md5 for r in upstream_results for rel, md5 in r["side"].items()}
     start = time.monotonic()
+    comparison = flow_run.get_id()  # the orchestrating compare-aligners run: MLflow runs are tagged with it
     with get_client(sync_client=True) as client:
         pool = client.read_deployment_by_name(deployment).work_pool_name
     for attempt in range(1, retries + 2):
         run = run_deployment(deployment, parameters={"stage": name, "commit": commit, "params_yaml": params_yaml,
-                                                     "upstream": upstream, "side": side},
+                                                     "upstream": upstream, "side": side,
+                                                     "comparison": comparison},
                              flow_run_name=f"{name} #{attempt}", timeout=0, tags=["crossalign", "stage"])
         log.info("%s: flow run %s (attempt %d)", name, run.id, attempt)
         state, worker = await_run(run.id, pool, log.warning)

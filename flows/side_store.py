@@ -36,14 +36,16 @@ def md5_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def files_under(root: Path, rel: str) -> list[str]:
-    """``rel`` (a file or a directory under ``root``) as the sorted relative paths of its files."""
+def files_under(root: Path, rel: str, hidden: bool = True) -> list[str]:
+    """``rel`` (a file or a directory under ``root``) as the sorted relative paths of its files;
+    ``hidden=False`` leaves out those under a dot-name (e.g. a half-written ``.seed-0.tmp-*``)."""
     path = root / rel
     if path.is_file():
         return [rel]
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: declared out is missing after the stage ran")
-    return sorted(p.relative_to(root).as_posix() for p in path.rglob("*") if p.is_file())
+    return sorted(p.relative_to(root).as_posix() for p in path.rglob("*") if p.is_file()
+                  and (hidden or not any(part.startswith(".") for part in p.relative_to(path).parts)))
 
 
 class SideStore:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -62,10 +63,13 @@ def _dvc() -> str:
     return str(Path(sys.executable).parent / "dvc")
 
 
-def stage_env(stage: str) -> dict[str, str]:
+def stage_env(stage: str, comparison: str | None) -> dict[str, str]:
     """The stage command's environment: this interpreter first on PATH and as ``CROSSALIGN_PYTHON``
-    (``tasks/python`` runs it), as in the single-host flow (flows/dvc_dag.py)."""
+    (``tasks/python`` runs it), as in the single-host flow (flows/dvc_dag.py), and the comparison's
+    flow run id in ``CROSSALIGN_FLOW_RUN_ID`` (MLflow runs are tagged with it, crossalign.tracking)."""
     env = dict(os.environ)
+    if comparison:
+        env["CROSSALIGN_FLOW_RUN_ID"] = comparison
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env["CROSSALIGN_PYTHON"] = sys.executable
     env["DVC_STAGE"] = stage
@@ -109,8 +113,22 @@ def stage_outs(root: Path, stage: str) -> list[dict[str, Any]]:
         return _outs(found, root)
 
 
+def remove_stale_tmp(root: Path, outs: list[str]) -> list[str]:
+    """Remove what a killed stage left beside an out: crossalign.io's atomic writes stage an out
+    ``p`` as ``.<name>.tmp-*`` beside it, and a stage reading the parent directory (``select``
+    reads ``models``) would hash the leftover. Returns the removed paths."""
+    removed = []
+    for out in outs:
+        path = root / out
+        for stale in path.parent.glob(f".{path.name}.tmp-*") if path.parent.is_dir() else []:
+            shutil.rmtree(stale) if stale.is_dir() and not stale.is_symlink() else stale.unlink()
+            removed.append(stale.relative_to(root).as_posix())
+    return removed
+
+
 def stage_io(root: Path, stage: str, upstream: list[str]) -> tuple[list[dict[str, Any]], list[str], list[str]]:
-    """``stage``'s outs (as :func:`stage_outs`), its file deps, and the cached outs of ``upstream``."""
+    """``stage``'s outs (as :func:`stage_outs`), its file deps, and the cached outs of ``upstream``;
+    leftovers of killed stages beside any out of the project are removed (:func:`remove_stale_tmp`)."""
     from dvc.dependency.param import ParamsDependency
     from dvc.repo import Repo
 
@@ -120,6 +138,7 @@ def stage_io(root: Path, stage: str, upstream: list[str]) -> tuple[list[dict[str
                 if not isinstance(d, ParamsDependency)]
         ups = [o["path"] for name in upstream for (s,) in [repo.stage.collect(f"{root / 'dvc.yaml'}:{name}")]
                for o in _outs(s, root) if o["cache"]]
+        remove_stale_tmp(root, [o["path"] for s in repo.index.stages for o in _outs(s, root)])
     return _outs(found, root), deps, ups
 
 
@@ -170,7 +189,8 @@ class CheckpointPusher(threading.Thread):
     def _snapshot(self, into: Path) -> tuple[list[str], dict[str, int]] | None:
         """Hard-link the current files into ``into``; ``None`` when a directory was replaced meanwhile."""
         before = self._dirs()
-        files = [f for rel in self.rels if (self.root / rel).exists() for f in files_under(self.root, rel)]
+        files = [f for rel in self.rels if (self.root / rel).exists()
+                 for f in files_under(self.root, rel, hidden=False)]  # not a checkpoint being written
         for rel in files:
             (into / rel).parent.mkdir(parents=True, exist_ok=True)
             os.link(self.root / rel, into / rel)
@@ -228,12 +248,13 @@ def result_key(stage: str) -> str:
 
 @flow(name="run-stage", log_prints=True)
 def run_stage(stage: str, commit: str, params_yaml: str, upstream: dict[str, Any],
-              side: dict[str, str]) -> dict[str, Any]:
+              side: dict[str, str], comparison: str | None = None) -> dict[str, Any]:
     """Run DVC stage ``stage`` of commit ``commit`` in this worker's clone (module docstring).
 
     ``upstream``: the ``dvc.lock`` entries of the stages it reads; ``side``: their ``cache: false``
-    outs as a side-store manifest. Returns (and leaves as an artifact) ``{"stage", "outcome":
-    "ran" | "skipped", "host", "lock": <dvc.lock entry>, "side": <manifest of its cache: false outs>}``.
+    outs as a side-store manifest; ``comparison``: the orchestrating flow run's id. Returns (and
+    leaves as an artifact) ``{"stage", "outcome": "ran" | "skipped", "host", "flow_run_id",
+    "lock": <its dvc.lock entry>, "side": <manifest of its cache: false outs>}``.
     """
     log = get_run_logger()
     root = Path(os.environ.get(CLONE_ENV) or os.getcwd()).resolve()
@@ -271,7 +292,7 @@ def run_stage(stage: str, commit: str, params_yaml: str, upstream: dict[str, Any
         pusher = CheckpointPusher(store, key, root, persist, CHECKPOINT_PUSH_SECONDS)
         pusher.start()
     try:
-        proc = subprocess.Popen([_dvc(), "repro", "--single-item", stage], cwd=root, env=stage_env(stage),
+        proc = subprocess.Popen([_dvc(), "repro", "--single-item", stage], cwd=root, env=stage_env(stage, comparison),
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
         assert proc.stdout is not None
         lines = []

@@ -1,9 +1,9 @@
 """One comparison spread over two "hosts" (issue 11), for real, on this machine.
 
-A real ``prefect server start`` with basic auth, a local-directory DVC remote, an MLflow store all
-hosts share, a bare git ``origin``, and two process workers (``host-a``, ``host-b``) in two separate
-clones — different working directories, sharing only the server URLs, the git origin and the DVC
-remote. An orchestrating clone runs ``python -m flows.compare --dispatch run-stage/gpu`` on the tiny
+A real ``prefect server start`` with basic auth, a real ``mlflow server`` with MLflow's basic-auth
+app (tests/servers.py), a local-directory DVC remote, a bare git ``origin``, and two process
+workers (``host-a``, ``host-b``) in two separate clones — different working directories, sharing
+only the server URLs, the git origin and the DVC remote. An orchestrating clone runs ``python -m flows.compare --dispatch run-stage/gpu`` on the tiny
 config (two methods). While ``train`` runs, the test kills the worker running it (its process group
 and every process under it, by pid): the flow run must still complete, the stage restarted on the
 other worker. Then:
@@ -12,13 +12,17 @@ other worker. Then:
 - a request to the Prefect API without credentials gets 401;
 - a third clone that only runs ``dvc pull`` (after the orchestrator committed ``dvc.lock`` and the
   ``cache: false`` outs) has a clean ``dvc status`` and the same ``reports/selection.json``;
-- every MLflow run of the comparison is in the one store.
+- every MLflow run of the comparison is in the one server, tagged with the comparison's flow run
+  and the host; the killed training is one run, resumed on the other host.
 
-Every process started here is stopped by pid, also on failure.
+Every process started here is stopped by pid, also on failure. The fast tests at the end check
+the pieces without servers: pull targets, the result artifact, the side store, the checkpoint
+pusher's snapshots, dead-worker detection and the orchestrator's refusal of unpushed commits.
 """
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import secrets
@@ -35,8 +39,8 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import REPO, tiny_config
+from servers import mlflow_server
 
-pytestmark = pytest.mark.slow
 
 BIN = Path(sys.executable).parent
 METHODS = ["concat_mlp", "contrastive"]
@@ -81,6 +85,13 @@ def _descendants(pid: int) -> list[int]:
             out.append(child)
             todo.append(child)
     return out
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        return (Path("/proc") / str(pid) / "cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return []
 
 
 def _kill_host(proc: subprocess.Popen) -> None:
@@ -171,8 +182,10 @@ def _api(env: dict[str, str], code: str) -> str:
     return _run([sys.executable, "-c", code], REPO, env, timeout=120)
 
 
+@pytest.mark.slow
 def test_comparison_over_two_workers_survives_a_dead_host(tmp_path: Path):
     procs: list[subprocess.Popen] = []
+    servers = contextlib.ExitStack()
     logs = tmp_path / "logs"
     logs.mkdir()
 
@@ -186,9 +199,8 @@ def test_comparison_over_two_workers_survives_a_dead_host(tmp_path: Path):
     try:
         remote = tmp_path / "dvc-remote"
         remote.mkdir()
-        store = tmp_path / "mlflow"
-        tracking = {"tracking_uri": f"sqlite:///{store}/mlflow.db", "artifact_location": str(store / "artifacts")}
-        origin = make_origin(tmp_path, remote, tracking)
+        mlflow_srv = servers.enter_context(mlflow_server(tmp_path / "mlflow"))
+        origin = make_origin(tmp_path, remote, {"tracking_uri": mlflow_srv.url})
 
         port = _free_port()
         auth = f"crossalign:{secrets.token_urlsafe(12)}"
@@ -200,7 +212,7 @@ def test_comparison_over_two_workers_survives_a_dead_host(tmp_path: Path):
         server = start("server", [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port",
                                   str(port)], tmp_path, server_env)
         api = f"http://127.0.0.1:{port}/api"
-        client = {**base, "PREFECT_API_URL": api, "PREFECT_API_AUTH_STRING": auth,
+        client = {**base, **mlflow_srv.client_env(), "PREFECT_API_URL": api, "PREFECT_API_AUTH_STRING": auth,
                   "PREFECT_HOME": str(tmp_path / "prefect-client")}
         _wait(lambda: _status(f"{api}/health", auth) == 200, 120, "prefect server", [server])
         assert _status(f"{api}/flow_runs/filter", None) in (401, 405)  # GET not even routed without auth
@@ -227,25 +239,19 @@ def test_comparison_over_two_workers_survives_a_dead_host(tmp_path: Path):
         killed: dict[str, str] = {}
 
         def kill_a_training_host() -> None:
-            """When a train stage's first checkpoint is on the remote, kill the host running it."""
-            deadline = time.monotonic() + 400
+            """Once a train stage has pushed a checkpoint, kill the host (worker) whose processes train."""
+            deadline = time.monotonic() + 500
             side = remote / "crossalign-side" / "checkpoints"
             while time.monotonic() < deadline and not killed:
-                hits = sorted(side.glob("train-*.json")) if side.exists() else []
-                if hits:
-                    stage = "train@" + hits[0].name.split("-")[1]
-                    code = ("from prefect.client.orchestration import get_client\n"
-                            "from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName\n"
-                            "from flows.dispatch import worker_of\n"
-                            "with get_client(sync_client=True) as c:\n"
-                            f"    runs = c.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(like_={stage!r})))\n"
-                            "    print([worker_of(c, r.id) for r in runs if r.state.is_running()])\n")
-                    running = eval(_api({**client, "PYTHONPATH": str(REPO)}, code).strip().splitlines()[-1])
-                    if running and running[0] in workers:
-                        killed.update(stage=stage, worker=running[0])
-                        _kill_host(workers[running[0]])
-                        return
-                time.sleep(0.3)
+                pushed = {h.name.split("-")[1] for h in side.glob("train-*.json")} if side.exists() else set()
+                for name, worker in workers.items():
+                    for pid in _descendants(worker.pid):
+                        argv = _cmdline(pid)
+                        if "tasks.train" in argv and argv[argv.index("--method") + 1] in pushed:
+                            killed.update(stage=f"train@{argv[argv.index('--method') + 1]}", worker=name)
+                            _kill_host(worker)
+                            return
+                time.sleep(0.2)
 
         killer = threading.Thread(target=kill_a_training_host, daemon=True)
         killer.start()
@@ -300,14 +306,193 @@ def test_comparison_over_two_workers_survives_a_dead_host(tmp_path: Path):
         assert (third / "reports" / "selection.json").read_text() == selection
         assert json.loads(selection)["champion"] in METHODS
 
-        # every MLflow run in the one store: one training run per method (the resumed one continued)
-        code = ("import mlflow, json\n"
-                f"mlflow.set_tracking_uri({tracking['tracking_uri']!r})\n"
-                "runs = mlflow.search_runs(search_all_experiments=True, output_format='list')\n"
-                "print(json.dumps([[r.data.tags.get('crossalign.stage', ''), r.data.tags.get('mlflow.runName', '')]"
-                " for r in runs]))\n")
-        mlruns = json.loads(_api(base, code).strip().splitlines()[-1])
-        assert mlruns, "no MLflow run in the shared store"
+        # every MLflow run in the one server, tagged with the comparison and its host
+        code = ("import json\nfrom prefect.client.orchestration import get_client\n"
+                "from prefect.client.schemas.filters import FlowRunFilter, FlowFilter, FlowFilterName\n"
+                "with get_client(sync_client=True) as c:\n"
+                "    (r,) = c.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=['compare-aligners'])))\n"
+                "print(r.id)\n")
+        comparison = _api(client, code).strip().splitlines()[-1]
+        code = ("import json\nfrom mlflow import MlflowClient\n"
+                f"c = MlflowClient({mlflow_srv.url!r})\n"
+                "ids = [e.experiment_id for e in c.search_experiments()]\n"
+                "print(json.dumps([[r.info.status, r.data.tags] for r in c.search_runs(ids, max_results=1000)]))\n")
+        mlruns = json.loads(_api(client, code).strip().splitlines()[-1])
+        assert mlruns and all(tags.get("crossalign.flow_run_id") == comparison for _, tags in mlruns), mlruns
+        assert {tags.get("crossalign.host") for _, tags in mlruns} == {"host-a", "host-b"}, mlruns
+        training = {m: [(st, tags) for st, tags in mlruns if tags.get("crossalign.method") == m
+                        and "crossalign.fingerprint" in tags] for m in METHODS}
+        assert all(len(runs) == 1 and runs[0][0] == "FINISHED" for runs in training.values()), training
+        (resumed_status, resumed_tags), = training[killed["stage"].split("@")[1]]
+        assert resumed_tags["crossalign.resumed_from_host"] == killed["worker"], resumed_tags
+        assert resumed_tags["crossalign.host"] == survivor, resumed_tags
     finally:
         for p in reversed(procs):
             _stop(p)
+        servers.close()
+
+
+# ------------------------------------------------------------------ the pieces, without servers
+def test_pull_targets_are_the_parts_of_upstream_outs_a_stage_reads():
+    from flows.stage_run import pull_targets
+
+    upstream = ["data/features", "eval/test_index.json", "models/a/final", "models/a/checkpoints", "eval/a"]
+    # a dep inside an out: only that part; a dep on a parent directory: every out under it
+    assert pull_targets(["data/features/train", "tuned/a.json", "tasks/train.py"], upstream) == ["data/features/train"]
+    assert pull_targets(["models", "eval", "data/features/test"], upstream) == [
+        "data/features/test", "eval/a", "eval/test_index.json", "models/a/checkpoints", "models/a/final"]
+    assert pull_targets(["data/featuresX"], upstream) == []  # a name prefix is not a parent
+
+
+def test_result_artifact_round_trips_a_lock_entry():
+    from flows.stage_run import parse_result, result_key, result_markdown
+
+    entry = {"cmd": "sh tasks/python -m tasks.train --method a", "deps": [{"path": "x", "md5": "0" * 32}],
+             "params": {"params.yaml": {"train.epochs": 2, "tracking": {"tracking_uri": "http://h:5000"}}},
+             "outs": [{"path": "models/a/final", "md5": "1" * 32 + ".dir", "size": 10, "nfiles": 2}]}
+    result = {"stage": "train@a", "outcome": "ran", "host": "h", "flow_run_id": "f", "lock": entry,
+              "side": {"plots/train/a.csv": "2" * 32}}
+    markdown = result_markdown(result)
+    assert markdown.startswith("# train@a: ran on h\n")
+    assert parse_result(markdown) == result
+    assert result_key("evaluate_control@contrastive+cross_attention") == \
+        "crossalign-stage-evaluate-control-contrastive-cross-attention"
+    with pytest.raises(ValueError, match="no ```yaml block"):
+        parse_result("# nothing here")
+
+
+def _dvc_project(root: Path, remote: Path) -> Path:
+    root.mkdir(parents=True)
+    _run(["git", "init", "-q", "-b", "main"], root)
+    _run([str(BIN / "dvc"), "init", "-q"], root)
+    _run([str(BIN / "dvc"), "remote", "add", "-d", "shared", str(remote)], root)
+    return root
+
+
+def test_side_store_carries_files_by_content_and_checkpoints_by_manifest(tmp_path: Path):
+    import hashlib
+
+    from flows.side_store import SideStore
+
+    remote = tmp_path / "remote"
+    a = _dvc_project(tmp_path / "a", remote)
+    (a / "reports").mkdir()
+    (a / "reports" / "r.md").write_text("report")
+    (a / "metrics.json").write_text("{}")
+    manifest = SideStore(a).put(["reports/r.md", "metrics.json"])
+    assert manifest == {"reports/r.md": hashlib.md5(b"report").hexdigest(), "metrics.json": hashlib.md5(b"{}").hexdigest()}
+    md5 = manifest["reports/r.md"]
+    assert (remote / "crossalign-side" / "blobs" / md5[:2] / md5[2:]).read_text() == "report"
+    b = _dvc_project(tmp_path / "b", remote)
+    (b / "metrics.json").write_text("stale")
+    store_b = SideStore(b)
+    store_b.get(manifest)
+    assert (b / "reports" / "r.md").read_text() == "report" and (b / "metrics.json").read_text() == "{}"
+    assert store_b.get_checkpoint("k") is None
+    SideStore(a).put_checkpoint("k", manifest)
+    assert store_b.get_checkpoint("k") == manifest
+    (remote / "crossalign-side" / "blobs" / md5[:2] / md5[2:]).write_text("corrupt")
+    with pytest.raises(OSError, match="does not match"):
+        store_b.get({"reports/r.md": md5})
+    assert (b / "reports" / "r.md").read_text() == "report"  # untouched on error
+
+
+def test_checkpoint_pusher_pushes_whole_checkpoints_only_when_they_change(tmp_path: Path):
+    from crossalign.io import atomic_dir
+    from flows.side_store import SideStore
+    from flows.stage_run import CheckpointPusher
+
+    root = _dvc_project(tmp_path / "p", tmp_path / "remote")
+    ckpt = root / "models" / "a" / "checkpoints"
+
+    def save(epoch: int) -> None:  # as crossalign.checkpoint does: a whole directory replaced
+        with atomic_dir(ckpt / "seed-0") as tmp:
+            (Path(tmp) / "state.json").write_text(json.dumps({"epoch": epoch}))
+            (Path(tmp) / "model.safetensors").write_bytes(bytes([epoch]) * 64)
+
+    store = SideStore(root)
+    pusher = CheckpointPusher(store, "train-a-k", root, ["models/a/checkpoints"], every=60)
+    assert pusher.push_once() is False and store.get_checkpoint("train-a-k") is None  # nothing yet
+    save(1)
+    assert pusher.push_once() is True
+    assert pusher.push_once() is False  # unchanged: not hashed or pushed again
+    save(2)
+    assert pusher.push_once() is True and pusher.count == 2
+    other = _dvc_project(tmp_path / "q", tmp_path / "remote")
+    SideStore(other).get(SideStore(other).get_checkpoint("train-a-k"), other)
+    restored = other / "models" / "a" / "checkpoints" / "seed-0"
+    assert json.loads((restored / "state.json").read_text()) == {"epoch": 2}
+    assert (restored / "model.safetensors").read_bytes() == bytes([2]) * 64
+    half = ckpt / ".seed-0.tmp-0000abcd"  # a checkpoint being written when the snapshot is taken
+    half.mkdir()
+    (half / "state.json").write_text("{")
+    save(3)
+    half.mkdir(exist_ok=True)
+    (half / "state.json").write_text("{")
+    assert pusher.push_once() is True
+    assert sorted(store.get_checkpoint("train-a-k")) == ["models/a/checkpoints/seed-0/model.safetensors",
+                                                         "models/a/checkpoints/seed-0/state.json"]
+
+
+def test_leftovers_of_a_killed_stage_beside_outs_are_removed(tmp_path: Path):
+    from flows.stage_run import remove_stale_tmp
+
+    (tmp_path / "models" / "a" / ".final.tmp-1234abcd" / "seed-0").mkdir(parents=True)
+    (tmp_path / "models" / "a" / "final").mkdir()
+    (tmp_path / "models" / "a" / ".keep").write_text("")
+    (tmp_path / "reports").mkdir()
+    (tmp_path / ".reports.tmp-99").write_text("half")
+    assert sorted(remove_stale_tmp(tmp_path, ["models/a/final", "reports", "missing/x"])) == [
+        ".reports.tmp-99", "models/a/.final.tmp-1234abcd"]
+    assert sorted(p.name for p in (tmp_path / "models" / "a").iterdir()) == [".keep", "final"]
+
+
+def test_a_worker_is_dead_after_three_missed_heartbeats_or_offline():
+    from datetime import datetime, timedelta, timezone
+    from types import SimpleNamespace
+
+    from flows.dispatch import worker_dead
+
+    now = datetime(2026, 1, 1, tzinfo=timezone.utc)
+
+    class Client:
+        def __init__(self, **worker):
+            self.worker = SimpleNamespace(name="host-a", heartbeat_interval_seconds=3, status="ONLINE", **worker)
+
+        def read_workers_for_work_pool(self, pool):
+            return [self.worker]
+
+    assert not worker_dead(Client(last_heartbeat_time=now - timedelta(seconds=8)), "p", "host-a", now)
+    assert worker_dead(Client(last_heartbeat_time=now - timedelta(seconds=10)), "p", "host-a", now)
+    offline = Client(last_heartbeat_time=now)
+    offline.worker.status = "OFFLINE"
+    assert worker_dead(offline, "p", "host-a", now)
+    assert not worker_dead(Client(last_heartbeat_time=now), "p", "host-b", now)  # unknown: not judged
+
+
+def test_dispatch_refuses_an_unpushed_commit_and_uncommitted_code(tmp_path: Path):
+    from flows_toy import make_toy_project
+
+    from flows.dispatch import DispatchError, dispatch_commit
+    from flows.dvc_dag import read_dag
+
+    src = make_toy_project(tmp_path / "src")
+    shutil.rmtree(src / ".dvc")
+    _git(src, "init", "-q", "-b", "main")
+    _run([str(BIN / "dvc"), "init", "-q"], src)
+    _git(src, "add", "-A")
+    _git(src, "commit", "-qm", "toy")
+    _run(["git", "clone", "-q", "--bare", str(src), str(tmp_path / "origin.git")], tmp_path)
+    _git(tmp_path, "clone", "-q", str(tmp_path / "origin.git"), str(tmp_path / "clone"))
+    clone = tmp_path / "clone"
+    dag = read_dag(clone)
+    head = _git(clone, "rev-parse", "HEAD").strip()
+    assert dispatch_commit(clone, dag) == head
+    (clone / "params.yaml").write_text((clone / "params.yaml").read_text() + "\n")  # sent along: allowed
+    assert dispatch_commit(clone, dag) == head
+    (clone / "toy.py").write_text("# changed\n")
+    with pytest.raises(DispatchError, match="uncommitted changes to toy.py"):
+        dispatch_commit(clone, dag)
+    _git(clone, "commit", "-qam", "local only")
+    with pytest.raises(DispatchError, match="is not on origin"):
+        dispatch_commit(clone, dag)
