@@ -112,14 +112,20 @@ def _deployment(env: dict[str, str], name: str):
 
 
 def test_prefect_yaml_deploys_with_its_cron(server, project):
-    subprocess.run([PREFECT, "work-pool", "create", "crossalign", "--type", "process"], env=server,
-                   cwd=project, check=True, capture_output=True, text=True)
-    out = subprocess.run([PREFECT, "--no-prompt", "deploy", "--all"], env={**server, "PWD": str(project)},
+    for pool in ("crossalign", "crossalign-gpu"):
+        subprocess.run([PREFECT, "work-pool", "create", pool, "--type", "process"], env=server,
+                       cwd=project, check=True, capture_output=True, text=True)
+    env = {k: v for k, v in server.items() if k != "CROSSALIGN_CLONE"}
+    out = subprocess.run([PREFECT, "--no-prompt", "deploy", "--all"], env={**env, "PWD": str(project)},
                          cwd=project, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
     dep = _deployment(server, "compare-aligners/nightly")
     assert dep is not None and dep["crons"] == ["0 2 * * *"] and dep["active"] == [True]
     assert dep["pull"][0]["prefect.deployments.steps.set_working_directory"]["directory"] == str(project)
+    # the stage deployment of the distributed mode: each worker resolves its own clone at run time
+    stage = _deployment(server, "run-stage/gpu")
+    assert stage is not None and stage["crons"] == []
+    assert stage["pull"][0]["prefect.deployments.steps.set_working_directory"]["directory"] == "{{ $CROSSALIGN_CLONE }}"
 
 
 def test_served_deployment_runs_the_real_pipeline(server, project):
