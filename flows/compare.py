@@ -212,7 +212,7 @@ def _run_dispatched(project: Path, dag: dict[str, StageNode], deployment: str, r
     effective.update({"dispatch": deployment, "commit": commit})
     get_run_logger().info("dispatching the stages of commit %s to %s", commit[:12], deployment)
     rows, results = dispatch.dispatched_rows(dispatch.submit_dispatched(
-        dag, deployment, commit, (project / "params.yaml").read_text(), retries))
+        dag, deployment, commit, (project / "params.yaml").read_text(), retries, RETRIES))
     dispatch.gather(project, dag, results)
     return rows
 

@@ -152,12 +152,16 @@ def dispatch_stage(name: str, deployment: str, commit: str, params_yaml: str,
 
 
 def submit_dispatched(dag: dict[str, StageNode], deployment: str, commit: str, params_yaml: str,
-                      retries: int) -> dict[str, PrefectFuture]:
-    """Submit every stage as a :func:`dispatch_stage` task, upstream results as its inputs."""
+                      retries: int, policies: dict[str, dict[str, Any]] | None = None) -> dict[str, PrefectFuture]:
+    """Submit every stage as a :func:`dispatch_stage` task, upstream results as its inputs.
+    ``policies``: task retry options by stage name (the ``data`` download's, as on one host); a
+    stage whose upstream failed does not run."""
     futures: dict[str, PrefectFuture] = {}
     for name, node in dag.items():
         ups = [futures[u] for u in node.upstream]
-        futures[name] = dispatch_stage.submit(name, deployment, commit, params_yaml, ups, retries)
+        policy = (policies or {}).get(node.name)
+        run = dispatch_stage.with_options(**policy) if policy else dispatch_stage
+        futures[name] = run.submit(name, deployment, commit, params_yaml, ups, retries)
     return futures
 
 
