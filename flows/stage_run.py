@@ -224,6 +224,18 @@ class CheckpointPusher(threading.Thread):
             self.push_once()
 
 
+def repro(root: Path, stage: str, env: dict[str, str], echo) -> tuple[int, list[str]]:
+    """``dvc repro --single-item <stage>`` in ``root``, each output line to ``echo`` -> (exit code, lines)."""
+    proc = subprocess.Popen([_dvc(), "repro", "--single-item", stage], cwd=root, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    assert proc.stdout is not None
+    lines = []
+    for line in proc.stdout:
+        lines.append(line.rstrip("\n"))
+        echo(lines[-1])
+    return proc.wait(), lines
+
+
 def result_markdown(result: dict[str, Any]) -> str:
     """The artifact a stage run leaves: a title line and the result as YAML (read back by
     :func:`parse_result`)."""
@@ -292,14 +304,7 @@ def run_stage(stage: str, commit: str, params_yaml: str, upstream: dict[str, Any
         pusher = CheckpointPusher(store, key, root, persist, CHECKPOINT_PUSH_SECONDS)
         pusher.start()
     try:
-        proc = subprocess.Popen([_dvc(), "repro", "--single-item", stage], cwd=root, env=stage_env(stage, comparison),
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
-        assert proc.stdout is not None
-        lines = []
-        for line in proc.stdout:
-            lines.append(line.rstrip("\n"))
-            log.info(line.rstrip("\n"))
-        code = proc.wait()
+        code, lines = repro(root, stage, stage_env(stage, comparison), log.info)
     finally:
         if pusher is not None:
             pusher.stop.set()
