@@ -46,9 +46,9 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from crossalign.config import Config
-from crossalign.tracking_server import TrackingServerError, check_server, is_server  # noqa: F401 (re-exported)
 from crossalign.methods import META, WEIGHTS, load_aligner
 from crossalign.methods.base import Aligner
+from crossalign.tracking_server import TrackingServerError, check_server, is_server  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")

@@ -82,10 +82,6 @@ def worker(index: int, clone: Path, tracking_uri: str, go: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------- the test
-def _git(cwd: Path, *args: str) -> None:
-    subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True)
-
-
 @pytest.mark.slow
 def test_eight_writers_lose_nothing(tmp_path):
     from mlflow import MlflowClient
