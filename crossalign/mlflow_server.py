@@ -28,6 +28,10 @@ re-hashes the password, measured at ~1.1 s per request on a loaded 2-core machin
 0.06 s without auth, which made a training run's logging the bottleneck. The price: a
 changed or deleted password can still work for up to that long on another worker.
 
+MLflow's background job runner (a supervisor and seven huey consumers for GenAI scorers and
+trace archival) is off unless ``MLFLOW_SERVER_ENABLE_JOB_EXECUTION`` is set: crossalign logs
+runs and models only, and on a small host those processes cost more than the server itself.
+
 ``--default-permission READ`` (the default, and MLflow's): a user the admin creates can read every
 experiment and model but cannot write to one it did not create, so it cannot move the
 ``champion`` alias or overwrite versions; the hosts that run stages log with one service account
@@ -48,6 +52,7 @@ from pathlib import Path
 
 ADMIN_USER_ENV, ADMIN_PASSWORD_ENV = "CROSSALIGN_MLFLOW_ADMIN_USERNAME", "CROSSALIGN_MLFLOW_ADMIN_PASSWORD"
 SECRET_KEY_ENV = "MLFLOW_FLASK_SERVER_SECRET_KEY"
+JOBS_ENV = "MLFLOW_SERVER_ENABLE_JOB_EXECUTION"
 PERMISSIONS = ("READ", "EDIT", "MANAGE", "NO_PERMISSIONS")  # mlflow.server.auth.permissions
 MIN_PASSWORD = 12  # the length MLflow's own user-creation form asks for
 AUTH_FUNCTION = "mlflow.server.auth:authenticate_request_basic_auth"
@@ -154,6 +159,7 @@ def prepare(args: argparse.Namespace, env: dict[str, str]) -> tuple[list[str], d
     if args.allowed_hosts:
         cmd += ["--allowed-hosts", args.allowed_hosts]
     out = {k: v for k, v in env.items() if k not in (ADMIN_PASSWORD_ENV, "MLFLOW_AUTH_ADMIN_PASSWORD")}
+    out.setdefault(JOBS_ENV, "false")  # MLflow's GenAI job runner: 8 more processes crossalign never uses
     if not auth:
         return cmd, out
     auth_dir = (args.auth_dir or default_auth_dir()).expanduser().resolve()

@@ -46,9 +46,9 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from crossalign.config import Config
-from crossalign.tracking_server import TrackingServerError, check_server, is_server  # noqa: F401 (re-exported)
 from crossalign.methods import META, WEIGHTS, load_aligner
 from crossalign.methods.base import Aligner
+from crossalign.tracking_server import TrackingServerError, check_server, is_server  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
@@ -135,7 +135,7 @@ def setup(cfg: Config, root: str | Path = ".") -> str:
     current = exp.tags or {}
     for key, value in tags.items():
         if current.get(key) != value:
-            client.set_experiment_tag(exp_id, key, value)
+            _set_experiment_tag(client, exp_id, key, value)
     try:
         client.get_registered_model(cfg.tracking.registered_model)
     except MlflowException:
@@ -177,6 +177,17 @@ def _create_experiment(client: MlflowClient, cfg: Config, root: Path, uri: str) 
         log.info("experiment %s was created meanwhile by another process (%s)", cfg.tracking.experiment,
                  err.error_code)
         return exp.experiment_id
+
+
+def _set_experiment_tag(client: MlflowClient, exp_id: str, key: str, value: str) -> None:
+    """Set an experiment tag; when several processes set it at once the store can refuse all but
+    one (a SQL unique-key race, seen with eight hosts against one server): a refusal is fine
+    if the tag now holds ``value``."""
+    try:
+        client.set_experiment_tag(exp_id, key, value)
+    except MlflowException:
+        if client.get_experiment(exp_id).tags.get(key) != value:
+            raise
 
 
 def _sqlite_path(uri: str) -> Path | None:

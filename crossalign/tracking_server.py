@@ -9,6 +9,7 @@ a config file), and turns a refusal or silence into one error naming the URI and
 from __future__ import annotations
 
 import os
+import time
 
 
 def is_server(uri: str) -> bool:
@@ -31,16 +32,22 @@ def _credentials_hint() -> str:
             "environment (never in params.yaml)")
 
 
-def check_server(uri: str, experiment: str, timeout: float = 10.0) -> None:
+BUSY = (429, 502, 503, 504)  # a loaded or restarting server: asked again, as MLflow's client does
+
+
+def check_server(uri: str, experiment: str, connect_timeout: float = 5.0, attempts: int = 4) -> None:
     """Ask the server at ``uri`` for ``experiment`` once per process, with the credentials MLflow's
     client will send (``MLFLOW_TRACKING_USERNAME`` / ``_PASSWORD``, or ``MLFLOW_TRACKING_TOKEN``;
     TLS as ``MLFLOW_TRACKING_INSECURE_TLS`` / ``MLFLOW_TRACKING_SERVER_CERT_PATH`` say).
-    :class:`TrackingServerError` naming ``uri`` when it refuses (401, 403) or does not answer;
-    an absent experiment is fine (setup creates it)."""
+    :class:`TrackingServerError` naming ``uri`` when it refuses (401, 403) or nothing accepts the
+    connection within ``connect_timeout`` (at once: no minutes of retries); an answer may take as
+    long as MLflow's own client waits (``MLFLOW_HTTP_REQUEST_TIMEOUT``, 120 s): a busy server
+    that verifies eight new clients' passwords at once is slow, not gone. An absent experiment is
+    fine (setup creates it)."""
     import requests
 
     env = os.environ
-    key = (uri, env.get("MLFLOW_TRACKING_USERNAME"), env.get("MLFLOW_TRACKING_PASSWORD"), env.get("MLFLOW_TRACKING_TOKEN"))
+    key = (uri, *(env.get(f"MLFLOW_TRACKING_{k}") for k in ("USERNAME", "PASSWORD", "TOKEN")))
     if key in _CHECKED:
         return
     auth = ((env["MLFLOW_TRACKING_USERNAME"], env["MLFLOW_TRACKING_PASSWORD"])
@@ -48,14 +55,19 @@ def check_server(uri: str, experiment: str, timeout: float = 10.0) -> None:
     headers = {"Authorization": f"Bearer {env['MLFLOW_TRACKING_TOKEN']}"} if env.get("MLFLOW_TRACKING_TOKEN") else {}
     verify: bool | str = env.get("MLFLOW_TRACKING_SERVER_CERT_PATH") or (
         env.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() not in ("true", "1"))
-    try:
-        response = requests.get(f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/get-by-name",
-                                params={"experiment_name": experiment}, auth=auth, headers=headers,
-                                verify=verify, timeout=timeout)
-    except requests.RequestException as err:
-        raise TrackingServerError(f"MLflow tracking server {uri} (tracking.tracking_uri) cannot be reached: "
-                                  f"{type(err).__name__}: {err}. Is it running (README: MLflow tracking "
-                                  "server) and is the address right?") from None
+    read_timeout = float(env.get("MLFLOW_HTTP_REQUEST_TIMEOUT") or 120)
+    for attempt in range(attempts):
+        try:
+            response = requests.get(f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/get-by-name",
+                                    params={"experiment_name": experiment}, auth=auth, headers=headers,
+                                    verify=verify, timeout=(connect_timeout, read_timeout))
+        except requests.RequestException as err:
+            raise TrackingServerError(f"MLflow tracking server {uri} (tracking.tracking_uri) cannot be reached: "
+                                      f"{type(err).__name__}: {err}. Is it running (README: MLflow tracking "
+                                      "server) and is the address right?") from None
+        if response.status_code not in BUSY or attempt == attempts - 1:
+            break
+        time.sleep(2 ** attempt)
     code = response.status_code
     if code == 401:
         raise TrackingServerError(f"MLflow tracking server {uri} refused the request (HTTP 401 Unauthorized): "

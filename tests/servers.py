@@ -169,7 +169,9 @@ def local_dvc_remote(tmp: str | Path) -> Iterator[Path]:
     yield remote
 
 
-def use_dvc_remote(clone: Path, remote: Path, name: str = "shared") -> None:
-    """Make ``remote`` the default DVC remote of ``clone`` (in ``.dvc/config.local``: not committed)."""
-    subprocess.run([DVC, "remote", "add", "--local", "-f", "-d", name, str(remote)], cwd=clone, check=True,
+def use_dvc_remote(clone: Path, remote: Path, name: str = "shared", local: bool = True) -> None:
+    """Make ``remote`` the default DVC remote of ``clone``: in ``.dvc/config.local`` (this clone
+    only, not committed), or with ``local=False`` in ``.dvc/config`` (committed, seen by every clone)."""
+    scope = ["--local"] if local else []
+    subprocess.run([DVC, "remote", "add", *scope, "-f", "-d", name, str(remote)], cwd=clone, check=True,
                    capture_output=True, env={**os.environ, **QUIET_ENV})

@@ -53,8 +53,8 @@ def client_env(server, monkeypatch):
 
 
 def _cfg(tmp_path, srv, name, **overrides):
-    return tiny_config(tmp_path, tracking={"tracking_uri": srv.url, "experiment": name, "registered_model": f"{name}-m"},
-                       **overrides)
+    tracking_params = {"tracking_uri": srv.url, "experiment": name, "registered_model": f"{name}-m"}
+    return tiny_config(tmp_path, tracking=tracking_params, **overrides)
 
 
 def test_concurrent_setup_creates_one_experiment_whose_artifacts_the_server_holds(tmp_path, client_env):
@@ -74,7 +74,7 @@ def test_concurrent_setup_creates_one_experiment_whose_artifacts_the_server_hold
     for t in threads:
         t.join()
     assert errors == [] and len(ids) == 6 and len(set(ids)) == 1
-    client = MlflowClient(client_env.url)
+    client = MlflowClient(client_env.url, registry_uri=client_env.url)
     exp = client.get_experiment(ids[0])
     assert exp.name == "raced" and exp.artifact_location.startswith("mlflow-artifacts:")
     assert [e.name for e in client.search_experiments(filter_string="name = 'raced'")] == ["raced"]
@@ -94,7 +94,7 @@ def test_training_logs_through_the_server_tagged_with_host_and_flow_run(tmp_path
     final = tmp_path / "models" / "contrastive" / "final" / "seed-0"
     sha = hashlib.sha256((final / "model.safetensors").read_bytes()).hexdigest()
 
-    client = MlflowClient(client_env.url)
+    client = MlflowClient(client_env.url, registry_uri=client_env.url)
     exp = client.get_experiment_by_name("trained")
     run = tracking.find_run(client, exp.experiment_id, "contrastive", 0, sha)
     assert run.data.tags[tracking.TAG_HOST] == "gpu-host-7"
@@ -116,6 +116,20 @@ def test_training_logs_through_the_server_tagged_with_host_and_flow_run(tmp_path
     assert result["best_epoch"] == run.data.metrics["best_epoch"]
 
 
+def test_a_run_resumed_on_another_host_says_where_it_began(tmp_path, client_env, monkeypatch):
+    cfg = _cfg(tmp_path, client_env, "resumed")
+    monkeypatch.setenv(tracking.HOST_ENV, "host-a")
+    first = tracking.MlflowTracker(cfg, tmp_path)
+    run_id = first.start("contrastive", 0, "fp-1")
+    mlflow.end_run(status="FAILED")  # host-a died mid-training; its checkpoint holds no run id
+    monkeypatch.setenv(tracking.HOST_ENV, "host-b")
+    second = tracking.MlflowTracker(cfg, tmp_path)
+    assert second.start("contrastive", 0, "fp-1") == run_id  # found again by its tags
+    mlflow.end_run()
+    tags = MlflowClient(client_env.url, registry_uri=client_env.url).get_run(run_id).data.tags
+    assert tags[tracking.TAG_HOST] == "host-b" and tags[tracking.TAG_RESUMED_FROM] == "host-a"
+
+
 def test_only_select_moves_the_champion_alias_once(tmp_path, client_env, monkeypatch):
     methods = ["concat_mlp", "contrastive"]
     make_tiny_features(tmp_path / "data" / "features" / "train", n_images=32, image_dim=12, text_dim=10)
@@ -133,7 +147,7 @@ def test_only_select_moves_the_champion_alias_once(tmp_path, client_env, monkeyp
     for method in methods:
         training.run(cfg, tmp_path, method, tracker_factory=tracking.MlflowTracker, log=lambda *a: None)
         evaluation.run(cfg, method, tmp_path)
-    client = MlflowClient(client_env.url)
+    client = MlflowClient(client_env.url, registry_uri=client_env.url)
     assert moves == [] and client.get_registered_model("aliased-m").aliases == {}
     assert len(client.search_model_versions("name='aliased-m'")) == 2  # training registered each
 
@@ -223,9 +237,31 @@ def test_launcher_writes_a_private_auth_config_without_the_password(tmp_path):
     assert f"database_uri = sqlite:///{config.parent / 'basic_auth.db'}" in text
     assert server_env["MLFLOW_AUTH_ADMIN_PASSWORD"] == password
     assert mlflow_server.ADMIN_PASSWORD_ENV not in server_env  # handed over under MLflow's name only
+    assert server_env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
     key = server_env["MLFLOW_FLASK_SERVER_SECRET_KEY"]
     assert len(key) == 64 and stat.S_IMODE((config.parent / "flask_secret_key").stat().st_mode) == 0o600
     assert mlflow_server.prepare(_launch_args(tmp_path), env)[1]["MLFLOW_FLASK_SERVER_SECRET_KEY"] == key  # reused
+
+
+def test_a_service_account_owns_what_it_sets_up_and_a_reader_cannot_write_to_it(tmp_path, client_env, monkeypatch):
+    admin = (client_env.username, client_env.password)
+    for user in ("svc", "peer"):
+        assert requests.post(f"{client_env.url}/api/2.0/mlflow/users/create", auth=admin, timeout=10,
+                             json={"username": user, "password": f"{user}-password-123"}).status_code == 200
+    cfg = _cfg(tmp_path, client_env, "owned")
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "svc")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "svc-password-123")
+    exp_id = tracking.setup(cfg, tmp_path)  # the stage hosts' account creates experiment and model
+    client = MlflowClient(client_env.url, registry_uri=client_env.url)
+    run_id = client.create_run(exp_id, tags=tracking.origin_tags()).info.run_id
+    client.log_metric(run_id, "x", 1.0)
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "peer")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "peer-password-123")
+    assert client.get_run(run_id).data.metrics == {"x": 1.0}  # READ by default
+    with pytest.raises(mlflow.exceptions.MlflowException, match="Permission denied"):
+        client.log_metric(run_id, "x", 2.0)
+    with pytest.raises(mlflow.exceptions.MlflowException, match="Permission denied"):
+        client.delete_registered_model("owned-m")
 
 
 def test_requests_need_credentials_and_a_reader_cannot_move_the_champion(server):
