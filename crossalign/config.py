@@ -7,6 +7,7 @@ what is allowed: :class:`ConfigError`.
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Iterable, Literal
 
@@ -355,16 +356,24 @@ def _msg(e: Any) -> str:
     return msg[len("Value error, "):] if e["type"] == "value_error" and msg.startswith("Value error, ") else msg
 
 
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
+
+
+def _shown(value: Any) -> str:
+    """``repr`` of a bad value for an error message, with any ``scheme://user:password@`` blanked."""
+    return _USERINFO.sub(r"\g<scheme><credentials>@", repr(value))
+
+
 def _format_error(source: str, err: ValidationError) -> str:
     lines = [f"{source}: invalid configuration"]
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "<root>"
         if e["type"] == "extra_forbidden":
-            lines.append(f"  {key}: unknown key (value {e['input']!r}); {unknown_key_hint(tuple(e['loc']))}")
+            lines.append(f"  {key}: unknown key (value {_shown(e['input'])}); {unknown_key_hint(tuple(e['loc']))}")
         elif isinstance(e.get("input"), dict):  # a check across several keys of a section
             lines.append(f"  {key}: {_msg(e)}")
         else:
-            lines.append(f"  {key} = {e.get('input')!r}: {_msg(e)}")
+            lines.append(f"  {key} = {_shown(e.get('input'))}: {_msg(e)}")
     return "\n".join(lines)
 
 

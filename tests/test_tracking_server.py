@@ -187,8 +187,10 @@ def test_unreachable_server_fails_fast_naming_the_uri(tmp_path, monkeypatch):
 def test_credentials_in_the_tracking_uri_are_refused(tmp_path):
     from crossalign import config
 
-    with pytest.raises(config.ConfigError, match="credentials belong in the environment"):
-        tiny_config(tmp_path, tracking={"tracking_uri": "https://user:secret@mlflow.example.org"})
+    with pytest.raises(config.ConfigError, match="credentials belong in the environment") as err:
+        tiny_config(tmp_path, tracking={"tracking_uri": "https://user:s3cret-Pw@mlflow.example.org"})
+    assert "s3cret-Pw" not in str(err.value) and "user:" not in str(err.value)  # the message echoes no secret
+    assert "https://<credentials>@mlflow.example.org" in str(err.value)
 
 
 def _launch_args(tmp_path, host="0.0.0.0", auth_dir=None) -> Namespace:
