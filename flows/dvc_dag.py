@@ -132,8 +132,15 @@ def stage_env(stage: StageNode, root: Path, gpu: str | None) -> dict[str, str]:
     """The environment of a stage command: the flow's, with the flow's interpreter first on PATH
     and named in ``CROSSALIGN_PYTHON`` (the stage launcher ``tasks/python`` runs that one, so a
     stage runs in the flow's venv), DVC's ``DVC_ROOT`` and ``DVC_STAGE``, and
-    ``CUDA_VISIBLE_DEVICES`` pinned when a GPU was assigned."""
+    ``CUDA_VISIBLE_DEVICES`` pinned when a GPU was assigned. Inside a flow run, that run's id in
+    ``CROSSALIGN_FLOW_RUN_ID`` (unless already set): MLflow runs are tagged with it
+    (crossalign.tracking), also when ``python -m flows.compare`` runs without a worker."""
     env = dict(os.environ)
+    if not env.get("CROSSALIGN_FLOW_RUN_ID"):
+        from prefect.runtime import flow_run
+
+        if flow_run.id:
+            env["CROSSALIGN_FLOW_RUN_ID"] = str(flow_run.id)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env["CROSSALIGN_PYTHON"] = sys.executable
     env["DVC_ROOT"] = str(root)

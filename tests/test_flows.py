@@ -272,3 +272,24 @@ def test_flow_checks_params_before_any_stage_runs(toy: Path, prefect_harness):
     assert state.is_failed() and "train.epochs (read by train@concat_mlp" in state.message
     assert len(toy_log(toy)) == ran
     assert all((toy / "models" / m / "w.txt").exists() for m in METHODS)
+
+
+def test_stage_env_names_the_flow_run_so_mlflow_runs_are_tagged_with_it(prefect_harness, toy: Path, monkeypatch):
+    """Single-host runs too: a stage launched by ``python -m flows.compare`` (no worker, so Prefect sets
+    no PREFECT__FLOW_RUN_ID) gets the flow run's id in CROSSALIGN_FLOW_RUN_ID."""
+    from prefect import flow
+
+    from flows.dvc_dag import stage_env
+
+    monkeypatch.delenv("CROSSALIGN_FLOW_RUN_ID", raising=False)
+    node = read_dag(toy)["data"]
+
+    @flow
+    def probe() -> str:
+        return stage_env(node, toy, None).get("CROSSALIGN_FLOW_RUN_ID", "")
+
+    state = probe(return_state=True)
+    assert state.result() == str(state.state_details.flow_run_id)
+    assert "CROSSALIGN_FLOW_RUN_ID" not in stage_env(node, toy, None)  # outside a flow run: none
+    monkeypatch.setenv("CROSSALIGN_FLOW_RUN_ID", "comparison-id")  # a worker's stage run keeps the comparison's
+    assert probe() == "comparison-id"
