@@ -34,6 +34,7 @@ from crossalign.config import Config, FeaturesParams
 from crossalign.device import resolve_device
 from crossalign.encoders import ImageEncoder, TextEncoder, build_image_encoder, build_text_encoder
 from crossalign import perturb
+from crossalign.binding import twin_leaks
 from crossalign.hardneg import NegTextWriter, twin_row_array
 from crossalign.io import FeatureWriter, atomic_dir, drop_pages, load_npy, read_json, write_json
 
@@ -252,7 +253,8 @@ def twin_rows(records: list[dict], image_ids: np.ndarray) -> list[dict]:
 
 def write_test_index(split_dir: Path, path: Path) -> dict:
     """``eval/test_index.json``: image ids, each caption's image id, the captions and the twins,
-    in the row / column order of the test features."""
+    in the row / column order of the test features. Fails when a twin pair's image or scene is
+    also in ``../train`` (:func:`crossalign.binding.twin_leaks`): the probe would not be held out."""
     image_ids = np.asarray(load_npy(split_dir / "image_ids.npy"), np.int64)
     cap_index = np.asarray(load_npy(split_dir / "caption_image_index.npy"), np.int64)
     records = read_json(split_dir / "images.json")
@@ -265,8 +267,15 @@ def write_test_index(split_dir: Path, path: Path) -> dict:
         if "id" in record and int(record["id"]) != int(image_ids[r]):
             raise ValueError(f"{split_dir / 'images.json'}: record {r} has id {record['id']}, "
                              f"image_ids.npy row {r} is {int(image_ids[r])}")
+    twins = twin_rows(records, image_ids)
+    train = split_dir.parent / "train" / "images.json"
+    if twins and train.exists():
+        leaks = twin_leaks(records, twins, read_json(train))
+        if leaks:
+            raise ValueError(f"{split_dir / 'images.json'} vs {train}: the binding probe would score twins seen in "
+                             f"training ({len(leaks)}): {'; '.join(leaks[:5])}")
     index = {"image_ids": image_ids.tolist(), "caption_image_ids": image_ids[cap_index].tolist(),
-             "captions": list(captions), "twins": twin_rows(records, image_ids)}
+             "captions": list(captions), "twins": twins}
     write_json(path, index)
     return index
 
