@@ -170,6 +170,8 @@ class JointParams(Section):
     fusion_alpha: float = Field(0.5, ge=0, le=1, description="evaluation: score = a*match + (1-a)*similarity")
     matcher: Literal["cross", "late"] = Field("late", description="matching encoder: cross (cross-attention both "
                                               "ways, pooled) | late (token-wise max similarity over positioned cells)")
+    shared_projections: bool = Field(True, description="the matcher reads the token projections the contrastive "
+                                     "embedding pools (ALBEF) | its own")
 
 
 class MethodsParams(Section):

@@ -268,3 +268,21 @@ def test_binding_ranking_term_by_hand():
     assert "match_binding_loss" not in MatchingLoss(rank_weight=0.0)(outputs, None)
     plain = {k: outputs[k] for k in ("pos_logits", "neg_logits", "neg_valid")}
     assert set(MatchingLoss(rank_weight=2.0)(plain, None)) == {"match_loss"}  # no binding negatives: as before
+
+
+def test_joint_with_own_matcher_projections_keeps_the_objectives_apart(tmp_path):
+    """shared_projections false: ITC trains image_proj/text_proj and the heads only, ITM its own
+    projections and the matcher only."""
+    cfg = tiny_config(tmp_path, methods={"embed_dim": 16, "joint": {"heads": 2, "hard_k": 4, "shortlist_k": 4,
+                                                                     "shared_projections": False}})
+    torch.manual_seed(0)
+    model = build_aligner(cfg, "joint", DI, DT)
+    batch = make_batch(twin=torch.tensor([1, 0, 3, 2, 5, 4, 7, 6]))
+    moved = {}
+    for name, loss in (("itc", ContrastiveLoss()), ("itm", MatchingLoss(rank_weight=1.0))):
+        model.zero_grad(set_to_none=True)
+        sum(loss(model(batch), batch).values()).backward()
+        moved[name] = {n.split(".")[0] for n, p in model.named_parameters()
+                       if p.grad is not None and p.grad.abs().sum() > 0}
+    assert moved["itc"] == {"image_proj", "text_proj", "image_head", "text_head"}
+    assert moved["itm"] == {"match_image_proj", "match_text_proj", "encoder"}
