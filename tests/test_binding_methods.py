@@ -37,7 +37,7 @@ def cfg_with(tmp_path, positions="sincos", matcher="late", **train):
     return tiny_config(tmp_path, methods={"embed_dim": 16, "image_positions": positions, "concat_mlp": {"negatives": 2},
                                           "cross_attention": {"heads": 2, "matcher": matcher},
                                           "joint": {"heads": 2, "hard_k": 4, "shortlist_k": 4, "matcher": matcher}},
-                       train=train)
+                       train={"twin_negatives": True, **train})
 
 
 # ------------------------------------------------------------------------------------ positions
@@ -286,3 +286,18 @@ def test_joint_with_own_matcher_projections_keeps_the_objectives_apart(tmp_path)
                        if p.grad is not None and p.grad.abs().sum() > 0}
     assert moved["itc"] == {"image_proj", "text_proj", "image_head", "text_head"}
     assert moved["itm"] == {"match_image_proj", "match_text_proj", "encoder"}
+
+
+def test_training_with_twin_negatives_is_deterministic(tmp_path):
+    """The default recipe (twins paired in batches, late matcher, positions) trains end to end
+    and gives byte-identical weights twice."""
+    from crossalign import training
+    weights = []
+    for run in ("a", "b"):
+        root = tmp_path / run
+        for i, split in enumerate(("train", "val")):
+            make_tiny_features(root / "data" / "features" / split, n_images=24 if split == "train" else 8, seed=i)
+        cfg = cfg_with(tmp_path, epochs=1)
+        training.run(cfg, root, "joint", log=lambda *_: None)
+        weights.append((root / "models" / "joint" / "final" / "seed-0" / "model.safetensors").read_bytes())
+    assert weights[0] == weights[1]

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from crossalign.losses import JointLoss
 from crossalign.methods.base import Batch, MethodSpec, Rerank, State, register
@@ -58,9 +58,10 @@ class Joint(CrossMatcher):
         self.text_head = EmbeddingHead(dim, dim, dropout)  # ITC only
         self.logit_scale = logit_scale_param(temperature, learnable_temperature)
         self.shared = shared
-        if not shared:  # the matcher reads its own projections of the tokens (ITM only)
-            self.match_image_proj = Projection(image_dim, dim, dropout)
-            self.match_text_proj = Projection(text_dim, dim, dropout)
+        if not shared:  # the matcher reads its own projections of the tokens (ITM only): LayerNorm
+            # first, so every frozen channel enters at one scale (pre-LN, as the matcher's blocks)
+            self.match_image_proj = nn.Sequential(nn.LayerNorm(image_dim), nn.Linear(image_dim, dim))
+            self.match_text_proj = nn.Sequential(nn.LayerNorm(text_dim), nn.Linear(text_dim, dim))
         self.positions = ImagePositions(positions, dim)  # ITM only (the ITC mean would only gain a constant)
         self.encoder = build_matcher(matcher, dim, heads, layers, dropout)  # ITM only
         self.negatives = (negatives, 0)  # per positive and direction; a share swapped for random ones
