@@ -158,7 +158,7 @@ class ContrastiveParams(Section):
 class JointParams(Section):
     temperature: float = Field(0.1, gt=0, description="initial / fixed contrastive temperature")
     learnable_temperature: bool = Field(False, description="learn the temperature as CLIP does")
-    dropout: float = Field(0.1, ge=0, lt=1, description="dropout in projections and attention")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout in projections and attention")
     heads: int = Field(2, ge=1, description="attention heads of the matching encoder")
     layers: int = Field(1, ge=1, le=6, description="cross-attention blocks of the matching encoder")
     itc_weight: float = Field(1.0, ge=0, description="weight of the contrastive loss")
@@ -167,10 +167,10 @@ class JointParams(Section):
     hard_k: int = Field(16, ge=1, description="hard negatives sampled from the top-k similarities")
     random_negative_fraction: float = Field(0.5, ge=0, le=1, description="chance each matching negative is drawn at random instead of hard")
     shortlist_k: int = Field(16, ge=1, description="evaluation: similarity shortlist re-ranked by matching")
-    fusion_alpha: float = Field(0.5, ge=0, le=1, description="evaluation: score = a*match + (1-a)*similarity")
+    fusion_alpha: float = Field(0.75, ge=0, le=1, description="evaluation: score = a*match + (1-a)*similarity")
     matcher: Literal["cross", "late"] = Field("late", description="matching encoder: cross (cross-attention both "
                                               "ways, pooled) | late (token-wise max similarity over positioned cells)")
-    shared_projections: bool = Field(True, description="the matcher reads the token projections the contrastive "
+    shared_projections: bool = Field(False, description="the matcher reads the token projections the contrastive "
                                      "embedding pools (ALBEF) | its own")
 
 

@@ -86,13 +86,15 @@ def test_a_grid_permutation_changes_the_match_only_with_positions(tmp_path, meth
 def test_old_model_json_loads_without_positions_or_late_matcher(tmp_path):
     """A model.json written before issue 13 has neither key: it was trained with neither."""
     import json
-    old = cfg_with(tmp_path, "none", "cross")
+    old = tiny_config(tmp_path, methods={"embed_dim": 16, "image_positions": "none", "joint": {
+        "heads": 2, "hard_k": 4, "shortlist_k": 4, "matcher": "cross", "shared_projections": True}})
     model = build_aligner(old, "joint", DI, DT)
     meta = {"method": "joint", "image_dim": DI, "text_dim": DT, "methods": method_params(old, "joint")}
     del meta["methods"]["image_positions"], meta["methods"]["joint"]["matcher"]
+    del meta["methods"]["joint"]["shared_projections"]
     save_aligner(model, tmp_path / "m", meta)
     loaded, _ = load_aligner(tmp_path / "m")
-    assert loaded.positions.kind == "none" and type(loaded.encoder).__name__ == "CrossEncoder"
+    assert loaded.positions.kind == "none" and type(loaded.encoder).__name__ == "CrossEncoder" and loaded.shared
     assert json.loads((tmp_path / "m" / "model.json").read_text())["methods"]["joint"].get("matcher") is None
 
 
