@@ -303,3 +303,9 @@ def test_training_with_twin_negatives_is_deterministic(tmp_path):
         training.run(cfg, root, "joint", log=lambda *_: None)
         weights.append((root / "models" / "joint" / "final" / "seed-0" / "model.safetensors").read_bytes())
     assert weights[0] == weights[1]
+
+
+def test_caption_negatives_cannot_exceed_the_perturbations_written():
+    from crossalign import config
+    with pytest.raises(config.ConfigError, match=r"train.caption_negatives \(3\) exceeds features.perturbations \(1\)"):
+        config.from_dict({"features": {"perturbations": 1}, "train": {"caption_negatives": 3}}, "params.yaml")
