@@ -33,3 +33,22 @@ def test_table_row_written_out():
     lines = ab.table([run]).splitlines()
     assert lines[0] == "| method | positions / twin neg / caption neg | colour | position | size | binding [95% CI] | test RSUM |"
     assert lines[2] == "| joint | sincos / on / 2 | 80.0 | 60.0 | 73.8 | 71.2 [64.5, 77.8] | 421.0 |"
+
+
+def test_one_run_trains_and_probes_through_the_real_code(tmp_path):
+    """run_one on a tiny project (issue-13 overrides left out: they come with the methods side)."""
+    import torch
+
+    from conftest import make_tiny_features, tiny_config
+    from eval_helpers import IMAGE_DIM, TEXT_DIM, write_split_features
+
+    torch.set_num_threads(1)
+    write_split_features(tmp_path)
+    make_tiny_features(tmp_path / "data" / "features" / "train", n_images=32, image_dim=IMAGE_DIM, text_dim=TEXT_DIM)
+    raw = tiny_config(tmp_path, train={"epochs": 1}).model_dump()
+    result = ab.run_one(raw, "contrastive", tmp_path, tmp_path / "scratch", log=lambda msg: None)
+    assert result["epochs_run"] == 1 and result["test_rsum"] > 0
+    assert set(result["probe"]) == {"overall", "colour", "position"} and result["probe"]["overall"]["pairs"] == 8
+    lo, hi = result["probe"]["overall"]["ci95"]
+    assert lo <= result["probe"]["overall"]["mean"] <= hi
+    assert not (tmp_path / "scratch" / "contrastive").exists()  # scratch models removed
