@@ -145,6 +145,8 @@ class CrossAttentionParams(Section):
     dropout: float = Field(0.1, ge=0, lt=1, description="dropout in projections and attention")
     hard_negatives: int = Field(1, ge=0, description="in-batch hardest negatives per positive (by pooled similarity)")
     random_negatives: int = Field(1, ge=0, description="random in-batch negatives per positive")
+    matcher: Literal["cross", "late"] = Field("cross", description="matching encoder: cross (cross-attention both "
+                                              "ways, pooled) | late (token-wise max similarity over positioned cells)")
 
 
 class ContrastiveParams(Section):
@@ -166,10 +168,14 @@ class JointParams(Section):
     random_negative_fraction: float = Field(0.5, ge=0, le=1, description="chance each matching negative is drawn at random instead of hard")
     shortlist_k: int = Field(16, ge=1, description="evaluation: similarity shortlist re-ranked by matching")
     fusion_alpha: float = Field(0.5, ge=0, le=1, description="evaluation: score = a*match + (1-a)*similarity")
+    matcher: Literal["cross", "late"] = Field("late", description="matching encoder: cross (cross-attention both "
+                                              "ways, pooled) | late (token-wise max similarity over positioned cells)")
 
 
 class MethodsParams(Section):
     embed_dim: int = Field(64, ge=8, description="shared embedding space every method projects into")
+    image_positions: Literal["sincos", "learned", "none"] = Field(
+        "sincos", description="2D position added to projected image grid tokens of methods that read tokens")
     concat_mlp: ConcatMlpParams = Field(default_factory=ConcatMlpParams)
     cross_attention: CrossAttentionParams = Field(default_factory=CrossAttentionParams)
     contrastive: ContrastiveParams = Field(default_factory=ContrastiveParams)
@@ -196,6 +202,12 @@ class TrainParams(Section):
     # files, prefetched (pinned on CUDA); auto = device when it fits with headroom, else stream.
     # Same batches either way: CPU results are bit-identical across placements.
     placement: Literal["auto", "device", "stream"] = Field("auto", description="auto | device | stream")
+    twin_negatives: bool = Field(True, description="batches hold binding twins together; the twin image and the "
+                                 "twin's caption join the matching and contrastive negatives (splits with twin_row)")
+    caption_negatives: int = Field(0, ge=0, description="perturbed captions per positive used as hard negative "
+                                   "captions (crossalign.hardneg; 0 = off)")
+    binding_rank_weight: float = Field(1.0, ge=0, description="matching losses: weight of the ranking term "
+                                       "softplus(binding negative - positive) over twin and perturbed captions")
 
     @field_validator("methods")
     @classmethod

@@ -59,9 +59,11 @@ def tiny_cfg(tmp_path: Path) -> config.Config:
 
 def make_tiny_features(root: Path, n_images: int = 24, captions_per_image: int = 2, regions: int = 4,
                        image_dim: int = 12, text_dim: int = 10, max_len: int = 6, seed: int = 0,
-                       noise: float = 0.3) -> Path:
+                       noise: float = 0.3, twins: bool = True) -> Path:
     """Write one feature split (contract of crossalign.io) whose captions are noisy linear views
-    of their image, so a method can learn the alignment. Returns ``root``."""
+    of their image, so a method can learn the alignment. Returns ``root``. With ``twins`` the
+    issue 13 arrays are added (crossalign.hardneg): images 2k and 2k+1 are binding twins, no
+    perturbed captions (tests that need them write their own)."""
     rng = np.random.default_rng(seed)
     latent = rng.normal(size=(n_images, 8)).astype(np.float32)
     w_img = rng.normal(size=(8, image_dim)).astype(np.float32)
@@ -80,6 +82,13 @@ def make_tiny_features(root: Path, n_images: int = 24, captions_per_image: int =
                    caption_ids=np.arange(m),
                    meta={"image_encoder": {"name": "tiny"}, "text_encoder": {"name": "tiny"},
                          "image_dim": image_dim, "text_dim": text_dim})
+    if twins:
+        from crossalign import hardneg
+        twin_row = np.arange(n_images) ^ 1  # 0<->1, 2<->3, ...
+        twin_row[twin_row >= n_images] = -1
+        hardneg.write(root, twin_row=twin_row, tokens=np.zeros((0, text_dim), np.float16),
+                      offsets=np.zeros(1, np.int64), pooled=np.zeros((0, text_dim), np.float16),
+                      source=np.zeros(0, np.int64), kind=np.zeros(0, np.int8), per_caption=0)
     return root
 
 
