@@ -36,16 +36,27 @@ def test_table_row_written_out():
 
 
 def test_one_run_trains_and_probes_through_the_real_code(tmp_path):
-    """run_one on a tiny project (issue-13 overrides left out: they come with the methods side)."""
+    """run_one on a tiny project with every ingredient on (one perturbed caption per caption)."""
+    import numpy as np
     import torch
 
     from conftest import make_tiny_features, tiny_config
+    from crossalign import hardneg
+    from crossalign.io import load_features
     from eval_helpers import IMAGE_DIM, TEXT_DIM, write_split_features
 
     torch.set_num_threads(1)
     write_split_features(tmp_path)
-    make_tiny_features(tmp_path / "data" / "features" / "train", n_images=32, image_dim=IMAGE_DIM, text_dim=TEXT_DIM)
-    raw = tiny_config(tmp_path, train={"epochs": 1}).model_dump()
+    train = make_tiny_features(tmp_path / "data" / "features" / "train", n_images=32, image_dim=IMAGE_DIM,
+                               text_dim=TEXT_DIM)
+    feats = load_features(train)
+    m = feats.n_captions
+    tokens, lengths = feats.text.gather()  # perturbed = the real states reversed: same "words", other order
+    hardneg.write(train, twin_row=np.arange(32) ^ 1, tokens=np.concatenate([t[:n][::-1] for t, n in zip(tokens, lengths)]),
+                  offsets=feats.text.offsets(), pooled=np.asarray(feats.text_pooled), source=np.arange(m),
+                  kind=np.zeros(m, np.int8), per_caption=1)
+    all_on = ab.overrides(dict.fromkeys(ab.INGREDIENTS, True), {"positions": "sincos", "caption": 1}, 1, "cpu")
+    raw = ab.merge(tiny_config(tmp_path, train={"epochs": 1}).model_dump(), all_on)
     result = ab.run_one(raw, "contrastive", tmp_path, tmp_path / "scratch", log=lambda msg: None)
     assert result["epochs_run"] == 1 and result["test_rsum"] > 0
     assert set(result["probe"]) == {"overall", "colour", "position"} and result["probe"]["overall"]["pairs"] == 8
