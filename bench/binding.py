@@ -68,6 +68,16 @@ def main() -> None:
            "test_rsum": round(metrics["rsum"], 1),
            "binding": {k: [round(v["i2t"], 1), round(v["t2i"], 1), round(v["mean"], 1), [round(x, 1) for x in v["ci95"]["mean"]]]
                        for k, v in [("overall", probe["overall"]), *probe["per_swap"].items()]}}
+    if model.rerank is not None:  # the same model re-ranking with other fusion weights (an evaluation knob)
+        from dataclasses import replace
+        for alpha in (0.75, 1.0):
+            model.rerank = replace(model.rerank, alpha=alpha)
+            i2t, t2i = score_matrices(model, test, "cpu", progress=False)
+            probe = binding_probe(i2t, t2i, test.caption_image_index, index["twins"])
+            out[f"alpha_{alpha}"] = {
+                "test_rsum": round(retrieval_metrics(i2t, test.caption_image_index, t2i)["rsum"], 1),
+                **{k: [round(v["i2t"], 1), round(v["t2i"], 1), round(v["mean"], 1), [round(x, 1) for x in v["ci95"]["mean"]]]
+                   for k, v in [("overall", probe["overall"]), *probe["per_swap"].items()]}}
     print(json.dumps(out), flush=True)
 
 

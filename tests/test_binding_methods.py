@@ -37,7 +37,7 @@ def cfg_with(tmp_path, positions="sincos", matcher="late", **train):
     return tiny_config(tmp_path, methods={"embed_dim": 16, "image_positions": positions, "concat_mlp": {"negatives": 2},
                                           "cross_attention": {"heads": 2, "matcher": matcher},
                                           "joint": {"heads": 2, "hard_k": 4, "shortlist_k": 4, "matcher": matcher}},
-                       train=train)
+                       train={"twin_negatives": True, **train})
 
 
 # ------------------------------------------------------------------------------------ positions
@@ -86,13 +86,15 @@ def test_a_grid_permutation_changes_the_match_only_with_positions(tmp_path, meth
 def test_old_model_json_loads_without_positions_or_late_matcher(tmp_path):
     """A model.json written before issue 13 has neither key: it was trained with neither."""
     import json
-    old = cfg_with(tmp_path, "none", "cross")
+    old = tiny_config(tmp_path, methods={"embed_dim": 16, "image_positions": "none", "joint": {
+        "heads": 2, "hard_k": 4, "shortlist_k": 4, "matcher": "cross", "shared_projections": True}})
     model = build_aligner(old, "joint", DI, DT)
     meta = {"method": "joint", "image_dim": DI, "text_dim": DT, "methods": method_params(old, "joint")}
     del meta["methods"]["image_positions"], meta["methods"]["joint"]["matcher"]
+    del meta["methods"]["joint"]["shared_projections"]
     save_aligner(model, tmp_path / "m", meta)
     loaded, _ = load_aligner(tmp_path / "m")
-    assert loaded.positions.kind == "none" and type(loaded.encoder).__name__ == "CrossEncoder"
+    assert loaded.positions.kind == "none" and type(loaded.encoder).__name__ == "CrossEncoder" and loaded.shared
     assert json.loads((tmp_path / "m" / "model.json").read_text())["methods"]["joint"].get("matcher") is None
 
 
@@ -268,3 +270,42 @@ def test_binding_ranking_term_by_hand():
     assert "match_binding_loss" not in MatchingLoss(rank_weight=0.0)(outputs, None)
     plain = {k: outputs[k] for k in ("pos_logits", "neg_logits", "neg_valid")}
     assert set(MatchingLoss(rank_weight=2.0)(plain, None)) == {"match_loss"}  # no binding negatives: as before
+
+
+def test_joint_with_own_matcher_projections_keeps_the_objectives_apart(tmp_path):
+    """shared_projections false: ITC trains image_proj/text_proj and the heads only, ITM its own
+    projections and the matcher only."""
+    cfg = tiny_config(tmp_path, methods={"embed_dim": 16, "joint": {"heads": 2, "hard_k": 4, "shortlist_k": 4,
+                                                                     "shared_projections": False}})
+    torch.manual_seed(0)
+    model = build_aligner(cfg, "joint", DI, DT)
+    batch = make_batch(twin=torch.tensor([1, 0, 3, 2, 5, 4, 7, 6]))
+    moved = {}
+    for name, loss in (("itc", ContrastiveLoss()), ("itm", MatchingLoss(rank_weight=1.0))):
+        model.zero_grad(set_to_none=True)
+        sum(loss(model(batch), batch).values()).backward()
+        moved[name] = {n.split(".")[0] for n, p in model.named_parameters()
+                       if p.grad is not None and p.grad.abs().sum() > 0}
+    assert moved["itc"] == {"image_proj", "text_proj", "image_head", "text_head"}
+    assert moved["itm"] == {"match_image_proj", "match_text_proj", "encoder"}
+
+
+def test_training_with_twin_negatives_is_deterministic(tmp_path):
+    """The default recipe (twins paired in batches, late matcher, positions) trains end to end
+    and gives byte-identical weights twice."""
+    from crossalign import training
+    weights = []
+    for run in ("a", "b"):
+        root = tmp_path / run
+        for i, split in enumerate(("train", "val")):
+            make_tiny_features(root / "data" / "features" / split, n_images=24 if split == "train" else 8, seed=i)
+        cfg = cfg_with(tmp_path, epochs=1)
+        training.run(cfg, root, "joint", log=lambda *_: None)
+        weights.append((root / "models" / "joint" / "final" / "seed-0" / "model.safetensors").read_bytes())
+    assert weights[0] == weights[1]
+
+
+def test_caption_negatives_cannot_exceed_the_perturbations_written():
+    from crossalign import config
+    with pytest.raises(config.ConfigError, match=r"train.caption_negatives \(3\) exceeds features.perturbations \(1\)"):
+        config.from_dict({"features": {"perturbations": 1}, "train": {"caption_negatives": 3}}, "params.yaml")

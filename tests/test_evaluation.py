@@ -1,8 +1,6 @@
 """evaluate@<method> on tiny features with real (randomly initialised) method models."""
 from __future__ import annotations
 
-import math
-
 import mlflow
 import numpy as np
 import pytest
@@ -31,10 +29,10 @@ def test_evaluate_writes_metrics_scores_ranks(tmp_path, method, protocol):
     if method == "joint":  # a freshly initialised matcher scores every pair about the same: spread it
         model, meta = load_aligner(path)
         with torch.no_grad():
-            if hasattr(model.encoder, "head"):  # cross-attention matcher
+            if hasattr(model.encoder, "head"):  # matcher: cross
                 model.encoder.head[-1].weight.mul_(1000.0)
-            else:  # late-interaction matcher (issue 13): its logit scale
-                model.encoder.log_scale.add_(math.log(1000.0))
+            else:  # matcher: late (the default): its logit scale
+                model.encoder.log_scale.add_(float(np.log(1000.0)))
         save_aligner(model, path, meta)
     result = evaluation.run(cfg, method, tmp_path)
 

@@ -44,6 +44,7 @@ def method_params(cfg: config.Config, method: str) -> dict[str, Any]:
 # what a model.json written before issue 13 was trained with (keys it lacks; not today's defaults)
 BEFORE_POSITIONS = {"image_positions": "none"}
 BEFORE_MATCHER = {"matcher": "cross"}
+BEFORE_JOINT = {"shared_projections": True}
 
 
 def save_aligner(model: Aligner, directory: str | Path, meta: dict[str, Any]) -> Path:
@@ -78,7 +79,7 @@ def load_aligner(directory: str | Path, weights: str | Path | None = None,
         raise ValueError(f"{meta_file}: missing key {err}; expected method, image_dim, text_dim, methods") from None
     params = {**BEFORE_POSITIONS, **params}
     if isinstance(params.get(method), dict) and method in ("cross_attention", "joint"):
-        params[method] = {**BEFORE_MATCHER, **params[method]}
+        params[method] = {**BEFORE_MATCHER, **(BEFORE_JOINT if method == "joint" else {}), **params[method]}
     cfg = config.from_dict({"methods": params}, str(meta_file))
     model = build_aligner(cfg, method, image_dim, text_dim)
     if not weights_file.exists():

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from crossalign.losses import JointLoss
 from crossalign.methods.base import Batch, MethodSpec, Rerank, State, register
@@ -50,13 +50,18 @@ class Joint(CrossMatcher):
     def __init__(self, image_dim: int, text_dim: int, dim: int, dropout: float, temperature: float,
                  learnable_temperature: bool, heads: int, layers: int, negatives: int,
                  random_negative_fraction: float, hard_k: int, rerank: Rerank, matcher: str = "cross",
-                 positions: str = "none"):
+                 positions: str = "none", shared: bool = True):
         super().__init__()
         self.image_proj = Projection(image_dim, dim, dropout)  # shared by ITC and ITM
         self.text_proj = Projection(text_dim, dim, dropout)  # shared by ITC and ITM
         self.image_head = EmbeddingHead(dim, dim, dropout)  # ITC only
         self.text_head = EmbeddingHead(dim, dim, dropout)  # ITC only
         self.logit_scale = logit_scale_param(temperature, learnable_temperature)
+        self.shared = shared
+        if not shared:  # the matcher reads its own projections of the tokens (ITM only): LayerNorm
+            # first, so every frozen channel enters at one scale (pre-LN, as the matcher's blocks)
+            self.match_image_proj = nn.Sequential(nn.LayerNorm(image_dim), nn.Linear(image_dim, dim))
+            self.match_text_proj = nn.Sequential(nn.LayerNorm(text_dim), nn.Linear(text_dim, dim))
         self.positions = ImagePositions(positions, dim)  # ITM only (the ITC mean would only gain a constant)
         self.encoder = build_matcher(matcher, dim, heads, layers, dropout)  # ITM only
         self.negatives = (negatives, 0)  # per positive and direction; a share swapped for random ones
@@ -66,13 +71,15 @@ class Joint(CrossMatcher):
 
     def encode_images(self, tokens: Tensor, pooled: Tensor) -> State:
         x = self.image_proj(tokens)  # (B, R, D): what both objectives read
+        m = x if self.shared else self.match_image_proj(tokens)
         return {"embed": F.normalize(self.image_head(x.mean(1)), dim=-1),  # (B, D)
-                **self.encoder.image_state(self.positions(x))}  # (B, R, D) tensors
+                **self.encoder.image_state(self.positions(m))}  # (B, R, D) tensors
 
     def encode_texts(self, tokens: Tensor, mask: Tensor, pooled: Tensor) -> State:
         x = self.text_proj(tokens)  # (B, L, D): what both objectives read
+        m = x if self.shared else self.match_text_proj(tokens)
         return {"embed": F.normalize(self.text_head(masked_mean(x, mask)), dim=-1),  # (B, D)
-                **self.encoder.text_state(x, mask)}  # (B, L, D) tensors
+                **self.encoder.text_state(m, mask)}  # (B, L, D) tensors
 
     def similarity(self, images: State, texts: State) -> Tensor:
         return cosine_logits(images["embed"], texts["embed"], self.logit_scale)  # (Bi, Bt)
@@ -96,7 +103,8 @@ def _build(cfg, image_dim: int, text_dim: int) -> Joint:
     p = cfg.methods.joint
     return Joint(image_dim, text_dim, cfg.methods.embed_dim, p.dropout, p.temperature, p.learnable_temperature,
                  p.heads, p.layers, p.negatives, p.random_negative_fraction, p.hard_k,
-                 Rerank(p.shortlist_k, p.fusion_alpha), p.matcher, cfg.methods.image_positions)
+                 Rerank(p.shortlist_k, p.fusion_alpha), p.matcher, cfg.methods.image_positions,
+                 p.shared_projections)
 
 
 SPEC = register(MethodSpec("joint", _build, lambda cfg: JointLoss(cfg.methods.joint.itc_weight, cfg.methods.joint.itm_weight,
