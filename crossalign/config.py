@@ -129,7 +129,7 @@ class FeaturesParams(Section):
     text_batch_size: int = Field(256, ge=1, description="captions per forward pass")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     threads: int = Field(0, ge=0, description="CPU threads; 0 = all cores")
-    perturbations: int = Field(2, ge=0, le=16, description="binding-perturbed captions encoded per real caption at most (crossalign/perturb.py; 0 = none)")
+    perturbations: int = Field(1, ge=0, le=16, description="binding-perturbed captions encoded per real caption at most (crossalign/perturb.py; 0 = none); each one adds about a real caption's encoding time and disk")
 
 
 # -------------------------------------------------------------------------------------- methods

@@ -79,17 +79,10 @@ def caption_ids(split_dir: Path, encoder: TextEncoder, chunk: int = 8192) -> Cap
     if encoder.vocab_matches(tokenizer):
         return Captions(load_npy(split_dir / "tokens.npy"), np.asarray(load_npy(split_dir / "offsets.npy"), np.int64),
                         encoder.max_length, f"prepared ids (preprocess.tokenizer = {tokenizer!r})")
-    captions = read_json(split_dir / "captions.json")
     max_length = min(int(meta.get("max_length", encoder.max_length)), encoder.max_length)
-    parts, lengths = [], [0]
-    for start in range(0, len(captions), chunk):
-        for seq in encoder.tokenize(captions[start:start + chunk], max_length):
-            parts.append(np.asarray(seq, np.int32))
-            lengths.append(len(seq))
-    tokens = np.concatenate(parts) if parts else np.zeros(0, np.int32)
-    return Captions(tokens, np.cumsum(lengths, dtype=np.int64), encoder.max_length,
-                    f"re-tokenised captions.json with {encoder.name!r}'s tokenizer "
-                    f"(preprocess.tokenizer = {tokenizer!r} has another vocabulary)")
+    return tokenize_texts(read_json(split_dir / "captions.json"), encoder, max_length,
+                          f"re-tokenised captions.json with {encoder.name!r}'s tokenizer "
+                          f"(preprocess.tokenizer = {tokenizer!r} has another vocabulary)", chunk)
 
 
 def encode_images(images: np.ndarray, encoder: ImageEncoder, out_tokens: np.ndarray, out_pooled: np.ndarray,

@@ -61,6 +61,8 @@ def test_report_writes_markdown_and_pngs(evaluated):
         for kind, cell in [("**overall**", probe["overall"])] + sorted(probe["per_swap"].items()):
             lo, hi = cell["ci95"]["mean"]
             assert f"| {m} | {kind} | {cell['pairs']} |" in md and f"{cell['mean']:.1f} [{lo:.1f}, {hi:.1f}] |" in md
+        row = next(r for r in sel["leaderboard"] if r["method"] == m)  # reports/selection.json's leaderboard
+        assert row["binding_probe"] == {k: probe["overall"][k] for k in ("i2t", "t2i", "mean", "ci95")}
     assert "no training curve for concat_mlp" in md  # absent curve is said, not hidden
     assert f"![{report.T2I_PNG}]({report.T2I_PNG})" in md
     assert "shortlist k=4 re-rank alpha=0.5" in md
