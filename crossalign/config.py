@@ -145,7 +145,7 @@ class CrossAttentionParams(Section):
     dropout: float = Field(0.1, ge=0, lt=1, description="dropout in projections and attention")
     hard_negatives: int = Field(1, ge=0, description="in-batch hardest negatives per positive (by pooled similarity)")
     random_negatives: int = Field(1, ge=0, description="random in-batch negatives per positive")
-    matcher: Literal["cross", "late"] = Field("cross", description="matching encoder: cross (cross-attention both "
+    matcher: Literal["cross", "late"] = Field("late", description="matching encoder: cross (cross-attention both "
                                               "ways, pooled) | late (token-wise max similarity over positioned cells)")
 
 

@@ -40,7 +40,7 @@ def tiny_config(tmp_path: Path, **overrides) -> config.Config:
         "data": {"synthetic": {"n_train": 48, "n_val": 16, "n_test": 16, "image_size": 64}},
         "preprocess": {"image_size": 32, "workers": 1, "batch_size": 16},
         "features": {"image_batch_size": 8, "text_batch_size": 32, "threads": 1, "device": "cpu"},
-        "methods": {"embed_dim": 16, "cross_attention": {"heads": 2}, "joint": {"heads": 2, "hard_k": 4, "shortlist_k": 4}},
+        "methods": {"embed_dim": 16, "cross_attention": {"heads": 2, "matcher": "cross"}, "joint": {"heads": 2, "hard_k": 4, "shortlist_k": 4}},
         # twin negatives need the issue 13 arrays, which features written by hand in tests lack
         # (tests/test_binding_methods.py turns them on)
         "train": {"epochs": 2, "batch_size": 16, "patience": 2, "device": "cpu", "threads": 1, "twin_negatives": False,

@@ -198,6 +198,7 @@ def test_joint_aligns_before_it_fuses(tmp_path):
     # at the shipped dims (1280-d image, 384-d text tokens, D = 64): 152,833 + 2 x 8,448 = 169,729,
     # where the ensemble it replaced had cross_attention + contrastive = 152,833 + 115,200 = 268,033
     from crossalign import config
-    shipped = config.from_dict({"methods": {"joint": {"matcher": "cross", "shared_projections": True}}}, "defaults")
+    shipped = config.from_dict({"methods": {"joint": {"matcher": "cross", "shared_projections": True},
+                                            "cross_attention": {"matcher": "cross"}}}, "defaults")
     counts = {m: trainable_params(build_aligner(shipped, m, 1280, 384)) for m in ("cross_attention", "joint")}
     assert counts == {"cross_attention": 152_833, "joint": 169_729}  # sincos positions have no parameters
