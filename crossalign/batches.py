@@ -15,6 +15,12 @@ A batch is a set of caption rows; each pair is (image of caption c, caption c). 
 
 Methods that do not read tokens (``Aligner.reads_tokens = False``: ``contrastive``,
 ``concat_mlp``) get empty token tensors, so they neither hold nor read the token arrays.
+
+Binding negatives (issue 13): with ``twin_caption`` (``train.twin_negatives`` on a split with
+twins) each caption is followed in the epoch's order by its twin's same-plan caption
+(:func:`pair_twins`), and every batch says where each pair's twin pair is (``Batch.twin``); with
+``hard`` and ``caption_negatives`` k, each batch carries up to k perturbed captions per pair,
+read from the ``neg_text_*`` arrays (:mod:`crossalign.hardneg`) the same way in both placements.
 """
 from __future__ import annotations
 
@@ -25,6 +31,7 @@ import numpy as np
 import psutil
 import torch
 
+from crossalign.hardneg import HardNegatives
 from crossalign.io import FeatureSplit, NpyRows, drop_pages, span_index
 from crossalign.methods.base import Batch
 
@@ -68,6 +75,78 @@ def _pad(flat: torch.Tensor, starts: np.ndarray, lengths: np.ndarray) -> tuple[t
     return out, torch.from_numpy(valid).to(flat.device)
 
 
+def twin_captions(caption_image: np.ndarray, twin_row: np.ndarray) -> np.ndarray | None:
+    """(M,) int64: for each caption, the twin image's caption of the same rank among its image's
+    captions (the synthetic twins' captions are rendered from the same plans, so rank k of one is
+    rank k of the other with the binding swapped; modulo the twin's count); -1 without a twin.
+    None when no image has a twin (nothing to pair)."""
+    caption_image = np.asarray(caption_image, np.int64)
+    twin_row = np.asarray(twin_row, np.int64)
+    if not (twin_row >= 0).any():
+        return None
+    order = np.argsort(caption_image, kind="stable")  # captions grouped by image, row order kept
+    counts = np.bincount(caption_image, minlength=len(twin_row))  # (N,)
+    first = np.concatenate([[0], np.cumsum(counts)[:-1]])  # (N,) position of each image's first caption
+    rank = np.empty(len(caption_image), np.int64)
+    rank[order] = np.arange(len(caption_image)) - first[caption_image[order]]  # (M,) rank within its image
+    twin = twin_row[caption_image]  # (M,)
+    ok = (twin >= 0) & (counts[np.maximum(twin, 0)] > 0)
+    safe = np.maximum(twin, 0)
+    pos = first[safe] + rank % np.maximum(counts[safe], 1)
+    return np.where(ok, order[np.minimum(pos, len(order) - 1)], -1)
+
+
+def pair_twins(order: torch.Tensor, twin_caption: np.ndarray) -> torch.Tensor:
+    """An epoch's caption order with each caption's twin caption moved right behind it (each
+    caption still once), so twin pairs share a batch (a pair cut by a batch boundary is not)."""
+    out, seen = [], np.zeros(len(twin_caption), bool)
+    for c in order.tolist():
+        if seen[c]:
+            continue
+        seen[c] = True
+        out.append(c)
+        t = int(twin_caption[c])
+        if t >= 0 and not seen[t]:
+            seen[t] = True
+            out.append(t)
+    return torch.tensor(out, dtype=order.dtype)
+
+
+def twin_positions(rows: np.ndarray, twin_caption: np.ndarray | None) -> torch.Tensor | None:
+    """(B,) long: batch position of each caption's twin caption, -1 when it is not in the batch."""
+    if twin_caption is None:
+        return None
+    where = {int(r): b for b, r in enumerate(rows)}
+    return torch.tensor([where.get(int(twin_caption[r]), -1) for r in rows], dtype=torch.long)
+
+
+def caption_negatives(hard: HardNegatives | None, k: int, rows: np.ndarray, device: torch.device) -> dict:
+    """Batch fields of up to ``k`` perturbed captions per caption ``rows`` (their first k), read
+    from ``hard``'s arrays: tokens (Bn, Ln, Dt) float32, mask, pooled (Bn, Dt), owner (Bn,)."""
+    if hard is None or k <= 0:
+        return {}
+    picks = [p[:k] for p in hard.for_captions(rows)]
+    neg = np.concatenate(picks) if picks else np.zeros(0, np.int64)  # (Bn,)
+    owner = np.repeat(np.arange(len(rows)), [len(p) for p in picks])  # (Bn,)
+    if neg.size == 0:
+        return {}
+    tokens, lengths = hard.text.gather(neg)  # (Bn, Ln, Dt) fp16, (Bn,)
+    mask = np.arange(tokens.shape[1])[None, :] < lengths[:, None]  # (Bn, Ln)
+    return {"neg_text_tokens": torch.from_numpy(tokens).to(device).float(),
+            "neg_text_mask": torch.from_numpy(mask).to(device),
+            "neg_text_pooled": torch.from_numpy(np.asarray(hard.pooled[neg])).to(device).float(),
+            "neg_owner": torch.from_numpy(owner.astype(np.int64)).to(device)}
+
+
+def _binding(source: "DeviceSplit | StreamSplit", rows: np.ndarray) -> dict:
+    """The optional binding-negative fields of a batch of caption ``rows``."""
+    out = caption_negatives(source.hard, source.caption_negatives, rows, source.device)
+    twin = twin_positions(rows, source.twin_caption)
+    if twin is not None:
+        out["twin"] = twin.to(source.device)
+    return out
+
+
 def _empty_tokens(b: int, split: FeatureSplit, device: torch.device) -> dict[str, torch.Tensor]:
     return {"image_tokens": torch.zeros(b, 0, split.image_tokens.shape[-1], device=device),  # (B, 0, Di)
             "text_tokens": torch.zeros(b, 0, split.text.dim, device=device),  # (B, 0, Dt)
@@ -79,8 +158,10 @@ class DeviceSplit:
 
     placement = "device"
 
-    def __init__(self, split: FeatureSplit, device: torch.device, tokens: bool):
+    def __init__(self, split: FeatureSplit, device: torch.device, tokens: bool, twin_caption: np.ndarray | None = None,
+                 hard: HardNegatives | None = None, caption_negatives: int = 0):
         self.split, self.device, self.tokens = split, device, tokens
+        self.twin_caption, self.hard, self.caption_negatives = twin_caption, hard, caption_negatives
         self.caption_image = torch.from_numpy(np.array(split.caption_image_index, np.int64)).to(device)  # (M,)
         self.image_pooled = _to_device(split.image_pooled, device)  # (N, Di) fp16
         self.text_pooled = _to_device(split.text_pooled, device)  # (M, Dt) fp16
@@ -104,7 +185,7 @@ class DeviceSplit:
         else:
             tok = _empty_tokens(len(rows), self.split, self.device)
         return Batch(image_pooled=self.image_pooled[img].float(), text_pooled=self.text_pooled[captions].float(),
-                     image_index=img, **tok)
+                     image_index=img, **tok, **_binding(self, rows))
 
 
 def _to_device(array: np.ndarray, device: torch.device, chunk_bytes: int = 256 << 20,
@@ -140,8 +221,10 @@ class StreamSplit:
 
     placement = "stream"
 
-    def __init__(self, split: FeatureSplit, device: torch.device, tokens: bool):
+    def __init__(self, split: FeatureSplit, device: torch.device, tokens: bool, twin_caption: np.ndarray | None = None,
+                 hard: HardNegatives | None = None, caption_negatives: int = 0):
         self.split, self.device, self.tokens = split, device, tokens
+        self.twin_caption, self.hard, self.caption_negatives = twin_caption, hard, caption_negatives
         self.pin = device.type == "cuda"
         self.caption_image = np.asarray(split.caption_image_index, np.int64)  # (M,)
         self.readers = {name: _rows_of(getattr(split, name)) for name in ("image_pooled", "text_pooled")}
@@ -193,13 +276,17 @@ class StreamSplit:
         else:
             tok = _empty_tokens(len(rows), self.split, self.device)
         return Batch(image_pooled=image_pooled.float(), text_pooled=text_pooled.float(),
-                     image_index=torch.from_numpy(img).to(self.device), **tok)
+                     image_index=torch.from_numpy(img).to(self.device), **tok, **_binding(self, rows))
 
 
-def open_split(split: FeatureSplit, placement: str, device: torch.device, tokens: bool) -> DeviceSplit | StreamSplit:
-    """A batch source for ``split`` with ``placement`` (``auto`` resolved here)."""
+def open_split(split: FeatureSplit, placement: str, device: torch.device, tokens: bool,
+               twin_caption: np.ndarray | None = None, hard: HardNegatives | None = None,
+               caption_negatives: int = 0) -> DeviceSplit | StreamSplit:
+    """A batch source for ``split`` with ``placement`` (``auto`` resolved here); binding negatives
+    as the module docstring says (None / 0 = off: the batches of before issue 13)."""
     chosen = choose_placement(placement, split, device, tokens)
-    return (DeviceSplit if chosen == "device" else StreamSplit)(split, device, tokens)
+    return (DeviceSplit if chosen == "device" else StreamSplit)(split, device, tokens, twin_caption, hard,
+                                                                caption_negatives)
 
 
 def iterate(source: DeviceSplit | StreamSplit, index: Iterable[torch.Tensor]) -> Iterator[Batch]:

@@ -130,6 +130,7 @@ class FeaturesParams(Section):
     text_batch_size: int = Field(256, ge=1, description="captions per forward pass")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     threads: int = Field(0, ge=0, description="CPU threads; 0 = all cores")
+    perturbations: int = Field(1, ge=0, le=16, description="binding-perturbed captions encoded per real caption at most (crossalign/perturb.py; 0 = none); each one adds about a real caption's encoding time and disk")
 
 
 # -------------------------------------------------------------------------------------- methods
@@ -145,6 +146,8 @@ class CrossAttentionParams(Section):
     dropout: float = Field(0.1, ge=0, lt=1, description="dropout in projections and attention")
     hard_negatives: int = Field(1, ge=0, description="in-batch hardest negatives per positive (by pooled similarity)")
     random_negatives: int = Field(1, ge=0, description="random in-batch negatives per positive")
+    matcher: Literal["cross", "late"] = Field("late", description="matching encoder: cross (cross-attention both "
+                                              "ways, pooled) | late (token-wise max similarity over positioned cells)")
 
 
 class ContrastiveParams(Section):
@@ -156,7 +159,7 @@ class ContrastiveParams(Section):
 class JointParams(Section):
     temperature: float = Field(0.1, gt=0, description="initial / fixed contrastive temperature")
     learnable_temperature: bool = Field(False, description="learn the temperature as CLIP does")
-    dropout: float = Field(0.1, ge=0, lt=1, description="dropout in projections and attention")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout in projections and attention")
     heads: int = Field(2, ge=1, description="attention heads of the matching encoder")
     layers: int = Field(1, ge=1, le=6, description="cross-attention blocks of the matching encoder")
     itc_weight: float = Field(1.0, ge=0, description="weight of the contrastive loss")
@@ -165,11 +168,17 @@ class JointParams(Section):
     hard_k: int = Field(16, ge=1, description="hard negatives sampled from the top-k similarities")
     random_negative_fraction: float = Field(0.5, ge=0, le=1, description="chance each matching negative is drawn at random instead of hard")
     shortlist_k: int = Field(16, ge=1, description="evaluation: similarity shortlist re-ranked by matching")
-    fusion_alpha: float = Field(0.5, ge=0, le=1, description="evaluation: score = a*match + (1-a)*similarity")
+    fusion_alpha: float = Field(1.0, ge=0, le=1, description="evaluation: score = a*match + (1-a)*similarity")
+    matcher: Literal["cross", "late"] = Field("late", description="matching encoder: cross (cross-attention both "
+                                              "ways, pooled) | late (token-wise max similarity over positioned cells)")
+    shared_projections: bool = Field(False, description="the matcher reads the token projections the contrastive "
+                                     "embedding pools (ALBEF) | its own")
 
 
 class MethodsParams(Section):
     embed_dim: int = Field(64, ge=8, description="shared embedding space every method projects into")
+    image_positions: Literal["sincos", "learned", "none"] = Field(
+        "sincos", description="2D position added to projected image grid tokens of methods that read tokens")
     concat_mlp: ConcatMlpParams = Field(default_factory=ConcatMlpParams)
     cross_attention: CrossAttentionParams = Field(default_factory=CrossAttentionParams)
     contrastive: ContrastiveParams = Field(default_factory=ContrastiveParams)
@@ -196,6 +205,12 @@ class TrainParams(Section):
     # files, prefetched (pinned on CUDA); auto = device when it fits with headroom, else stream.
     # Same batches either way: CPU results are bit-identical across placements.
     placement: Literal["auto", "device", "stream"] = Field("auto", description="auto | device | stream")
+    twin_negatives: bool = Field(True, description="batches hold binding twins together; the twin image and the "
+                                 "twin's caption join the matching and contrastive negatives (splits with twin_row)")
+    caption_negatives: int = Field(1, ge=0, description="perturbed captions per positive used as hard negative "
+                                   "captions (crossalign.hardneg; 0 = off)")
+    binding_rank_weight: float = Field(1.0, ge=0, description="matching losses: weight of the ranking term "
+                                       "softplus(binding negative - positive) over twin and perturbed captions")
 
     @field_validator("methods")
     @classmethod
@@ -286,6 +301,10 @@ class Config(Section):
     def _cross_checks(self) -> "Config":
         if self.select.baseline not in self.train.methods:
             raise ValueError(f"select.baseline {self.select.baseline!r} is not among train.methods {self.train.methods}")
+        if self.train.caption_negatives > self.features.perturbations:
+            raise ValueError(f"train.caption_negatives ({self.train.caption_negatives}) exceeds features.perturbations "
+                             f"({self.features.perturbations}): the features stage writes at most that many perturbed "
+                             f"captions per caption")
         return self
 
     def flat(self) -> dict[str, Any]:

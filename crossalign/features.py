@@ -12,6 +12,11 @@ uint8; on CUDA bf16 autocast, pinned host memory and non-blocking copies; a read
 prefetches the next batch and a writer thread stores the previous one while the model runs.
 Captions are encoded in batches sorted by length, each padded only to its own longest caption,
 and stored packed (each caption's own states only, :class:`crossalign.io.FeatureWriter`).
+
+Binding negatives (issue 13, :mod:`crossalign.hardneg`): each split also gets ``twin_row.npy``
+(from the image records' ``twin_id``) and up to ``features.perturbations`` perturbed captions per
+real caption (:mod:`crossalign.perturb`: same words, bound differently), tokenised with the text
+encoder's tokenizer and streamed through the same :func:`encode_texts` into ``neg_text_*.npy``.
 """
 from __future__ import annotations
 
@@ -28,6 +33,9 @@ from tqdm import tqdm
 from crossalign.config import Config, FeaturesParams
 from crossalign.device import resolve_device
 from crossalign.encoders import ImageEncoder, TextEncoder, build_image_encoder, build_text_encoder
+from crossalign import perturb
+from crossalign.binding import twin_leaks
+from crossalign.hardneg import NegTextWriter, twin_row_array
 from crossalign.io import FeatureWriter, atomic_dir, drop_pages, load_npy, read_json, write_json
 
 SPLITS = ("train", "val", "test")
@@ -71,17 +79,10 @@ def caption_ids(split_dir: Path, encoder: TextEncoder, chunk: int = 8192) -> Cap
     if encoder.vocab_matches(tokenizer):
         return Captions(load_npy(split_dir / "tokens.npy"), np.asarray(load_npy(split_dir / "offsets.npy"), np.int64),
                         encoder.max_length, f"prepared ids (preprocess.tokenizer = {tokenizer!r})")
-    captions = read_json(split_dir / "captions.json")
     max_length = min(int(meta.get("max_length", encoder.max_length)), encoder.max_length)
-    parts, lengths = [], [0]
-    for start in range(0, len(captions), chunk):
-        for seq in encoder.tokenize(captions[start:start + chunk], max_length):
-            parts.append(np.asarray(seq, np.int32))
-            lengths.append(len(seq))
-    tokens = np.concatenate(parts) if parts else np.zeros(0, np.int32)
-    return Captions(tokens, np.cumsum(lengths, dtype=np.int64), encoder.max_length,
-                    f"re-tokenised captions.json with {encoder.name!r}'s tokenizer "
-                    f"(preprocess.tokenizer = {tokenizer!r} has another vocabulary)")
+    return tokenize_texts(read_json(split_dir / "captions.json"), encoder, max_length,
+                          f"re-tokenised captions.json with {encoder.name!r}'s tokenizer "
+                          f"(preprocess.tokenizer = {tokenizer!r} has another vocabulary)", chunk)
 
 
 def encode_images(images: np.ndarray, encoder: ImageEncoder, out_tokens: np.ndarray, out_pooled: np.ndarray,
@@ -152,6 +153,43 @@ def encode_texts(captions: Captions, encoder: TextEncoder, writer: FeatureWriter
     writer.drop()
 
 
+def tokenize_texts(texts: list[str], encoder: TextEncoder, max_length: int, source: str,
+                   chunk: int = 8192) -> Captions:
+    """``texts`` tokenised with the encoder's own tokenizer (chunked) into flat :class:`Captions`."""
+    parts, lengths = [], [0]
+    for start in range(0, len(texts), chunk):
+        for seq in encoder.tokenize(texts[start:start + chunk], max_length):
+            parts.append(np.asarray(seq, np.int32))
+            lengths.append(len(seq))
+    tokens = np.concatenate(parts) if parts else np.zeros(0, np.int32)
+    return Captions(tokens, np.cumsum(lengths, dtype=np.int64), encoder.max_length, source)
+
+
+def encode_negatives(src: Path, dst: Path, n_images: int, text_encoder: TextEncoder, params: FeaturesParams,
+                     device: torch.device, progress: bool = True) -> dict:
+    """Write ``twin_row.npy`` and the perturbed captions (``neg_*.npy``, :mod:`crossalign.hardneg`)
+    of one split into ``dst``; returns the meta.json ``perturbations`` entry."""
+    records = read_json(src / "images.json")
+    if len(records) != n_images:
+        raise ValueError(f"{src / 'images.json'}: {len(records)} records for {n_images} images in images.npy")
+    twin_row = twin_row_array(records, load_npy(src / "image_ids.npy"))
+    captions = read_json(src / "captions.json")
+    if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
+        raise ValueError(f"{src / 'captions.json'}: expected a list of caption strings")
+    texts, source, kind = perturb.perturb_all(captions, params.perturbations)
+    max_length = min(int(read_json(src / "meta.json").get("max_length", text_encoder.max_length)),
+                     text_encoder.max_length)
+    negs = tokenize_texts(texts, text_encoder, max_length, "perturbed captions.json")
+    writer = NegTextWriter(dst, negs.lengths, text_encoder.dim, release=RELEASE_BYTES)
+    if texts:
+        encode_texts(negs, text_encoder, writer, params.text_batch_size, device, desc=f"{src.name} perturbed",
+                     progress=progress)
+    writer.close(source, kind, twin_row)
+    counts = {name: int((kind == code).sum()) for code, name in enumerate(perturb.KINDS)}
+    return {"kinds": list(perturb.KINDS), "per_caption": int(params.perturbations), "count": len(texts),
+            "by_kind": counts, "captions_with_any": int(np.unique(source).size)}
+
+
 def encode_split(src: Path, dst: Path, image_encoder: ImageEncoder, text_encoder: TextEncoder,
                  params: FeaturesParams, device: torch.device, progress: bool = True) -> dict:
     """Write one ``data/features/<split>/`` from ``data/prepared/<split>/``; returns its meta."""
@@ -188,6 +226,7 @@ def encode_split(src: Path, dst: Path, image_encoder: ImageEncoder, text_encoder
         "image_dim": int(di), "text_dim": int(dt), "regions": int(regions), "max_length": int(width), "text_layout": "packed",
         "n_text_tokens": int(lengths.sum()),
         "dtype": "float16", "precision": "bf16 autocast" if device.type == "cuda" else "fp32",
+        "perturbations": encode_negatives(src, dst, n, text_encoder, params, device, progress),
     }
     writer.close(copied["image_ids"], copied["caption_image_index"], copied["caption_ids"], meta)
     return meta
@@ -207,7 +246,8 @@ def twin_rows(records: list[dict], image_ids: np.ndarray) -> list[dict]:
 
 def write_test_index(split_dir: Path, path: Path) -> dict:
     """``eval/test_index.json``: image ids, each caption's image id, the captions and the twins,
-    in the row / column order of the test features."""
+    in the row / column order of the test features. Fails when a twin pair's image or scene is
+    also in ``../train`` (:func:`crossalign.binding.twin_leaks`): the probe would not be held out."""
     image_ids = np.asarray(load_npy(split_dir / "image_ids.npy"), np.int64)
     cap_index = np.asarray(load_npy(split_dir / "caption_image_index.npy"), np.int64)
     records = read_json(split_dir / "images.json")
@@ -220,8 +260,15 @@ def write_test_index(split_dir: Path, path: Path) -> dict:
         if "id" in record and int(record["id"]) != int(image_ids[r]):
             raise ValueError(f"{split_dir / 'images.json'}: record {r} has id {record['id']}, "
                              f"image_ids.npy row {r} is {int(image_ids[r])}")
+    twins = twin_rows(records, image_ids)
+    train = split_dir.parent / "train" / "images.json"
+    if twins and train.exists():
+        leaks = twin_leaks(records, twins, read_json(train))
+        if leaks:
+            raise ValueError(f"{split_dir / 'images.json'} vs {train}: the binding probe would score twins seen in "
+                             f"training ({len(leaks)}): {'; '.join(leaks[:5])}")
     index = {"image_ids": image_ids.tolist(), "caption_image_ids": image_ids[cap_index].tolist(),
-             "captions": list(captions), "twins": twin_rows(records, image_ids)}
+             "captions": list(captions), "twins": twins}
     write_json(path, index)
     return index
 

@@ -2,9 +2,10 @@
 
 ``comparison.md`` (leaderboard with the seeds stated, the champion against every other method and
 every method against the baseline with CIs, the deterministic costs and a link to the measured
-ones, binding probe, protocol, glossary) and four PNGs: R@K
-bars per method, training curves from ``plots/train/<m>.csv``, and a retrieval gallery of the
-champion on test (captions -> top-5 images with the true one marked; images -> top-5 captions).
+ones, binding probe per swap kind with 95 % CIs over twin pairs, protocol, glossary) and five
+PNGs: R@K bars per method, the binding probe per kind and method (CI bars, chance line at 50 %),
+training curves from ``plots/train/<m>.csv``, and a retrieval gallery of the champion on test
+(captions -> top-5 images with the true one marked; images -> top-5 captions).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from crossalign.retrieval import METRIC_KEYS  # noqa: E402
 
 RECALL_PNG, CURVES_PNG = "recall_at_k.png", "training_curves.png"
 T2I_PNG, I2T_PNG = "gallery_text_to_image.png", "gallery_image_to_text.png"
+BINDING_PNG = "binding_probe.png"
 TOP = 5
 CURVE_SERIES = ("train_loss", "val_rsum")  # the series plotted when logged (dvc.yaml's training plot)
 
@@ -62,6 +64,52 @@ def recall_figure(board: list[dict]) -> plt.Figure:
     ax.set_title("Retrieval recall per method (test split; champion chosen on val)")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     return fig
+
+
+def binding_figure(probes: dict[str, dict]) -> plt.Figure:
+    """Grouped bars: binding (mean of i2t and t2i) per swap kind and overall, one bar per method,
+    its 95 % pair-bootstrap CI as the error bar; the chance line drawn at 50 %."""
+    kinds = ["overall"] + sorted({k for p in probes.values() for k in p["per_swap"]})
+    colour = colours(probes)
+    fig, ax = plt.subplots(figsize=(9, 4))
+    width = 0.8 / max(len(probes), 1)
+    for j, (method, p) in enumerate(sorted(probes.items())):
+        cells = [p["overall"] if k == "overall" else p["per_swap"].get(k) for k in kinds]
+        x = np.arange(len(kinds)) + j * width  # (K,)
+        mean = np.array([c["mean"] if c else np.nan for c in cells])  # (K,)
+        lo = np.array([c["ci95"]["mean"][0] if c else np.nan for c in cells])
+        hi = np.array([c["ci95"]["mean"][1] if c else np.nan for c in cells])
+        ax.bar(x, mean, width, yerr=np.maximum(np.stack([mean - lo, hi - mean]), 0), capsize=3, color=colour[method], label=method)
+    ax.axhline(50.0, color="black", linestyle="--", linewidth=1, label="chance (50 %)")
+    first = next(iter(probes.values()))  # every method is probed on the same test twins
+    pairs = [(first["overall"] if k == "overall" else first["per_swap"].get(k, {})).get("pairs", "?") for k in kinds]
+    ax.set_xticks(np.arange(len(kinds)) + 0.4 - width / 2, [f"{k}\n({n} pairs)" for k, n in zip(kinds, pairs)])
+    ax.set_ylabel("true beats twin (%, mean of i2t and t2i)")
+    ax.set_ylim(0, 100)
+    ax.set_title("Binding probe on test twins (95 % CI over twin pairs)")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    return fig
+
+
+def _ci(cell: dict, key: str) -> str:
+    lo, hi = cell["ci95"][key]
+    return f"{cell[key]:.1f} [{lo:.1f}, {hi:.1f}]"
+
+
+def binding_lines(probes: dict[str, dict]) -> list[str]:
+    """The probe table: one row per method and swap kind (overall first), each direction and their
+    mean with its 95 % pair-bootstrap CI."""
+    lines = ["| method | swap | pairs | i2t [95% CI] | t2i [95% CI] | mean [95% CI] |", "|---" * 6 + "|"]
+    for m, p in probes.items():
+        for kind, cell in [("overall", p["overall"])] + sorted(p["per_swap"].items()):
+            if "ci95" not in cell:  # results.json written before issue 13: no CI
+                lines.append(f"| {m} | {kind} | {cell['pairs']} | {cell['i2t']:.1f} | {cell['t2i']:.1f} | "
+                             f"{(cell['i2t'] + cell['t2i']) / 2:.1f} |")
+                continue
+            name = f"**{kind}**" if kind == "overall" else kind
+            lines.append(f"| {m} | {name} | {cell['pairs']} | {_ci(cell, 'i2t')} | {_ci(cell, 't2i')} | "
+                         f"{_ci(cell, 'mean')} |")
+    return lines
 
 
 def read_curve(path: Path) -> dict[str, np.ndarray]:
@@ -174,7 +222,7 @@ GLOSSARY = (
     ("1K / 5K", "COCO test protocols: the whole 5,000-image test split, or the mean over five 1,000-image folds "
                 "(only for a 5,000-image split)"),
     ("binding probe", "% of comparisons where a scene beats its binding twin (same objects, attributes or "
-                      "positions swapped); 50 % is chance"),
+                      "positions swapped); 50 % is chance; its CI resamples twin pairs, not images"),
     ("95% CI", "bootstrap interval of a gain: test images resampled with replacement, each with all its "
                "captions, both directions from one resample (and the seeds resampled first when there are "
                "several); a gain whose CI contains 0 is not distinguishable from noise"),
@@ -259,17 +307,15 @@ def markdown(cfg: Config, selection: dict, metrics: dict[str, dict], figures: li
                   "| method | trainable params | index-able |", "|---|---|---|"]
         lines += [f"| {m} | {c['params']:,} | {c['index']} |" for m, c in serving.items()]
     lines += ["", "## Binding probe (true vs binding twin, chance 50%)", ""]
-    probes = {m: x["test"].get("binding_probe") for m, x in metrics.items()}
-    if any(probes.values()):
-        kinds = sorted({k for p in probes.values() if p for k in p["per_swap"]})
-        lines += ["| method | i2t | t2i | " + " | ".join(f"{k} i2t/t2i" for k in kinds) + " |",
-                  "|---" * (3 + len(kinds)) + "|"]
-        for m, p in probes.items():
-            if p:
-                per = [f"{p['per_swap'][k]['i2t']:.1f}/{p['per_swap'][k]['t2i']:.1f}" if k in p["per_swap"] else "–"
-                       for k in kinds]
-                lines.append(f"| {m} | {p['overall']['i2t']:.1f} | {p['overall']['t2i']:.1f} | " + " | ".join(per) + " |")
-        lines += ["", "Near 50% means the method cannot tell a scene from its attribute-swapped twin."]
+    probes = {m: x["test"]["binding_probe"] for m, x in metrics.items() if x["test"].get("binding_probe")}
+    if probes:
+        lines += binding_lines(probes)
+        lines += ["", "% of comparisons where the true image / caption beats its binding twin's (same scene, the "
+                  "focal pair's colours, sizes or places swapped; captions with the same words); ties count "
+                  "half. 95% CI: percentile bootstrap over twin pairs (the independent unit: a pair's comparisons "
+                  "share one scene), both directions and their mean from one resample "
+                  f"({next(iter(probes.values())).get('resamples', '?')} resamples). A CI containing 50 cannot be "
+                  "told from chance; test twins share no image or scene with train (checked by the features stage)."]
     else:
         lines.append("The test split has no binding twins (eval/test_index.json `twins` is empty).")
     lines += ["", "## Protocol", ""] + [f"- {m}: {x.get('protocol', '')}" for m, x in metrics.items()]
@@ -285,6 +331,9 @@ def run(cfg: Config, root: Path, selection: dict) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     metrics = {r["method"]: read_json(root / "eval" / r["method"] / "results.json") for r in selection["leaderboard"]}
     files, notes = [plot_recall(selection["leaderboard"], out / RECALL_PNG)], []
+    probes = {m: x["test"]["binding_probe"] for m, x in metrics.items() if x["test"].get("binding_probe")}
+    if probes and all("ci95" in p["overall"] for p in probes.values()):
+        files.append(_save(binding_figure(probes), out / BINDING_PNG))
     curves = {m: read_curve(root / "plots" / "train" / f"{m}.csv") for m in metrics
               if (root / "plots" / "train" / f"{m}.csv").exists()}
     notes += [f"no training curve for {m} (plots/train/{m}.csv absent)" for m in metrics if m not in curves]

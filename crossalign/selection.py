@@ -80,7 +80,7 @@ def leaderboard(metrics: dict[str, dict]) -> list[dict]:
             row["test_1k"] = {k: m["test"]["1k"][k] for k in METRIC_KEYS}
         probe = m["test"].get("binding_probe")
         if probe:
-            row["binding_probe"] = {"i2t": probe["overall"]["i2t"], "t2i": probe["overall"]["t2i"]}
+            row["binding_probe"] = {k: probe["overall"][k] for k in ("i2t", "t2i", "mean", "ci95") if k in probe["overall"]}
         rows.append(row)
     order = {m: i for i, m in enumerate(metrics)}  # ties: the order of train.methods
     return sorted(rows, key=lambda r: (-r["val_rsum"], order[r["method"]]))

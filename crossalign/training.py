@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 from crossalign import checkpoint
-from crossalign.batches import DeviceSplit, StreamSplit, iterate, open_split
+from crossalign import hardneg
+from crossalign.batches import DeviceSplit, StreamSplit, iterate, open_split, pair_twins, twin_captions
 from crossalign.config import Config
 from crossalign.device import resolve_device
 from crossalign.io import FeatureSplit, atomic_dir, atomic_file, load_features
@@ -88,7 +89,7 @@ def fingerprint(cfg: Config, method: str, seed: int, train: FeatureSplit, val: F
     t = cfg.train
     blob = {"methods": method_params(cfg, method), "seed": seed, "code": code_hash(),
             "train": [t.epochs, t.batch_size, t.lr, t.weight_decay, t.warmup_fraction, t.grad_clip, t.patience,
-                      t.val_images],
+                      t.val_images, t.twin_negatives, t.caption_negatives, t.binding_rank_weight],
             "features": [list(train.image_tokens.shape), list(train.text.tokens.shape), list(val.text.tokens.shape),
                          _sample_digest(train), _sample_digest(val)]}
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
@@ -137,6 +138,8 @@ def _epochs(cfg: Config, method: str, seed: int, model: Aligner, loss_fn: torch.
         started = time.perf_counter()
         model.train()
         order = torch.randperm(n_cap, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        if data.twin_caption is not None:  # train.twin_negatives: twin pairs share batches
+            order = pair_twins(order, data.twin_caption)
         sums: dict[str, float] = {}
         index = (order[b * t.batch_size:(b + 1) * t.batch_size] for b in range(steps_per_epoch))
         for b, batch in enumerate(iterate(data, index)):
@@ -178,6 +181,18 @@ def _epochs(cfg: Config, method: str, seed: int, model: Aligner, loss_fn: torch.
     return best
 
 
+def binding_negatives(cfg: Config, train: FeatureSplit) -> tuple[np.ndarray | None, hardneg.HardNegatives | None, int]:
+    """(twin_caption, hard negatives, k) for :func:`crossalign.batches.open_split` from
+    ``train.twin_negatives`` / ``train.caption_negatives``; a split written before issue 13 fails
+    naming the missing file (:func:`crossalign.hardneg.load`)."""
+    t = cfg.train
+    if not (t.twin_negatives or t.caption_negatives):
+        return None, None, 0
+    hard = hardneg.load(train.root)
+    twins = twin_captions(train.caption_image_index, hard.twin_row) if t.twin_negatives else None
+    return twins, (hard if t.caption_negatives else None), t.caption_negatives
+
+
 def train_seed(cfg: Config, root: Path, method: str, seed: int, train: FeatureSplit, val: FeatureSplit,
                final_dir: Path, tracker: Any = None, log=print, max_steps: int | None = None) -> dict[str, Any]:
     """Train one (method, seed) to ``final_dir`` (model.safetensors + model.json); returns meta.
@@ -189,7 +204,8 @@ def train_seed(cfg: Config, root: Path, method: str, seed: int, train: FeatureSp
     model = spec.build_model(cfg, train.image_dim, train.text_dim).to(device)
     loss_fn = spec.build_loss(cfg)
     opt = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr)  # no decay on biases, norms, logit scale
-    data = open_split(train, t.placement, device, model.reads_tokens)  # batches never widen the whole split
+    data = open_split(train, t.placement, device, model.reads_tokens,  # batches never widen the whole split
+                      *binding_negatives(cfg, train))
     log(f"[{method} seed {seed}] train.placement {t.placement}: {data.placement} "
         f"({'tokens + pooled' if model.reads_tokens else 'pooled only'})")
     ckpt_dir = root / "models" / method / "checkpoints" / f"seed-{seed}"

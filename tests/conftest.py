@@ -40,8 +40,11 @@ def tiny_config(tmp_path: Path, **overrides) -> config.Config:
         "data": {"synthetic": {"n_train": 48, "n_val": 16, "n_test": 16, "image_size": 64}},
         "preprocess": {"image_size": 32, "workers": 1, "batch_size": 16},
         "features": {"image_batch_size": 8, "text_batch_size": 32, "threads": 1, "device": "cpu"},
-        "methods": {"embed_dim": 16, "cross_attention": {"heads": 2}, "joint": {"heads": 2, "hard_k": 4, "shortlist_k": 4}},
-        "train": {"epochs": 2, "batch_size": 16, "patience": 2, "device": "cpu", "threads": 1},
+        "methods": {"embed_dim": 16, "cross_attention": {"heads": 2, "matcher": "cross"}, "joint": {"heads": 2, "hard_k": 4, "shortlist_k": 4}},
+        # twin negatives need the issue 13 arrays, which features written by hand in tests lack
+        # (tests/test_binding_methods.py turns them on)
+        "train": {"epochs": 2, "batch_size": 16, "patience": 2, "device": "cpu", "threads": 1, "twin_negatives": False,
+                  "caption_negatives": 0},
         "evaluate": {"device": "cpu", "block_images": 8, "block_texts": 16},
         "select": {"bootstrap": 50, "gallery": 2},
         "tracking": {"tracking_uri": f"sqlite:///{tmp_path}/mlruns/mlflow.db",
@@ -59,9 +62,11 @@ def tiny_cfg(tmp_path: Path) -> config.Config:
 
 def make_tiny_features(root: Path, n_images: int = 24, captions_per_image: int = 2, regions: int = 4,
                        image_dim: int = 12, text_dim: int = 10, max_len: int = 6, seed: int = 0,
-                       noise: float = 0.3) -> Path:
+                       noise: float = 0.3, twins: bool = True) -> Path:
     """Write one feature split (contract of crossalign.io) whose captions are noisy linear views
-    of their image, so a method can learn the alignment. Returns ``root``."""
+    of their image, so a method can learn the alignment. Returns ``root``. With ``twins`` the
+    issue 13 arrays are added (crossalign.hardneg): images 2k and 2k+1 are binding twins, no
+    perturbed captions (tests that need them write their own)."""
     rng = np.random.default_rng(seed)
     latent = rng.normal(size=(n_images, 8)).astype(np.float32)
     w_img = rng.normal(size=(8, image_dim)).astype(np.float32)
@@ -80,6 +85,13 @@ def make_tiny_features(root: Path, n_images: int = 24, captions_per_image: int =
                    caption_ids=np.arange(m),
                    meta={"image_encoder": {"name": "tiny"}, "text_encoder": {"name": "tiny"},
                          "image_dim": image_dim, "text_dim": text_dim})
+    if twins:
+        from crossalign import hardneg
+        twin_row = np.arange(n_images) ^ 1  # 0<->1, 2<->3, ...
+        twin_row[twin_row >= n_images] = -1
+        hardneg.write(root, twin_row=twin_row, tokens=np.zeros((0, text_dim), np.float16),
+                      offsets=np.zeros(1, np.int64), pooled=np.zeros((0, text_dim), np.float16),
+                      source=np.zeros(0, np.int64), kind=np.zeros(0, np.int8), per_caption=0)
     return root
 
 

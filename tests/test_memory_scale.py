@@ -40,7 +40,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux: KiB
 """
 CONFIG = {"methods": {"embed_dim": 16, "joint": {"heads": 2, "hard_k": 4, "shortlist_k": 4}},
           "train": {"epochs": 1, "batch_size": 16, "device": "cpu", "threads": 1, "val_images": 20,
-                    "placement": "stream", "seeds": [0]},
+                    "placement": "stream", "seeds": [0], "twin_negatives": False, "caption_negatives": 0},
           "evaluate": {"device": "cpu", "block_images": 64, "block_texts": 256}}
 DIM = 768  # image feature width: a split's bytes are mostly image tokens
 MARGIN = 80 << 20  # allowed growth of peak RSS, bytes

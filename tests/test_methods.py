@@ -157,13 +157,19 @@ def test_load_rejects_weights_of_another_architecture(cfg, tmp_path):
         save_aligner(model, tmp_path / "x", {"method": "contrastive"})
 
 
-def test_joint_aligns_before_it_fuses(cfg):
+def test_joint_aligns_before_it_fuses(tmp_path):
     """The contrastive (ITC) and matching (ITM) objectives train the same token projections: the
     cross-encoder reads exactly the projected tokens whose pool is embedded, ITC alone moves the
     projections but not the encoder, ITM alone moves them but not the embedding heads."""
     from crossalign.losses import ContrastiveLoss, MatchingLoss
     from crossalign.methods import trainable_params
 
+    # the structure under test is the cross-attention matcher's, without positions (the late
+    # matcher and positions are tested in test_binding_methods.py)
+    cfg = tiny_config(tmp_path, methods={"embed_dim": 16, "image_positions": "none",
+                                         "cross_attention": {"heads": 2, "matcher": "cross"},
+                                         "joint": {"heads": 2, "hard_k": 4, "shortlist_k": 4, "matcher": "cross",
+                                                   "shared_projections": True}})
     torch.manual_seed(0)
     model = build_aligner(cfg, "joint", DI, DT)
     batch = make_batch()
@@ -192,6 +198,7 @@ def test_joint_aligns_before_it_fuses(cfg):
     # at the shipped dims (1280-d image, 384-d text tokens, D = 64): 152,833 + 2 x 8,448 = 169,729,
     # where the ensemble it replaced had cross_attention + contrastive = 152,833 + 115,200 = 268,033
     from crossalign import config
-    shipped = config.from_dict({}, "defaults")
+    shipped = config.from_dict({"methods": {"joint": {"matcher": "cross", "shared_projections": True},
+                                            "cross_attention": {"matcher": "cross"}}}, "defaults")
     counts = {m: trainable_params(build_aligner(shipped, m, 1280, 384)) for m in ("cross_attention", "joint")}
-    assert counts == {"cross_attention": 152_833, "joint": 169_729}
+    assert counts == {"cross_attention": 152_833, "joint": 169_729}  # sincos positions have no parameters

@@ -27,7 +27,8 @@ def fabricated_results(method: str, rsum: float = 599.99, recall: float = 100.0,
     split = {"i2t_r1": recall - 1 / 3, "i2t_r5": recall, "i2t_r10": recall, "i2t_medr": 1.0,
              "t2i_r1": recall - 2 / 3, "t2i_r5": recall, "t2i_r10": recall, "t2i_medr": 1.0,
              "rsum": rsum - 1 / 7, "n_images": 250.0, "n_captions": 1250.0}
-    probe = {"i2t": 100 - 1 / 3, "t2i": 100 - 1 / 7, "pairs": 84.0, "i2t_comparisons": 4200.0, "t2i_comparisons": 840.0}
+    probe = {"i2t": 100 - 1 / 3, "t2i": 100 - 1 / 7, "mean": 100 - 5 / 21, "pairs": 84.0, "i2t_comparisons": 4200.0,
+             "t2i_comparisons": 840.0, "ci95": {d: [100 - 2 / 3, 100 - 1 / 9] for d in ("i2t", "t2i", "mean")}}
     test = {**split, "binding_probe": {"chance": 50.0, "overall": probe, "per_swap": {k: dict(probe) for k in SWAPS}}}
     if five_k:
         test["1k"] = dict(split)
@@ -47,7 +48,8 @@ def test_summary_is_flat_rounded_numbers_with_hand_values():
     results["test"]["binding_probe"]["per_swap"]["size"] = {"i2t": 60.0, "t2i": 41.0}
     summary = evaluation.metrics_summary(results)
     assert summary == {"val_rsum": 420.86, "test_rsum": 420.86, "i2t_r1": 49.67, "t2i_r1": 49.33,
-                       "bind": 99.76, "colour": 99.76, "position": 99.76, "size": 50.5}
+                       "bind": 99.76, "bind_lo": 99.33, "colour": 99.76, "position": 99.76,
+                       "size": 50.5}
     assert all(type(v) is float for v in numeric_leaves(summary))
     assert evaluation.metrics_summary(fabricated_results("joint", five_k=True))["test_rsum_1k"] == 599.85
     assert selection.selection_metrics(results) == {"val_rsum": 420.86, "test_rsum": 420.86}

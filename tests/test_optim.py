@@ -32,7 +32,8 @@ def test_contrastive_with_learnable_temperature(tmp_path):
 
 
 def test_frozen_logit_scale_is_in_no_group(tmp_path):
-    model = build_aligner(tiny_config(tmp_path), "joint", 12, 10)  # fixed temperature: logit_scale frozen
+    cfg = tiny_config(tmp_path, methods={"joint": {"matcher": "cross", "shared_projections": True}})  # names below
+    model = build_aligner(cfg, "joint", 12, 10)  # fixed temperature: logit_scale frozen
     (_, decayed), (_, kept) = named_groups(model)
     assert "logit_scale" not in decayed + kept
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}

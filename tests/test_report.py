@@ -46,7 +46,8 @@ def test_report_writes_markdown_and_pngs(evaluated):
     cfg, root, sel = evaluated
     files = report.run(cfg, root, sel)
     names = {f.name for f in files}
-    assert names == {report.RECALL_PNG, report.CURVES_PNG, report.T2I_PNG, report.I2T_PNG, "comparison.md"}
+    assert names == {report.RECALL_PNG, report.CURVES_PNG, report.T2I_PNG, report.I2T_PNG, report.BINDING_PNG,
+                     "comparison.md"}
     for f in files:
         if f.suffix == ".png":
             assert f.read_bytes()[:8] == PNG_MAGIC and f.stat().st_size > 5_000
@@ -54,10 +55,17 @@ def test_report_writes_markdown_and_pngs(evaluated):
     assert f"Champion: **{sel['champion']}**" in md
     assert "| joint |" in md and "| concat_mlp |" in md
     assert "Gain over concat_mlp" in md and sel["gain_over_baseline"]["joint"]["text"] in md
-    assert "Binding probe" in md and "colour i2t/t2i" in md
+    assert "Binding probe" in md and "| mean [95% CI] |" in md
+    for m in ("joint", "concat_mlp"):  # every method, overall and per kind, each with its CI as written
+        probe = read_json(root / "eval" / m / "results.json")["test"]["binding_probe"]
+        for kind, cell in [("**overall**", probe["overall"])] + sorted(probe["per_swap"].items()):
+            lo, hi = cell["ci95"]["mean"]
+            assert f"| {m} | {kind} | {cell['pairs']} |" in md and f"{cell['mean']:.1f} [{lo:.1f}, {hi:.1f}] |" in md
+        row = next(r for r in sel["leaderboard"] if r["method"] == m)  # reports/selection.json's leaderboard
+        assert row["binding_probe"] == {k: probe["overall"][k] for k in ("i2t", "t2i", "mean", "ci95")}
     assert "no training curve for concat_mlp" in md  # absent curve is said, not hidden
     assert f"![{report.T2I_PNG}]({report.T2I_PNG})" in md
-    assert "shortlist k=4 re-rank alpha=0.5" in md
+    assert "shortlist k=4 re-rank alpha=1.0" in md  # methods.joint.fusion_alpha default (issue 13)
     other = next(m for m in sel["champion_vs"])
     assert f"- {sel['champion']} vs **{other}**: {sel['champion_vs'][other]['text']}" in md
     assert "| concat_mlp | 1,234,567 | no: every pair |" in md and "(../costs/costs.md)" in md
@@ -135,6 +143,20 @@ def test_seeds_are_stated_as_trained():
     three = report.seeds_heading([_row("a", 50.0, [0, 1, 2]), _row("b", 40.0, [0, 1, 2])])
     assert three == "test; mean ± std over 3 training seeds, std with ddof=1"
     assert "where it has several" in report.seeds_heading([_row("a", 50.0, [0]), _row("b", 40.0, [0, 1])])
+
+
+def test_binding_figure_draws_chance_and_the_cis():
+    cell = {"i2t": 70.0, "t2i": 60.0, "mean": 65.0, "pairs": 12,
+            "ci95": {"i2t": [60.0, 80.0], "t2i": [50.0, 70.0], "mean": [55.0, 72.0]}}
+    probe = {"overall": cell, "per_swap": {"colour": cell, "size": {**cell, "mean": 40.0, "ci95": {**cell["ci95"], "mean": [30.0, 50.0]}}}}
+    fig = report.binding_figure({"joint": probe, "contrastive": probe})
+    ax = fig.axes[0]
+    chance = [ln for ln in ax.get_lines() if list(ln.get_ydata()) == [50.0, 50.0]]
+    assert len(chance) == 1 and "chance" in chance[0].get_label()
+    heights = sorted(round(b.get_height(), 6) for b in ax.patches)
+    assert heights == [40.0, 40.0] + [65.0] * 4
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["overall\n(12 pairs)", "colour\n(12 pairs)", "size\n(12 pairs)"]
+    plt.close(fig)
 
 
 def test_a_method_keeps_its_colour_across_figures():

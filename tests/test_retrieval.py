@@ -7,9 +7,9 @@ import torch
 from torch import Tensor
 
 from crossalign import retrieval
+from crossalign.binding import binding_probe
 from crossalign.methods.base import Aligner, Rerank, State
-from crossalign.retrieval import (binding_probe, coco_metrics, i2t_ranks, retrieval_metrics, score_states,
-                                  t2i_ranks)
+from crossalign.retrieval import coco_metrics, i2t_ranks, retrieval_metrics, score_states, t2i_ranks
 
 torch.set_num_threads(1)
 

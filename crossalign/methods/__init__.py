@@ -35,8 +35,16 @@ def trainable_params(model: Aligner) -> int:
 
 
 def method_params(cfg: config.Config, method: str) -> dict[str, Any]:
-    """What defines a method's architecture: the shared embed dim and its own params section."""
-    return {"embed_dim": cfg.methods.embed_dim, method: getattr(cfg.methods, method).model_dump(mode="json")}
+    """What defines a method's architecture: the shared embed dim, the image positions and its own
+    params section."""
+    return {"embed_dim": cfg.methods.embed_dim, "image_positions": cfg.methods.image_positions,
+            method: getattr(cfg.methods, method).model_dump(mode="json")}
+
+
+# what a model.json written before issue 13 was trained with (keys it lacks; not today's defaults)
+BEFORE_POSITIONS = {"image_positions": "none"}
+BEFORE_MATCHER = {"matcher": "cross"}
+BEFORE_JOINT = {"shared_projections": True}
 
 
 def save_aligner(model: Aligner, directory: str | Path, meta: dict[str, Any]) -> Path:
@@ -69,6 +77,9 @@ def load_aligner(directory: str | Path, weights: str | Path | None = None,
         method, image_dim, text_dim, params = meta["method"], int(meta["image_dim"]), int(meta["text_dim"]), meta["methods"]
     except KeyError as err:
         raise ValueError(f"{meta_file}: missing key {err}; expected method, image_dim, text_dim, methods") from None
+    params = {**BEFORE_POSITIONS, **params}
+    if isinstance(params.get(method), dict) and method in ("cross_attention", "joint"):
+        params[method] = {**BEFORE_MATCHER, **(BEFORE_JOINT if method == "joint" else {}), **params[method]}
     cfg = config.from_dict({"methods": params}, str(meta_file))
     model = build_aligner(cfg, method, image_dim, text_dim)
     if not weights_file.exists():

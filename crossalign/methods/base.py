@@ -31,9 +31,20 @@ class Batch:
     text_mask: Tensor  # (B, L) bool, True = real token
     text_pooled: Tensor  # (B, Dt)
     image_index: Tensor  # (B,) long: image row of each pair's caption; equal rows = same image
+    # binding negatives (issue 13; None = off, the batch is exactly the one before them):
+    twin: Tensor | None = None  # (B,) long: batch position of the pair whose image is this pair's binding
+    #                             twin and whose caption is the twin's same-plan caption; -1 = none in the batch
+    neg_text_tokens: Tensor | None = None  # (Bn, Ln, Dt) perturbed captions (train.caption_negatives)
+    neg_text_mask: Tensor | None = None  # (Bn, Ln) bool
+    neg_text_pooled: Tensor | None = None  # (Bn, Dt)
+    neg_owner: Tensor | None = None  # (Bn,) long: batch position of the pair whose caption was perturbed
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
-        return Batch(**{k: v.to(device, non_blocking=non_blocking) for k, v in vars(self).items()})
+        return Batch(**{k: None if v is None else v.to(device, non_blocking=non_blocking) for k, v in vars(self).items()})
+
+    @property
+    def has_caption_negatives(self) -> bool:
+        return self.neg_owner is not None and self.neg_owner.numel() > 0
 
 
 @dataclass(frozen=True)

@@ -153,12 +153,24 @@ class CrossEncoder(nn.Module):
                           for s in range(0, bi, step)])
 
 
+def build_matcher(kind: str, dim: int, heads: int, layers: int, dropout: float) -> nn.Module:
+    """The matching encoder ``matcher`` names: ``cross`` (:class:`CrossEncoder`) or ``late``
+    (:class:`crossalign.methods.late.LateEncoder`, one text block whatever ``layers``)."""
+    if kind == "cross":
+        return CrossEncoder(dim, heads, layers, dropout)
+    if kind == "late":
+        from crossalign.methods.late import LateEncoder
+        return LateEncoder(dim, heads, dropout)
+    raise ValueError(f"matcher = {kind!r}: expected 'cross' or 'late'")
+
+
 class CrossMatcher(Aligner):
-    """An aligner that scores pairs with its ``self.encoder`` (a :class:`CrossEncoder`): exact
-    aligned pairs and blockwise all-pairs grids (``cross_attention``, ``joint``)."""
+    """An aligner that scores pairs with its ``self.encoder`` (a :class:`CrossEncoder` or a
+    :class:`crossalign.methods.late.LateEncoder`): exact aligned pairs and blockwise all-pairs
+    grids (``cross_attention``, ``joint``)."""
 
     matches = True
-    encoder: CrossEncoder
+    encoder: nn.Module
 
     def match(self, images: State, texts: State) -> Tensor:
         return self.encoder.pairs(images, texts)  # (P,)
@@ -242,3 +254,50 @@ def pair_logits(score, im: State, tx: State, cap: Tensor, img: Tensor) -> tuple[
     with_pos = score(unsqueeze(im), gather(tx, torch.cat([rows, cap], 1)))  # (B, 1 + nc)
     img_neg = score(gather(im, img), unsqueeze(tx))  # (B, ni)
     return with_pos[:, 0], with_pos[:, 1:], img_neg
+
+
+def add_twins(batch: Batch, cap: Tensor, cap_ok: Tensor, img: Tensor, img_ok: Tensor
+              ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Twin negatives (``train.twin_negatives``): one more caption column per image (its twin's
+    same-plan caption) and one more image column per caption (its image's twin), valid where the
+    twin pair is in the batch. Unchanged when the batch carries no twins."""
+    if batch.twin is None:
+        return cap, cap_ok, img, img_ok
+    ok = batch.twin >= 0  # (B,)
+    idx = batch.twin.clamp_min(0)  # (B,) batch position of the twin pair
+    ok = ok & (batch.image_index[idx] != batch.image_index)  # never a positive
+    col, ok = idx[:, None], ok[:, None]  # (B, 1)
+    return torch.cat([cap, col], 1), torch.cat([cap_ok, ok], 1), torch.cat([img, col], 1), torch.cat([img_ok, ok], 1)
+
+
+def caption_negative_states(model: Aligner, batch: Batch) -> State | None:
+    """States of the batch's perturbed captions (``train.caption_negatives``), None without any."""
+    if not batch.has_caption_negatives:
+        return None
+    return model.encode_texts(batch.neg_text_tokens, batch.neg_text_mask, batch.neg_text_pooled)
+
+
+def caption_negative_outputs(model: Aligner, batch: Batch, img: State, neg: State | None,
+                             match=None) -> dict[str, Tensor]:
+    """Loss inputs of the perturbed captions ``neg``: ``caption_neg_logits`` (Bn,) = ``match`` of
+    each with its own pair's image (matching methods), ``caption_neg_sim`` (B, Bn) = similarity of
+    every batch image with each (embedding methods). Empty without caption negatives."""
+    if neg is None:
+        return {}
+    out = {}
+    if match is not None:
+        out["caption_neg_logits"] = match(gather(img, batch.neg_owner), neg)  # (Bn,)
+        out["caption_neg_owner"] = batch.neg_owner
+    if model.embeds:
+        out["caption_neg_sim"] = model.similarity(img, neg)  # (B, Bn)
+    return out
+
+
+def twin_outputs(batch: Batch, cap_logits: Tensor, cap_ok: Tensor, img_logits: Tensor, img_ok: Tensor
+                 ) -> dict[str, Tensor]:
+    """The twin columns :func:`add_twins` appended (the last caption and image negatives) for the
+    binding ranking term: ``twin_logits`` (B, 2), ``twin_valid`` (B, 2). Empty without twins."""
+    if batch.twin is None:
+        return {}
+    return {"twin_logits": torch.stack([cap_logits[:, -1], img_logits[:, -1]], 1),
+            "twin_valid": torch.stack([cap_ok[:, -1], img_ok[:, -1]], 1)}

@@ -9,7 +9,8 @@ from torch import Tensor, nn
 from crossalign.losses import MatchingLoss
 from crossalign.methods.base import Aligner, Batch, MethodSpec, State, register
 from crossalign.methods.base import OPTIMISER_SPACE, Dim  # search space (crossalign.tuning)
-from crossalign.methods.common import Projection, mine_both, pair_logits, same_image
+from crossalign.methods.common import (Projection, add_twins, caption_negative_outputs, caption_negative_states,
+                                      mine_both, pair_logits, same_image, twin_outputs)
 
 
 class ConcatMlp(Aligner):
@@ -52,11 +53,14 @@ class ConcatMlp(Aligner):
         b = batch.image_index.shape[0]
         scores = torch.zeros(b, b, device=batch.image_index.device)  # random negatives: no hardness
         n_cap = (self.negatives + 1) // 2  # negatives replacing the caption; the rest replace the image
-        cap, cap_ok, neg_img, img_ok = mine_both(scores, same_image(batch), (0, n_cap), (0, self.negatives - n_cap))
+        cap, cap_ok, neg_img, img_ok = add_twins(batch, *mine_both(scores, same_image(batch), (0, n_cap),
+                                                                   (0, self.negatives - n_cap)))
         pos, cap_logits, img_logits = pair_logits(self.match, img, txt, cap, neg_img)
         return {"pos_logits": pos,  # (B,)
                 "neg_logits": torch.cat([cap_logits, img_logits], 1),  # (B, negatives)
-                "neg_valid": torch.cat([cap_ok, img_ok], 1)}
+                "neg_valid": torch.cat([cap_ok, img_ok], 1),
+                **twin_outputs(batch, cap_logits, cap_ok, img_logits, img_ok),
+                **caption_negative_outputs(self, batch, img, caption_negative_states(self, batch), self.match)}
 
 
 def _build(cfg, image_dim: int, text_dim: int) -> ConcatMlp:
@@ -64,7 +68,8 @@ def _build(cfg, image_dim: int, text_dim: int) -> ConcatMlp:
     return ConcatMlp(image_dim, text_dim, cfg.methods.embed_dim, p.hidden, p.dropout, p.negatives)
 
 
-SPEC = register(MethodSpec("concat_mlp", _build, lambda cfg: MatchingLoss(),
+SPEC = register(MethodSpec("concat_mlp", _build,
+                           lambda cfg: MatchingLoss(rank_weight=cfg.train.binding_rank_weight),
                            "pooled image+caption concatenated -> MLP -> match logit (BCE, random negatives)",
                            search_space=(*OPTIMISER_SPACE, Dim("methods.concat_mlp.dropout", 0.0, 0.3),
                                          Dim("methods.concat_mlp.negatives", 1, 7, integer=True))))

@@ -11,7 +11,8 @@ from torch import Tensor
 from crossalign.losses import ContrastiveLoss
 from crossalign.methods.base import Aligner, Batch, MethodSpec, State, register
 from crossalign.methods.base import OPTIMISER_SPACE, Dim  # search space (crossalign.tuning)
-from crossalign.methods.common import EmbeddingHead, cosine_logits, logit_scale_param
+from crossalign.methods.common import (EmbeddingHead, caption_negative_outputs, caption_negative_states, cosine_logits,
+                                      logit_scale_param)
 
 
 class Contrastive(Aligner):
@@ -39,7 +40,8 @@ class Contrastive(Aligner):
     def forward(self, batch: Batch) -> dict[str, Tensor]:
         img = self.encode_images(batch.image_tokens, batch.image_pooled)
         txt = self.encode_texts(batch.text_tokens, batch.text_mask, batch.text_pooled)
-        return {"logits": self.similarity(img, txt)}  # (B, B)
+        return {"logits": self.similarity(img, txt),  # (B, B); twin negatives are in-batch columns
+                **caption_negative_outputs(self, batch, img, caption_negative_states(self, batch))}
 
 
 def _build(cfg, image_dim: int, text_dim: int) -> Contrastive:

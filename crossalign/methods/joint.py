@@ -30,13 +30,15 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from crossalign.losses import JointLoss
 from crossalign.methods.base import Batch, MethodSpec, Rerank, State, register
 from crossalign.methods.base import OPTIMISER_SPACE, Dim  # search space (crossalign.tuning)
-from crossalign.methods.common import (CrossEncoder, CrossMatcher, EmbeddingHead, Projection, cosine_logits,
+from crossalign.methods.common import (CrossMatcher, EmbeddingHead, Projection, add_twins, build_matcher,
+                                      caption_negative_outputs, caption_negative_states, twin_outputs, cosine_logits,
                                       logit_scale_param, masked_mean, mine_both, pair_logits, same_image)
+from crossalign.methods.positions import ImagePositions
 
 
 class Joint(CrossMatcher):
@@ -47,14 +49,21 @@ class Joint(CrossMatcher):
 
     def __init__(self, image_dim: int, text_dim: int, dim: int, dropout: float, temperature: float,
                  learnable_temperature: bool, heads: int, layers: int, negatives: int,
-                 random_negative_fraction: float, hard_k: int, rerank: Rerank):
+                 random_negative_fraction: float, hard_k: int, rerank: Rerank, matcher: str = "cross",
+                 positions: str = "none", shared: bool = True):
         super().__init__()
         self.image_proj = Projection(image_dim, dim, dropout)  # shared by ITC and ITM
         self.text_proj = Projection(text_dim, dim, dropout)  # shared by ITC and ITM
         self.image_head = EmbeddingHead(dim, dim, dropout)  # ITC only
         self.text_head = EmbeddingHead(dim, dim, dropout)  # ITC only
         self.logit_scale = logit_scale_param(temperature, learnable_temperature)
-        self.encoder = CrossEncoder(dim, heads, layers, dropout)  # ITM only
+        self.shared = shared
+        if not shared:  # the matcher reads its own projections of the tokens (ITM only): LayerNorm
+            # first, so every frozen channel enters at one scale (pre-LN, as the matcher's blocks)
+            self.match_image_proj = nn.Sequential(nn.LayerNorm(image_dim), nn.Linear(image_dim, dim))
+            self.match_text_proj = nn.Sequential(nn.LayerNorm(text_dim), nn.Linear(text_dim, dim))
+        self.positions = ImagePositions(positions, dim)  # ITM only (the ITC mean would only gain a constant)
+        self.encoder = build_matcher(matcher, dim, heads, layers, dropout)  # ITM only
         self.negatives = (negatives, 0)  # per positive and direction; a share swapped for random ones
         self.random_fraction = random_negative_fraction
         self.hard_k = hard_k
@@ -62,13 +71,15 @@ class Joint(CrossMatcher):
 
     def encode_images(self, tokens: Tensor, pooled: Tensor) -> State:
         x = self.image_proj(tokens)  # (B, R, D): what both objectives read
+        m = x if self.shared else self.match_image_proj(tokens)
         return {"embed": F.normalize(self.image_head(x.mean(1)), dim=-1),  # (B, D)
-                **self.encoder.image_state(x)}  # (B, R, D) tensors
+                **self.encoder.image_state(self.positions(m))}  # (B, R, D) tensors
 
     def encode_texts(self, tokens: Tensor, mask: Tensor, pooled: Tensor) -> State:
         x = self.text_proj(tokens)  # (B, L, D): what both objectives read
+        m = x if self.shared else self.match_text_proj(tokens)
         return {"embed": F.normalize(self.text_head(masked_mean(x, mask)), dim=-1),  # (B, D)
-                **self.encoder.text_state(x, mask)}  # (B, L, D) tensors
+                **self.encoder.text_state(m, mask)}  # (B, L, D) tensors
 
     def similarity(self, images: State, texts: State) -> Tensor:
         return cosine_logits(images["embed"], texts["embed"], self.logit_scale)  # (Bi, Bt)
@@ -77,23 +88,27 @@ class Joint(CrossMatcher):
         img = self.encode_images(batch.image_tokens, batch.image_pooled)
         txt = self.encode_texts(batch.text_tokens, batch.text_mask, batch.text_pooled)
         logits = self.similarity(img, txt)  # (B, B)
-        cap, cap_ok, neg_img, img_ok = mine_both(logits, same_image(batch), self.negatives, self.negatives,
-                                                 self.hard_k, self.random_fraction)
+        cap, cap_ok, neg_img, img_ok = add_twins(batch, *mine_both(logits, same_image(batch), self.negatives,
+                                                                   self.negatives, self.hard_k, self.random_fraction))
         pos, cap_logits, img_logits = pair_logits(self.encoder.score, img, txt, cap, neg_img)
         return {"logits": logits,  # (B, B)
                 "pos_logits": pos,  # (B,)
                 "neg_logits": torch.cat([cap_logits, img_logits], 1),  # (B, nc + ni)
-                "neg_valid": torch.cat([cap_ok, img_ok], 1)}
+                "neg_valid": torch.cat([cap_ok, img_ok], 1),
+                **twin_outputs(batch, cap_logits, cap_ok, img_logits, img_ok),
+                **caption_negative_outputs(self, batch, img, caption_negative_states(self, batch), self.match)}
 
 
 def _build(cfg, image_dim: int, text_dim: int) -> Joint:
     p = cfg.methods.joint
     return Joint(image_dim, text_dim, cfg.methods.embed_dim, p.dropout, p.temperature, p.learnable_temperature,
                  p.heads, p.layers, p.negatives, p.random_negative_fraction, p.hard_k,
-                 Rerank(p.shortlist_k, p.fusion_alpha))
+                 Rerank(p.shortlist_k, p.fusion_alpha), p.matcher, cfg.methods.image_positions,
+                 p.shared_projections)
 
 
-SPEC = register(MethodSpec("joint", _build, lambda cfg: JointLoss(cfg.methods.joint.itc_weight, cfg.methods.joint.itm_weight),
+SPEC = register(MethodSpec("joint", _build, lambda cfg: JointLoss(cfg.methods.joint.itc_weight, cfg.methods.joint.itm_weight,
+                                                                 cfg.train.binding_rank_weight),
                            "align before fuse: shared token projections trained by contrastive + matching "
                            "(similarity-mined negatives); shortlist then re-rank",
                            search_space=(*OPTIMISER_SPACE, Dim("methods.joint.temperature", 0.03, 0.3, log=True),
