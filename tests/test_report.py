@@ -65,7 +65,8 @@ def test_report_writes_markdown_and_pngs(evaluated):
         assert row["binding_probe"] == {k: probe["overall"][k] for k in ("i2t", "t2i", "mean", "ci95")}
     assert "no training curve for concat_mlp" in md  # absent curve is said, not hidden
     assert f"![{report.T2I_PNG}]({report.T2I_PNG})" in md
-    assert "shortlist k=4 re-rank alpha=0.5" in md
+    joint_protocol = read_json(root / "eval" / "joint" / "results.json")["protocol"]
+    assert joint_protocol.startswith("shortlist k=4 re-rank alpha=") and f"- joint: {joint_protocol}" in md
     other = next(m for m in sel["champion_vs"])
     assert f"- {sel['champion']} vs **{other}**: {sel['champion_vs'][other]['text']}" in md
     assert "| concat_mlp | 1,234,567 | no: every pair |" in md and "(../costs/costs.md)" in md
