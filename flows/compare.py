@@ -113,22 +113,23 @@ def submit_dag(dag: dict[str, StageNode], books: DvcBookkeeper, slots: SlotPool)
 def outcomes(futures: dict[str, PrefectFuture]) -> list[dict[str, Any]]:
     """One row per stage: outcome (ran / skipped / failed / not run) and the failure message."""
     wait(list(futures.values()))
-    rows = []
-    for name, fut in futures.items():
-        state: State = fut.state
-        if state.is_completed():
-            rows.append({**fut.result(), "message": ""})
-        elif state.is_failed() or state.is_crashed():
-            try:
-                fut.result()
-                message = state.message or ""
-            except Exception as err:  # noqa: BLE001 - the task's own error is the message
-                message = str(err) or repr(err)
-            rows.append({"stage": name, "outcome": "failed", "seconds": None, "gpu": None, "message": message})
-        else:
-            rows.append({"stage": name, "outcome": "not run", "seconds": None, "gpu": None,
-                         "message": state.message or f"upstream failed ({state.name})"})
-    return rows
+    return [{**fut.result(), "message": ""} if fut.state.is_completed() else unfinished_row(name, fut)
+            for name, fut in futures.items()]
+
+
+def unfinished_row(name: str, fut: PrefectFuture) -> dict[str, Any]:
+    """The outcome row of a stage whose future did not complete: failed (its error as the message)
+    or not run (upstream failed)."""
+    state: State = fut.state
+    if state.is_failed() or state.is_crashed():
+        try:
+            fut.result()
+            message = state.message or ""
+        except Exception as err:  # noqa: BLE001 - the task's own error is the message
+            message = str(err) or repr(err)
+        return {"stage": name, "outcome": "failed", "seconds": None, "gpu": None, "message": message}
+    return {"stage": name, "outcome": "not run", "seconds": None, "gpu": None,
+            "message": state.message or f"upstream failed ({state.name})"}
 
 
 def failure_message(rows: list[dict[str, Any]]) -> str | None:

@@ -31,6 +31,7 @@ from prefect.futures import PrefectFuture, wait
 from prefect.runtime import flow_run
 from prefect.states import Crashed
 
+from flows.compare import unfinished_row
 from flows.dvc_dag import StageNode
 from flows.side_store import SideStore
 from flows.stage_run import parse_result, read_lock, result_key, write_lock
@@ -170,23 +171,13 @@ def dispatched_rows(futures: dict[str, PrefectFuture]) -> tuple[list[dict[str, A
     wait(list(futures.values()))
     rows, results = [], {}
     for name, fut in futures.items():
-        state = fut.state
-        if state.is_completed():
+        if fut.state.is_completed():
             r = fut.result()
             results[name] = r
             rows.append({"stage": name, "outcome": r["outcome"], "seconds": r["seconds"], "gpu": None,
                          "worker": r["worker"], "message": ""})
-        elif state.is_failed() or state.is_crashed():
-            try:
-                fut.result()
-                message = state.message or ""
-            except Exception as err:  # noqa: BLE001 - the task's own error is the message
-                message = str(err) or repr(err)
-            rows.append({"stage": name, "outcome": "failed", "seconds": None, "gpu": None, "worker": None,
-                         "message": message})
         else:
-            rows.append({"stage": name, "outcome": "not run", "seconds": None, "gpu": None, "worker": None,
-                         "message": state.message or f"upstream failed ({state.name})"})
+            rows.append({**unfinished_row(name, fut), "worker": None})
     return rows, results
 
 

@@ -18,22 +18,15 @@ S3, GCS, SSH — whatever ``dvc remote add -d`` configured.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
 import uuid
 from pathlib import Path
 
+from crossalign.data.download import md5sum
+
 SIDE = "crossalign-side"
-
-
-def md5_file(path: Path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def files_under(root: Path, rel: str, hidden: bool = True) -> list[str]:
@@ -68,7 +61,7 @@ class SideStore:
         root = root or self.root
         manifest = {}
         for rel in rels:
-            md5 = md5_file(root / rel)
+            md5 = md5sum(root / rel)
             blob = self._blob(md5)
             if not self.fs.exists(blob):
                 tmp = f"{blob}.tmp-{uuid.uuid4().hex}"
@@ -88,7 +81,7 @@ class SideStore:
             os.close(fd)
             try:
                 self.fs.get_file(self._blob(md5), tmp)
-                if md5_file(Path(tmp)) != md5:
+                if md5sum(Path(tmp)) != md5:
                     raise OSError(f"{self._blob(md5)}: content does not match md5 {md5} ({rel})")
                 os.replace(tmp, dest)
             finally:
