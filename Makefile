@@ -28,7 +28,9 @@ run: $(STAMP)
 	$(BIN)/crossalign check
 	$(BIN)/dvc repro
 
+# lint-imports: the layering contracts in pyproject.toml ([tool.importlinter]).
 test: $(STAMP)
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)

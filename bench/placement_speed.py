@@ -1,5 +1,5 @@
-"""Training-step time, interleaved: the pre-issue-9 batch gather (whole split widened to float32 in
-RAM, ``SplitTensors``, reproduced below) vs ``crossalign.batches.DeviceSplit`` (fp16 in RAM; methods
+"""Training-step time, interleaved: the old batch gather (whole split widened to float32 in
+RAM, ``SplitTensors``, reproduced below) vs ``crossalign.train.batches.DeviceSplit`` (fp16 in RAM; methods
 that read pooled features only skip the tokens). Default set's shapes (bench/train.py), CPU, one
 model per variant from the same seed; old and new steps alternate so load drift on a shared
 machine hits both alike. Median seconds per step after one warm-up step.
@@ -15,7 +15,7 @@ import torch
 
 from bench.train import synthetic_split
 from crossalign import config
-from crossalign.batches import DeviceSplit
+from crossalign.train.batches import DeviceSplit
 from crossalign.methods import get_method
 from crossalign.methods.base import Batch
 
@@ -23,7 +23,7 @@ cfg = config.load("params.yaml")
 train = synthetic_split(2000, 5, 49, 1280, 384, 0)
 padded, lengths = train.text.gather()
 
-class Old:  # the pre-issue-9 SplitTensors.of + .batch, same logic
+class Old:  # the old SplitTensors.of + .batch, same logic
     def __init__(s):
         t = lambda a, dt: torch.from_numpy(np.ascontiguousarray(a)).to(dt)
         s.it, s.ip = t(train.image_tokens, torch.float32), t(train.image_pooled, torch.float32)
