@@ -24,7 +24,7 @@ number words) followed by up to four words that are not stop words (:data:`STOP`
 prepositions, conjunctions, "-ing" words, punctuation, relation words). Captions with no noun phrase
 of that shape simply get no relation swap.
 
-Lexicon (documented in the README, section ``features``): the synthetic set's colours, sizes and
+Lexicon (documented in docs/configuration.md): the synthetic set's colours, sizes and
 relations (:mod:`crossalign.data.captions`, :mod:`crossalign.data.render`) plus common COCO colour
 and number adjectives and spatial prepositions.
 

@@ -63,7 +63,7 @@ def check_server(uri: str, experiment: str, connect_timeout: float = 5.0, attemp
                                     verify=verify, timeout=(connect_timeout, read_timeout))
         except requests.RequestException as err:
             raise TrackingServerError(f"MLflow tracking server {uri} (tracking.tracking_uri) cannot be reached: "
-                                      f"{type(err).__name__}: {err}. Is it running (README: MLflow tracking "
+                                      f"{type(err).__name__}: {err}. Is it running (docs/scale-out.md: MLflow tracking "
                                       "server) and is the address right?") from None
         if response.status_code not in BUSY or attempt == attempts - 1:
             break
@@ -75,7 +75,7 @@ def check_server(uri: str, experiment: str, connect_timeout: float = 5.0, attemp
     if code == 403:
         raise TrackingServerError(f"MLflow tracking server {uri} refused the request (HTTP 403 Forbidden): "
                                   f"user {auth[0] if auth else None!r} may not read experiment {experiment!r}; "
-                                  "an admin must grant it (README: MLflow tracking server)")
+                                  "an admin must grant it (docs/scale-out.md: MLflow tracking server)")
     if code != 200 and not (code == 404 and "RESOURCE_DOES_NOT_EXIST" in response.text):
         raise TrackingServerError(f"{uri} (tracking.tracking_uri) answered HTTP {code} to an MLflow API request "
                                   f"(is it an MLflow tracking server?): {response.text[:300]}")
