@@ -1,10 +1,12 @@
-"""Day one, as a new user meets it: `make run` in a clone, then the README's commands.
+"""Day one, as a new user meets it: `make run` in a clone, then the README's and docs' commands.
 
 One tiny-config `make run` in a git copy of the working tree (its `.venv` a link to this venv),
 then: `git status` shows only what the README says `make run` changes; `crossalign search` with
-the real offline encoders prints its answer and nothing else; `.venv/bin/dvc repro -s <stage>`
-works with a PATH lacking `.venv/bin`; a params typo (`train.epoch: 3`) removes no output through
-`make run` or `crossalign check && dvc repro`.
+the real offline encoders prints its answer and nothing else; every command the README and docs/
+list as runnable here (tests/test_docs.py: RUN_AS_WRITTEN, SERVED) runs exactly as written in a
+shell whose PATH lacks `.venv/bin`, without a traceback; `.venv/bin/dvc repro -s <stage>` works with
+that PATH; a params typo (`train.epoch: 3`) removes no output through `make run` or
+`crossalign check && dvc repro`.
 """
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
+from servers import http_status, stop, wait_until
+from test_docs import RUN_AS_WRITTEN, SERVED
 from test_pipeline import copy_repo, tiny_params
 
 pytestmark = pytest.mark.slow
@@ -79,6 +83,40 @@ def test_search_with_the_real_encoders_prints_only_its_answer(clone: Path) -> No
     assert len(paths) == 3 and all((clone / p).is_file() for p in paths), paths
     empty = sh([".venv/bin/crossalign", "search", " "], clone, check=False)
     assert empty.returncode == 2 and "query text is empty" in empty.stderr
+
+
+def test_documented_commands_run_as_written(clone: Path) -> None:
+    """Each command exactly as the docs write it, in ``sh -c``, PATH without ``.venv/bin``."""
+    before = git_status(clone)
+    for cmd in RUN_AS_WRITTEN:
+        proc = sh(["sh", "-c", cmd], clone, check=False)
+        assert proc.returncode == 0, f"{cmd}: exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+        assert "Traceback" not in proc.stderr, f"{cmd}:\n{proc.stderr[-3000:]}"
+        assert "command not found" not in proc.stderr and "No module named" not in proc.stderr, cmd
+    assert sorted(git_status(clone)) == sorted(before), "a documented command changed tracked files"
+
+
+SERVED_HEALTH = {"mlflow ui": "http://127.0.0.1:5000/health", "prefect server start": "http://127.0.0.1:4200/api/health"}
+
+
+def test_documented_servers_start_as_written(clone: Path) -> None:
+    env = {**os.environ, "PATH": BARE_PATH, "PYTHONPATH": str(clone)}
+    env.pop("VIRTUAL_ENV", None)
+    for cmd in SERVED:
+        url = next(u for key, u in SERVED_HEALTH.items() if key in cmd)
+        if http_status(url, timeout=2) is not None:
+            pytest.skip(f"{url} is taken by another process: cannot start `{cmd}` as written")
+        log = clone / f"served-{len(cmd)}.log"
+        with open(log, "w") as out:
+            proc = subprocess.Popen(["sh", "-c", f"exec {cmd}"], cwd=clone, env=env, stdout=out,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            wait_until(lambda: http_status(url, timeout=2) == 200, 240, cmd, proc, log=log, interval=1)
+        finally:
+            stop(proc)
+        text = log.read_text()
+        log.unlink()
+        assert "Traceback" not in text and "Failed to send telemetry" not in text, text[-3000:]
 
 
 def test_venv_dvc_runs_a_stage_without_venv_on_path(clone: Path) -> None:
