@@ -113,6 +113,28 @@ def check_params(project: Path) -> None:
         raise ConfigError("\n".join(problems))
 
 
+MAX_DISPATCH_RETRIES = 10
+
+
+def check_flow_parameters(project: Path, max_parallel: Any, dispatch: Any, dispatch_retries: Any) -> None:
+    """The flow parameters the typed config does not cover, checked before anything is written:
+    ``root`` a DVC project, ``max_parallel`` >= 1, ``dispatch`` a ``<flow>/<deployment>`` name,
+    ``dispatch_retries`` 0..:data:`MAX_DISPATCH_RETRIES`. Raises :class:`ConfigError` naming it.
+    (``methods``, ``dataset``, ``epochs`` go through the typed config: flows/overrides.py.)"""
+    if not (project / "dvc.yaml").is_file():
+        raise ConfigError(f"root {str(project)!r}: no dvc.yaml there; the flow runs the DAG of a DVC project")
+    if max_parallel is not None and (isinstance(max_parallel, bool) or not isinstance(max_parallel, int)
+                                     or max_parallel < 1):
+        raise ConfigError(f"max_parallel {max_parallel!r}: expected a whole number >= 1 (or none: one per GPU)")
+    if dispatch is not None and (not isinstance(dispatch, str) or dispatch.count("/") != 1
+                                 or not all(part.strip() for part in dispatch.split("/"))):
+        raise ConfigError(f"dispatch {dispatch!r}: expected a deployment name <flow>/<deployment>, e.g. run-stage/gpu")
+    if isinstance(dispatch_retries, bool) or not isinstance(dispatch_retries, int) \
+            or not 0 <= dispatch_retries <= MAX_DISPATCH_RETRIES:
+        raise ConfigError(f"dispatch_retries {dispatch_retries!r}: expected a whole number from 0 to "
+                          f"{MAX_DISPATCH_RETRIES}")
+
+
 def default_parallelism() -> int:
     """One stage at a time per CUDA GPU, at least one."""
     return max(1, len(gpu_ids()))
@@ -134,6 +156,7 @@ def compare_aligners(root: str = ".", methods: list[str] | None = None, dataset:
     log = get_run_logger()
     start = time.monotonic()
     project = Path(root).resolve()
+    check_flow_parameters(project, max_parallel, dispatch, dispatch_retries)
     cfg = apply_overrides(project, overrides_from(methods, dataset, epochs))
     check_params(project)  # before any stage: DVC removes outputs before it notices a missing param
     parallel = max_parallel if max_parallel is not None else default_parallelism()
@@ -187,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
     try:  # bad parameters: one clear message and exit 2, before Prefect starts a flow run
+        check_flow_parameters(Path(args.root).resolve(), args.max_parallel, args.dispatch, 2)
         validate_overrides(Path(args.root), overrides_from(methods, args.dataset, args.epochs))
         check_params(Path(args.root).resolve())
     except ConfigError as err:  # one line: the file, then each problem after a semicolon

@@ -33,6 +33,7 @@ from prefect.states import Crashed
 
 from flows.outcomes import unfinished_row
 from flows.dvc_dag import StageNode
+from flows import trust
 from flows.side_store import SideStore
 from flows.stage_run import parse_result, read_lock, result_key, write_lock
 
@@ -181,18 +182,33 @@ def dispatched_rows(futures: dict[str, PrefectFuture]) -> tuple[list[dict[str, A
     return rows, results
 
 
+def check_results(project: Path, results: dict[str, dict[str, Any]]) -> dict[str, trust.DeclaredStage]:
+    """Refuse (:class:`flows.trust.Refused`) any stage run result that is not what this checkout's
+    ``dvc.yaml`` and ``params.yaml`` declare for its stage (flows/trust.py): they come from workers."""
+    params = project / "params.yaml"
+    stages = trust.declared_stages((project / "dvc.yaml").read_text(), trust.parse_params(params.read_text(), str(params)))
+    for name, result in results.items():
+        trust.check_stage(name, stages)
+        trust.check_result(result, name, stages, f"result artifact of {name}")
+        trust.check_manifest(result["side"], f"result artifact of {name}: side", root=project)
+    return stages
+
+
 def gather(project: Path, dag: dict[str, StageNode], results: dict[str, dict[str, Any]]) -> None:
     """Write ``dvc.lock`` once (the entries the stage runs handed back, in DAG order), put their
-    ``cache: false`` outs in place and ``dvc pull`` the rest: the checkout ``dvc repro`` leaves."""
+    ``cache: false`` outs in place and ``dvc pull`` the rest: the checkout ``dvc repro`` leaves.
+    Every result is checked first (:func:`check_results`): nothing is written when one is refused."""
     import sys
 
+    stages = check_results(project, results)
     old = read_lock(project)
     entries = {name: results[name]["lock"] if name in results else old[name]
                for name in dag if name in results or name in old}
     write_lock(project, entries)
     store = SideStore(project)
-    for r in results.values():
-        store.get(r["side"], project)
+    for name, r in results.items():
+        store.get(r["side"], project, within=trust.uncached_outs(stages, [name]),
+                  what=f"result artifact of {name}: side")
     if not results:
         return
     dvc = str(Path(sys.executable).parent / "dvc")

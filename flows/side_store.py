@@ -25,6 +25,7 @@ import uuid
 from pathlib import Path
 
 from crossalign.data.download import md5sum
+from flows.trust import Refused, check_manifest
 
 SIDE = "crossalign-side"
 
@@ -71,9 +72,15 @@ class SideStore:
             manifest[rel] = md5
         return manifest
 
-    def get(self, manifest: dict[str, str], root: Path | None = None) -> None:
-        """Write each file of ``manifest`` under ``root`` (default the project), replacing it atomically."""
-        root = root or self.root
+    def get(self, manifest: dict[str, str], root: Path | None = None, within: list[str] | None = None,
+            what: str = "side-store manifest") -> None:
+        """Write each file of ``manifest`` under ``root`` (default the project), replacing it atomically.
+
+        Every path is checked first (flows/trust.py: relative, no ``..``, resolving inside ``root``
+        through any symlink, and, with ``within``, inside one of those outs): one bad path refuses
+        the whole manifest (:class:`flows.trust.Refused`, naming ``what``) before a file is written."""
+        root = Path(root or self.root)
+        check_manifest(manifest, what, within=within, root=root)
         for rel, md5 in manifest.items():
             dest = root / rel
             dest.parent.mkdir(parents=True, exist_ok=True)
@@ -99,9 +106,14 @@ class SideStore:
         self.fs.pipe_file(tmp, json.dumps(manifest, sort_keys=True).encode())
         self.fs.mv(tmp, path)
 
-    def get_checkpoint(self, key: str) -> dict[str, str] | None:
-        """The latest checkpoint manifest of ``key`` (``None``: none was pushed)."""
+    def get_checkpoint(self, key: str, within: list[str] | None = None) -> dict[str, str] | None:
+        """The latest checkpoint manifest of ``key`` (``None``: none was pushed), checked as a
+        manifest (``within``: the outs it may hold) before it is returned."""
         path = self._checkpoint(key)
         if not self.fs.exists(path):
             return None
-        return json.loads(self.fs.cat_file(path))
+        try:
+            manifest = json.loads(self.fs.cat_file(path))
+        except ValueError as err:
+            raise Refused(f"checkpoint manifest {path}: not JSON ({err})") from None
+        return check_manifest(manifest, f"checkpoint manifest {path}", within=within, root=self.root)

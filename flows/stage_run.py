@@ -4,6 +4,10 @@ The orchestrating ``compare-aligners`` flow run (``--dispatch``, flows/dispatch.
 run of the ``run-stage`` deployment per stage. The worker that picks it up runs it in its own clone
 of the repository (``CROSSALIGN_CLONE``, the worker's working directory) and:
 
+0. checks every parameter before it writes or checks out anything (flows/trust.py): the commit id,
+   ``params_yaml`` as a valid configuration, the stage among those the commit's ``dvc.yaml``
+   declares, the upstream ``dvc.lock`` entries against their declared commands and outs, every
+   side-store path inside a ``cache: false`` out of an upstream stage and inside the clone;
 1. fetches and checks out the orchestrator's commit (detached, tracked files forced to it), and
    writes the orchestrator's ``params.yaml``;
 2. writes the ``dvc.lock`` entries of the upstream stages that the orchestrator hands over, pulls
@@ -39,6 +43,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
+from flows import trust
 from flows.side_store import SideStore, files_under
 
 CLONE_ENV = "CROSSALIGN_CLONE"        # the worker's clone; default: the flow run's working directory
@@ -76,13 +81,47 @@ def stage_env(stage: str, comparison: str | None) -> dict[str, str]:
     return env
 
 
-def checkout(clone: Path, commit: str) -> None:
-    """Fetch ``origin`` and check out ``commit`` detached, tracked files forced to it."""
+def fetch(clone: Path, commit: str) -> None:
+    """Fetch ``origin``; :class:`StageRunError` unless ``commit`` (a checked commit id) is then known."""
+    trust.check_commit(commit)
     _sh(["git", "fetch", "--quiet", "origin"], clone, what="git fetch origin")
     known = subprocess.run(["git", "cat-file", "-e", f"{commit}^{{commit}}"], cwd=clone, capture_output=True)
     if known.returncode != 0:
         raise StageRunError(f"commit {commit} is not on origin of {clone}: push it before dispatching")
-    _sh(["git", "checkout", "--quiet", "--force", "--detach", commit], clone, what=f"git checkout {commit}")
+
+
+def checkout(clone: Path, commit: str, fetched: bool = False) -> None:
+    """Fetch ``origin`` (unless ``fetched``) and check out ``commit`` detached, tracked files forced to it."""
+    if not fetched:
+        fetch(clone, commit)
+    _sh(["git", "checkout", "--quiet", "--force", "--detach", trust.check_commit(commit)], clone,
+        what=f"git checkout {commit}")
+
+
+SIDE_PARAM = "side (flow-run parameter)"
+
+
+def admit(root: Path, stage: Any, commit: Any, params_yaml: Any, upstream: Any, side: Any,
+          comparison: Any) -> dict[str, trust.DeclaredStage]:
+    """Check a stage run's parameters (flows/trust.py) before anything is written or checked out;
+    fetches ``origin`` to read the commit's ``dvc.yaml``. Returns its stages as declared with these
+    params; raises :class:`flows.trust.Refused` naming the parameter and what is allowed."""
+    trust.check_commit(commit)
+    trust.check_flow_run_id(comparison)
+    params = trust.parse_params(params_yaml, "params_yaml (flow-run parameter)")
+    if not isinstance(upstream, dict):
+        raise trust.Refused(f"upstream (flow-run parameter): expected a mapping of stage names to dvc.lock "
+                            f"entries, got {type(upstream).__name__}")
+    trust.check_manifest(side, SIDE_PARAM)
+    fetch(root, commit)
+    stages = trust.declared_stages(_sh(["git", "show", f"{commit}:dvc.yaml"], root, what="git show dvc.yaml"),
+                                   params)
+    trust.check_stage(stage, stages, "stage (flow-run parameter)")
+    for name, entry in upstream.items():
+        trust.check_stage(name, stages, "upstream (flow-run parameter) stage")
+        trust.check_lock_entry(name, entry, stages, "upstream (flow-run parameter)")
+    trust.check_manifest(side, SIDE_PARAM, within=trust.uncached_outs(stages, list(upstream)), root=root)
+    return stages
 
 
 def read_lock(root: Path) -> dict[str, Any]:
@@ -266,19 +305,22 @@ def run_stage(stage: str, commit: str, params_yaml: str, upstream: dict[str, Any
     ``upstream``: the ``dvc.lock`` entries of the stages it reads; ``side``: their ``cache: false``
     outs as a side-store manifest; ``comparison``: the orchestrating flow run's id. Returns (and
     leaves as an artifact) ``{"stage", "outcome": "ran" | "skipped", "host", "flow_run_id",
-    "lock": <its dvc.lock entry>, "side": <manifest of its cache: false outs>}``.
+    "lock": <its dvc.lock entry>, "side": <manifest of its cache: false outs>}``. Raises
+    :class:`flows.trust.Refused`, before anything is written or checked out, for a parameter that
+    is not what the commit's ``dvc.yaml`` and a valid configuration allow (:func:`admit`).
     """
     log = get_run_logger()
     root = Path(os.environ.get(CLONE_ENV) or os.getcwd()).resolve()
     host = os.environ.get("CROSSALIGN_HOST") or socket.gethostname()
+    stages = admit(root, stage, commit, params_yaml, upstream, side, comparison)
     log.info("%s: commit %s in %s on %s", stage, commit[:12], root, host)
-    checkout(root, commit)
+    checkout(root, commit, fetched=True)
     (root / "params.yaml").write_text(params_yaml)
     own = read_lock(root).get(stage)
     write_lock(root, {**read_lock(root), **upstream})
 
     store = SideStore(root)
-    store.get(side, root)
+    store.get(side, root, within=trust.uncached_outs(stages, list(upstream)), what=SIDE_PARAM)
     outs, deps, upstream_outs = stage_io(root, stage, list(upstream))
     targets = pull_targets(deps, upstream_outs)
     from dvc.repo import Repo
@@ -297,10 +339,10 @@ def run_stage(stage: str, commit: str, params_yaml: str, upstream: dict[str, Any
     key = checkpoint_key(stage, params_yaml, upstream)
     pusher = None
     if persist:
-        saved = store.get_checkpoint(key)
+        saved = store.get_checkpoint(key, within=persist)
         if saved:
             log.info("%s: resuming from the pushed checkpoint %s (%d files)", stage, key, len(saved))
-            store.get(saved, root)
+            store.get(saved, root, within=persist, what=f"checkpoint manifest {key}")
         pusher = CheckpointPusher(store, key, root, persist, CHECKPOINT_PUSH_SECONDS)
         pusher.start()
     try:

@@ -99,3 +99,28 @@ def test_missing_keys_with_the_likely_typo() -> None:
     raw = {"train": {"epoch": 3, "lr": 0.1}, "data": {"dataset": "synthetic"}}
     assert config.missing_keys(raw, ["train.epochs", "train.lr", "data", "evaluate.device", "data.dataset.x"]) == [
         ("train.epochs", "train.epoch"), ("evaluate.device", None), ("data.dataset.x", None)]
+
+
+@pytest.mark.parametrize(("value", "shown"), [
+    ("http://user:p@ss/w:rd@host:5000/x", "'http://<credentials>@host:5000/x'"),
+    ("postgresql://u:pw@db/x?password=s3cret&sslmode=require", "'postgresql://<credentials>@db/x?password=<password>&sslmode=require'"),
+    ("sqlite:////srv/a@b/mlflow.db", "'sqlite:////srv/a@b/mlflow.db'"),  # a path, no authority: nothing to hide
+    ("http://host:5000", "'http://host:5000'"),
+    ({"uri": ["http://u:p/w@h"]}, "{'uri': ['http://<credentials>@h']}"),  # inside a section given whole
+])
+def test_bad_values_are_shown_with_the_whole_userinfo_hidden(value, shown) -> None:
+    assert config._shown(value) == shown
+
+
+def test_an_unknown_key_holding_a_url_shows_no_password() -> None:
+    with pytest.raises(config.ConfigError, match="unknown key") as err:
+        config.from_dict({"tracking": {"trackng_uri": "http://user:p@ss/w:rd@host:5000"}})
+    assert "<credentials>@host:5000" in str(err.value)
+    assert not any(part in str(err.value) for part in ("p@s", "ss/w", "w:rd", "user:"))
+
+
+@pytest.mark.parametrize("raw_dir", ["/srv/raw", "../raw", "data/../../raw", ""])
+def test_raw_dir_stays_inside_the_project(raw_dir: str) -> None:
+    with pytest.raises(config.ConfigError, match="data.raw_dir.*relative path inside the project"):
+        config.from_dict({"data": {"raw_dir": raw_dir}})
+    assert config.from_dict({"data": {"raw_dir": "data/raw2"}}).data.raw_dir == "data/raw2"

@@ -294,3 +294,132 @@ def test_requests_need_credentials_and_a_reader_cannot_move_the_champion(server)
                            timeout=10).status_code == 403
     assert requests.get(f"{api}/registered-models/get", params={"name": "guarded"}, auth=admin,
                         timeout=10).status_code == 200  # still there
+
+
+# ------------------------------------------------------------- secrets: private files, keys, URIs
+@pytest.fixture
+def umask():
+    """Set the process umask for a test (restored after)."""
+    saved = os.umask(0o022)
+    os.umask(saved)
+    yield os.umask
+    os.umask(saved)
+
+
+@pytest.mark.parametrize("mask", [0o000, 0o022, 0o277])  # 0o277 alone would leave 0400
+def test_private_files_come_out_0600_whatever_the_umask_and_whatever_was_there(tmp_path, umask, mask):
+    path = tmp_path / "secret"
+    path.write_text("old")
+    path.chmod(0o644)  # an existing file's mode is not inherited: the file is new, then renamed over it
+    umask(mask)
+    mlflow_server.write_private(path, "new")
+    assert path.read_text() == "new" and stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["secret"]  # no temporary left behind
+
+
+def test_a_private_file_is_never_written_through_an_existing_temporary_name(tmp_path, monkeypatch):
+    """O_EXCL: a file (or symlink) already at the temporary name is neither reused (its 0644 mode
+    would stay) nor followed (its target would be overwritten)."""
+    monkeypatch.setattr(mlflow_server.secrets, "token_hex", lambda n: "f" * (2 * n))
+    path = tmp_path / "flask_secret_key"
+    planted = tmp_path / f".flask_secret_key.{'f' * 16}.tmp"
+    planted.write_text("planted")
+    planted.chmod(0o644)
+    with pytest.raises(FileExistsError):
+        mlflow_server.write_private(path, "key")
+    assert planted.read_text() == "planted" and not path.exists()
+    planted.unlink()
+    victim = tmp_path / "victim"
+    victim.write_text("victim")
+    planted.symlink_to(victim)
+    with pytest.raises(FileExistsError):
+        mlflow_server.write_private(path, "key")
+    assert victim.read_text() == "victim" and not path.exists()
+
+
+def test_a_private_file_whose_mode_does_not_hold_is_refused_and_removed(tmp_path, monkeypatch):
+    real = os.fchmod
+    monkeypatch.setattr(os, "fchmod", lambda fd, mode: real(fd, 0o644))  # a filesystem that keeps no modes
+    with pytest.raises(mlflow_server.ServerConfigError, match="came out mode 0644, not 0600"):
+        mlflow_server.write_private(tmp_path / "secret", "key")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("mode", [0o640, 0o604, 0o660, 0o666])
+def test_an_existing_key_file_readable_by_others_is_refused_naming_the_fix(tmp_path, mode):
+    auth = tmp_path / "auth"
+    auth.mkdir()
+    key = auth / "flask_secret_key"
+    key.write_text("k" * 64 + "\n")
+    key.chmod(mode)
+    env = {mlflow_server.ADMIN_PASSWORD_ENV: "a-long-enough-password"}
+    with pytest.raises(mlflow_server.ServerConfigError) as err:
+        mlflow_server.prepare(_launch_args(tmp_path), env)
+    assert f"{key.resolve()}: mode {mode:04o}" in str(err.value)
+    assert f"chmod 600 {key.resolve()}" in str(err.value)
+    assert not (auth / "basic_auth.ini").exists()  # refused before the auth config is written
+    key.chmod(0o600)
+    assert mlflow_server.prepare(_launch_args(tmp_path), env)[1]["MLFLOW_FLASK_SERVER_SECRET_KEY"] == "k" * 64
+
+
+def test_a_key_file_that_is_a_symlink_or_empty_is_refused(tmp_path):
+    auth = tmp_path / "auth"
+    auth.mkdir()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.write_text("k" * 64)
+    elsewhere.chmod(0o600)
+    (auth / "flask_secret_key").symlink_to(elsewhere)
+    env = {mlflow_server.ADMIN_PASSWORD_ENV: "a-long-enough-password"}
+    with pytest.raises(mlflow_server.ServerConfigError, match="not a regular file"):
+        mlflow_server.prepare(_launch_args(tmp_path), env)
+    (auth / "flask_secret_key").unlink()
+    mlflow_server.write_private(auth / "flask_secret_key", "\n")
+    with pytest.raises(mlflow_server.ServerConfigError, match="empty"):
+        mlflow_server.prepare(_launch_args(tmp_path), env)
+
+
+PASSWORD = "p@ss/w:rd"  # holds '@', '/' and ':': no part of it may be shown
+
+
+@pytest.mark.parametrize(("flag", "uri"), [
+    ("--backend-store-uri", f"postgresql://mlflow:{PASSWORD}@db-host:5432/mlflow"),
+    ("--backend-store-uri", f"mysql://mlflow:{PASSWORD}@db-host/mlflow"),
+    ("--backend-store-uri", f"postgresql://mlflow@db-host/mlflow?sslmode=require&password={PASSWORD}"),
+    ("--artifacts-destination", f"s3://key:{PASSWORD}@bucket/artifacts"),
+    ("--auth-database-uri", f"postgresql://auth:{PASSWORD}@db-host/auth"),
+])
+def test_a_password_in_a_store_uri_is_refused_before_any_process_starts(tmp_path, capsys, monkeypatch, flag, uri):
+    started = []
+    monkeypatch.setattr(os, "execve", lambda *a: started.append(a))
+    argv = ["mlflow-server", "--backend-store-uri", f"sqlite:///{tmp_path}/m.db",
+            "--artifacts-destination", str(tmp_path / "a"), "--auth-dir", str(tmp_path / "auth"), flag, uri]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(os, "environ", {mlflow_server.ADMIN_PASSWORD_ENV: "a-long-enough-password"})
+        assert cli_main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{flag} " in err and "holds a password" in err and "ps" in err
+    for part in ("p@ss", "ss/w", "w:rd", ":rd", "mlflow:p", "key:p", "auth:p"):
+        assert part not in err, (part, err)
+    assert started == [] and not (tmp_path / "auth").exists()
+
+
+def test_a_store_uri_with_a_user_and_no_password_is_passed_on(tmp_path):
+    args = _launch_args(tmp_path)
+    args.backend_store_uri = "postgresql://mlflow@db-host:5432/mlflow"
+    cmd, _ = mlflow_server.prepare(args, {mlflow_server.ADMIN_PASSWORD_ENV: "a-long-enough-password"})
+    assert cmd[cmd.index("--backend-store-uri") + 1] == "postgresql://mlflow@db-host:5432/mlflow"
+
+
+@pytest.mark.parametrize("uri", [f"http://user:{PASSWORD}@host:5000/x", "http://user:p/ss@host:5000",
+                                 "https://user@mlflow.example.org", "http://u:p[w@host"])
+def test_a_tracking_uri_with_credentials_is_refused_showing_none_of_them(tmp_path, uri):
+    from crossalign import config
+
+    with pytest.raises(config.ConfigError, match="credentials belong in the environment") as err:
+        tiny_config(tmp_path, tracking={"tracking_uri": uri})
+    message = str(err.value)
+    user, _, password = uri.split("://", 1)[1].rsplit("@", 1)[0].partition(":")
+    shown = message.replace("<credentials>", "")
+    assert "<credentials>@" in message and f"{user}:" not in shown and f"{user}@" not in shown
+    for i in range(len(password) - 2 if password else 0):  # no 3 characters of the password in a row
+        assert password[i:i + 3] not in shown, (password[i:i + 3], message)

@@ -20,7 +20,13 @@ port, stores and ``--workers``:
   (later starts ignore it; rotate the password through MLflow's update-password API).
 - The Flask secret key MLflow's auth app needs for CSRF (``MLFLOW_FLASK_SERVER_SECRET_KEY``) comes
   from the environment, else it is generated once into ``--auth-dir`` (0600) and reused, so
-  restarts and several server processes agree.
+  restarts and several server processes agree. An existing key file that is not a regular file of
+  this user with mode 0600 (group or world bits set) is refused, naming the ``chmod`` that fixes it.
+- Private files are created new (``O_EXCL``, a random temporary name, then renamed) and made 0600
+  by ``fchmod`` before the first byte, whatever the umask; the mode is checked after writing.
+- A password in ``--backend-store-uri``, ``--artifacts-destination`` or ``--auth-database-uri``
+  (``user:password@`` or ``?password=``) is refused before anything starts: every user of the host
+  would read it in ``ps``. Give it the store's own way (``PGPASSWORD``, ``~/.pgpass``, ...).
 
 A verified password is trusted by a worker for ``--auth-cache-seconds`` (MLflow's
 ``auth_cache_ttl_seconds``, default 60 here, 0 in MLflow): without the cache every request
@@ -47,8 +53,11 @@ import io
 import ipaddress
 import os
 import secrets
+import stat
 import sys
 from pathlib import Path
+
+from crossalign.config import redact_uri, uri_has_password
 
 ADMIN_USER_ENV, ADMIN_PASSWORD_ENV = "CROSSALIGN_MLFLOW_ADMIN_USERNAME", "CROSSALIGN_MLFLOW_ADMIN_PASSWORD"
 SECRET_KEY_ENV = "MLFLOW_FLASK_SERVER_SECRET_KEY"
@@ -109,14 +118,51 @@ def git_work_tree(path: Path) -> Path | None:
     return None
 
 
+PRIVATE_MODE = 0o600
+
+
 def write_private(path: Path, text: str) -> Path:
-    """Write ``text`` to ``path`` readable by its owner only (0600 from creation, then renamed)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
+    """Write ``text`` to ``path`` readable by its owner only: a new temporary file beside it
+    (``O_CREAT | O_EXCL``: never an existing file, whatever its mode, nor a symlink's target), made
+    0600 by ``fchmod`` before the first byte (whatever the umask), its mode checked, then renamed
+    over ``path``. :class:`ServerConfigError` when the mode does not come out 0600."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, PRIVATE_MODE)
+    try:
+        os.fchmod(fd, PRIVATE_MODE)
+        mode = stat.S_IMODE(os.fstat(fd).st_mode)
+        if mode != PRIVATE_MODE:
+            raise ServerConfigError(f"{tmp}: came out mode {mode:04o}, not {PRIVATE_MODE:04o}; "
+                                    f"the filesystem of {path.parent} does not keep file modes")
+        with os.fdopen(fd, "w") as fh:
+            fd = -1
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    mode = stat.S_IMODE(os.lstat(path).st_mode)
+    if mode != PRIVATE_MODE:
+        raise ServerConfigError(f"{path}: mode {mode:04o} after writing, not {PRIVATE_MODE:04o}")
     return path
+
+
+def check_private(path: Path) -> None:
+    """:class:`ServerConfigError` unless ``path`` is a regular file (not a symlink) of this user that
+    no group or other user can read or write, naming the ``chmod`` that fixes it."""
+    info = os.lstat(path)
+    if not stat.S_ISREG(info.st_mode):
+        raise ServerConfigError(f"{path}: not a regular file (a symlink or other); the server's secret must be "
+                                f"a private file: remove it and a new one is generated")
+    if info.st_uid != os.getuid():
+        raise ServerConfigError(f"{path}: owned by uid {info.st_uid}, not this user ({os.getuid()})")
+    mode = stat.S_IMODE(info.st_mode)
+    if mode & 0o077:
+        raise ServerConfigError(f"{path}: mode {mode:04o} lets other users read or change the server's secret; "
+                                f"run `chmod 600 {path}` (and consider rotating it: delete the file and a new one "
+                                f"is generated at the next start)")
 
 
 def auth_config_text(database_uri: str, admin_username: str, default_permission: str, cache_seconds: int) -> str:
@@ -134,16 +180,35 @@ def _secret_key(auth_dir: Path, env: dict[str, str]) -> str:
     if env.get(SECRET_KEY_ENV):
         return env[SECRET_KEY_ENV]
     path = auth_dir / "flask_secret_key"
-    if path.exists():
-        return path.read_text().strip()
+    if os.path.lexists(path):
+        check_private(path)
+        key = path.read_text().strip()
+        if not key:
+            raise ServerConfigError(f"{path}: empty; delete it and a new key is generated at the next start")
+        return key
     key = secrets.token_hex(32)
     write_private(path, key + "\n")
     return key
 
 
+def check_uris(args: argparse.Namespace) -> None:
+    """:class:`ServerConfigError` for a password in a store URI given on the command line: every
+    user of the host sees it in ``ps`` (and in the shell's history); the message shows the URI
+    with its userinfo hidden."""
+    for flag, uri in (("--backend-store-uri", args.backend_store_uri),
+                      ("--artifacts-destination", args.artifacts_destination),
+                      ("--auth-database-uri", args.auth_database_uri)):
+        if uri and uri_has_password(uri):
+            raise ServerConfigError(
+                f"{flag} {redact_uri(uri)} holds a password, which every user of this host would see in `ps`; "
+                "leave it out of the URI and give it the store's own way (PostgreSQL: PGPASSWORD or ~/.pgpass; "
+                "MySQL: MYSQL_PWD or an option file; S3: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)")
+
+
 def prepare(args: argparse.Namespace, env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
     """Check the request, write the private auth files -> (``mlflow server`` argv, its environment).
     :class:`ServerConfigError` for an unsafe or impossible start (nothing written then)."""
+    check_uris(args)
     password = env.get(ADMIN_PASSWORD_ENV)
     auth = bool(password)
     if not auth and not is_loopback(args.host):
@@ -169,12 +234,12 @@ def prepare(args: argparse.Namespace, env: dict[str, str]) -> tuple[list[str], d
                                 "must live outside any repository (default: ~/.config/crossalign/mlflow-server)")
     auth_dir.mkdir(parents=True, exist_ok=True)
     auth_dir.chmod(0o700)
+    key = _secret_key(auth_dir, env)  # an existing key file is checked before the config is written
     database = args.auth_database_uri or f"sqlite:///{auth_dir / 'basic_auth.db'}"
     username = env.get(ADMIN_USER_ENV) or "admin"
     config = write_private(auth_dir / "basic_auth.ini", auth_config_text(
         database, username, args.default_permission, args.auth_cache_seconds))
-    out |= {"MLFLOW_AUTH_CONFIG_PATH": str(config), "MLFLOW_AUTH_ADMIN_PASSWORD": password,
-            SECRET_KEY_ENV: _secret_key(auth_dir, env)}
+    out |= {"MLFLOW_AUTH_CONFIG_PATH": str(config), "MLFLOW_AUTH_ADMIN_PASSWORD": password, SECRET_KEY_ENV: key}
     out.pop("MLFLOW_AUTH_ADMIN_USERNAME", None)  # the config file's admin_username is the one
     return cmd + ["--app-name", "basic-auth"], out
 
