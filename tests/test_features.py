@@ -21,10 +21,11 @@ SIZES = {"train": 8, "val": 4, "test": 6}
 
 
 def make_prepared(root: Path, split: str, n_images: int, captions_per_image: int = 2, size: int = 32,
-                  seed: int = 0, max_length: int = 32) -> Path:
+                  seed: int = 0, max_length: int = 32, captions: list[str] | None = None) -> Path:
     """Write ``root/data/prepared/<split>/`` as the preprocess stage does: random uint8 images,
-    captions of varied length tokenised with the bert-base-uncased vocabulary, and binding twins
-    (images 0<->1, 2<->3, each record naming its partner's id)."""
+    captions of varied length (or ``captions``, caption j of image j // captions_per_image)
+    tokenised with the bert-base-uncased vocabulary, and binding twins (images 0<->1, 2<->3, each
+    record naming its partner's id)."""
     from transformers import AutoTokenizer
 
     rng = np.random.default_rng(seed)
@@ -35,7 +36,9 @@ def make_prepared(root: Path, split: str, n_images: int, captions_per_image: int
     for a in range(0, min(n_images, 4) - 1, 2):
         records[a].update(twin_id=int(image_ids[a + 1]), swap="colour")
         records[a + 1].update(twin_id=int(image_ids[a]), swap="colour")
-    captions = [" ".join(rng.choice(WORDS, size=int(rng.integers(1, 9)))) for _ in range(n_images * captions_per_image)]
+    random_captions = [" ".join(rng.choice(WORDS, size=int(rng.integers(1, 9)))) for _ in range(n_images * captions_per_image)]
+    captions = random_captions if captions is None else list(captions)
+    assert len(captions) == n_images * captions_per_image
     tokenizer = AutoTokenizer.from_pretrained(str(default_model_path()))
     ids = tokenizer(captions, truncation=True, max_length=max_length)["input_ids"]
     np.save(out / "images.npy", rng.integers(0, 256, size=(n_images, 3, size, size), dtype=np.uint8))
