@@ -116,6 +116,30 @@ def test_slot_pool_pins_one_gpu_per_slot_and_blocks_when_full():
         SlotPool(0, [])
 
 
+def test_project_lock_makes_a_second_run_wait_and_names_the_holder(toy: Path, tmp_path: Path):
+    from flows.dvc_dag import project_lock
+
+    order, told = [], []
+    with project_lock(toy, who="flow run first-run"):
+        waiter = threading.Thread(target=lambda: _hold(toy, order, told))
+        waiter.start()
+        time.sleep(0.5)
+        order.append("first done")
+    waiter.join(10)
+    assert order == ["first done", "second holds"]  # the second waited for the first to let go
+    assert len(told) == 1 and "waiting for flow run first-run (pid" in told[0]
+    with pytest.raises(ValueError, match="not a DVC project"):
+        with project_lock(tmp_path / "nowhere"):
+            pass
+
+
+def _hold(root: Path, order: list[str], told: list[str]) -> None:
+    from flows.dvc_dag import project_lock
+
+    with project_lock(root, who="flow run second-run", on_wait=told.append):
+        order.append("second holds")
+
+
 def test_leaderboard_rows_flatten_and_mark_champion():
     selection = {"champion": "joint", "leaderboard": [
         {"method": "joint", "val": {"rsum": 300.123456}, "test": {"rsum": 290.0}},
