@@ -34,8 +34,8 @@ from prefect.tasks import exponential_backoff
 from prefect.utilities.annotations import allow_failure, quote
 
 from flows import artifacts
-from flows.dvc_dag import (DvcBookkeeper, SlotPool, StageNode, describe_status, gpu_ids, read_dag,
-                           run_commands, stage_env)
+from flows.dvc_dag import (DvcBookkeeper, SlotPool, StageNode, describe_status, gpu_ids, project_lock,
+                           read_dag, run_commands, stage_env)
 from crossalign.config import ConfigError
 from flows.outcomes import PipelineFailed, StageFailed, failure_message, outcomes  # noqa: F401 (re-exported)
 from flows.overrides import apply_overrides, overrides_from, validate_overrides
@@ -157,6 +157,19 @@ def compare_aligners(root: str = ".", methods: list[str] | None = None, dataset:
     start = time.monotonic()
     project = Path(root).resolve()
     check_flow_parameters(project, max_parallel, dispatch, dispatch_retries)
+    from prefect.runtime import flow_run
+
+    # one flow run per project at a time, from before params.yaml is written to the last commit:
+    # a second run (a cron run firing during a triggered one) waits, then finds the work up to date
+    with project_lock(project, who=f"flow run {flow_run.name or ''} {flow_run.id or ''}".strip(), on_wait=log.warning):
+        return _compare_locked(project, start, methods, dataset, epochs, max_parallel, dispatch, dispatch_retries)
+
+
+def _compare_locked(project: Path, start: float, methods: list[str] | None, dataset: str | None,
+                    epochs: int | None, max_parallel: int | None, dispatch: str | None,
+                    dispatch_retries: int) -> dict[str, Any]:
+    """The body of :func:`compare_aligners`, run while it holds the project's flow lock."""
+    log = get_run_logger()
     cfg = apply_overrides(project, overrides_from(methods, dataset, epochs))
     check_params(project)  # before any stage: DVC removes outputs before it notices a missing param
     parallel = max_parallel if max_parallel is not None else default_parallelism()

@@ -11,7 +11,9 @@ writes, so either front end finds the other's work up to date.
 """
 from __future__ import annotations
 
+import fcntl
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -112,6 +114,45 @@ class DvcBookkeeper:
         the cache (``dvc commit --force <stage>``: what ``dvc repro`` does after a command)."""
         with self._dvc() as repo:
             repo.commit(target, force=True)
+
+
+FLOW_LOCK = ".dvc/tmp/crossalign-flow.lock"
+
+
+@contextmanager
+def project_lock(root: str | Path, who: str = "", on_wait: Callable[[str], None] | None = None) -> Iterator[None]:
+    """Hold the project's flow lock for the block: one flow run at a time per DVC project.
+
+    An exclusive ``flock`` on ``<root>/.dvc/tmp/crossalign-flow.lock``, taken by every flow run
+    (another process, or another thread of this one) before it touches ``params.yaml``, judges a
+    stage by ``dvc status``, removes outputs or commits. Without it two runs on one clone (a
+    scheduled run firing while a triggered one runs) interleave: the second finds the first's
+    in-flight stages not up to date, removes their outputs and reruns them, under the first's
+    downstream stages, which then start without their input. :class:`DvcBookkeeper`'s lock only
+    serialises the DVC calls of one flow run. The second run waits (``on_wait`` is told who holds
+    the lock) and then finds the first's work up to date. ``who`` is written into the file for
+    that message. The kernel drops the lock when its holder exits, killed or not.
+    """
+    root = Path(root)
+    if not (root / ".dvc").is_dir():
+        raise ValueError(f"{root}: not a DVC project (no .dvc folder); the flow runs the DAG of a DVC project")
+    path = root / FLOW_LOCK
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another flow run"
+            if on_wait is not None:
+                on_wait(f"{root}: waiting for {holder} to finish (one flow run at a time per project; {path})")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{who or 'a flow run'} (pid {os.getpid()} on {socket.gethostname()}, "
+                      f"since {time.strftime('%Y-%m-%d %H:%M:%S %Z')})\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the flock
 
 
 def describe_status(status: dict) -> str:

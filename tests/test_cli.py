@@ -204,3 +204,40 @@ def test_help_and_a_real_query_print_nothing_else(project, tmp_path):
                            timeout=300)
     assert query.returncode == 0, query.stderr
     assert query.stdout.strip() == "(1, 384)" and query.stderr == "", query.stderr
+
+
+@pytest.fixture(scope="module")
+def staged(tmp_path_factory):
+    """A tiny synthetic project through the real data, preprocess and features stages (48 px
+    scenes written as PNG files, resized to 32 px by preprocess as a query image is by search)."""
+    from crossalign.data import stage as data
+    from crossalign.features import stage as features
+    from crossalign.preprocess import stage as preprocess
+
+    root = tmp_path_factory.mktemp("staged")
+    cfg = tiny_config(root, data={"synthetic": {"n_train": 4, "n_val": 4, "n_test": 6, "image_size": 48}})
+    data.run(cfg, root)
+    preprocess.run(cfg, root)
+    features.run(cfg, root, progress=False)
+    return cfg, root
+
+
+def test_query_features_equal_the_features_stage_for_the_same_image_and_caption(staged):
+    """What ``crossalign search`` encodes for a query is what the features stage stored for that
+    test image file / caption (fp16 storage both ways, fp32 CPU encoders): the champion compares
+    like with like."""
+    cfg, root = staged
+    feats = load_features(root / "data" / "features" / "test")
+    records = read_json(root / "data" / "prepared" / "test" / "images.json")
+    captions = read_json(root / "data" / "prepared" / "test" / "captions.json")
+    cpu = torch.device("cpu")
+    for i in (0, len(records) - 1):
+        tokens, pooled = cli.image_features(cfg, root / cli.image_path(cfg, records[i]["file_name"]), cpu)
+        torch.testing.assert_close(tokens[0], torch.from_numpy(np.array(feats.image_tokens[i])).float(), atol=2e-3, rtol=1e-2)
+        torch.testing.assert_close(pooled[0], torch.from_numpy(np.array(feats.image_pooled[i])).float(), atol=2e-3, rtol=1e-2)
+    for j in (0, 3, len(captions) - 1):
+        tokens, mask, pooled = cli.text_features(cfg, captions[j], cpu)
+        stored, lengths = feats.text.gather([j])  # (1, L, Dt)
+        assert int(mask.sum()) == int(lengths[0]), captions[j]
+        torch.testing.assert_close(tokens[0], torch.from_numpy(stored[0]).float(), atol=2e-3, rtol=1e-2)
+        torch.testing.assert_close(pooled[0], torch.from_numpy(np.array(feats.text_pooled[j])).float(), atol=2e-3, rtol=1e-2)

@@ -23,10 +23,11 @@ SIZES = {"train": 8, "val": 4, "test": 6}
 
 
 def make_prepared(root: Path, split: str, n_images: int, captions_per_image: int = 2, size: int = 32,
-                  seed: int = 0, max_length: int = 32) -> Path:
+                  seed: int = 0, max_length: int = 32, captions: list[str] | None = None) -> Path:
     """Write ``root/data/prepared/<split>/`` as the preprocess stage does: random uint8 images,
-    captions of varied length tokenised with the bert-base-uncased vocabulary, and binding twins
-    (images 0<->1, 2<->3, each record naming its partner's id)."""
+    captions of varied length (or ``captions``, caption j of image j // captions_per_image)
+    tokenised with the bert-base-uncased vocabulary, and binding twins (images 0<->1, 2<->3, each
+    record naming its partner's id)."""
     from transformers import AutoTokenizer
 
     rng = np.random.default_rng(seed)
@@ -37,7 +38,9 @@ def make_prepared(root: Path, split: str, n_images: int, captions_per_image: int
     for a in range(0, min(n_images, 4) - 1, 2):
         records[a].update(twin_id=int(image_ids[a + 1]), swap="colour")
         records[a + 1].update(twin_id=int(image_ids[a]), swap="colour")
-    captions = [" ".join(rng.choice(WORDS, size=int(rng.integers(1, 9)))) for _ in range(n_images * captions_per_image)]
+    random_captions = [" ".join(rng.choice(WORDS, size=int(rng.integers(1, 9)))) for _ in range(n_images * captions_per_image)]
+    captions = random_captions if captions is None else list(captions)
+    assert len(captions) == n_images * captions_per_image
     tokenizer = AutoTokenizer.from_pretrained(str(default_model_path()))
     ids = tokenizer(captions, truncation=True, max_length=max_length)["input_ids"]
     np.save(out / "images.npy", rng.integers(0, 256, size=(n_images, 3, size, size), dtype=np.uint8))
@@ -204,6 +207,71 @@ def test_bad_inputs_fail_naming_the_file(prepared, tmp_path):
         features.run(cfg, prepared, progress=False)
     with pytest.raises(ValueError, match=r"features\.device = 'cuda:99'"):
         resolve_device("cuda:99", "features.device")
+
+
+def _snapshot(root: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file under data/features and eval, with its bytes and mtime; every entry of data/."""
+    files = [p for d in ("data/features", "eval") for p in sorted((root / d).rglob("*")) if p.is_file()]
+    snap = {p.relative_to(root).as_posix(): (p.read_bytes(), p.stat().st_mtime_ns) for p in files}
+    snap["data/ entries"] = (" ".join(sorted(p.name for p in (root / "data").iterdir())).encode(), 0)
+    return snap
+
+
+def _set_record(split_dir: Path, row: int, **fields) -> None:
+    records = json.loads((split_dir / "images.json").read_text())
+    records[row].update(fields)
+    (split_dir / "images.json").write_text(json.dumps(records))
+    if "id" in fields:
+        ids = np.load(split_dir / "image_ids.npy")
+        ids[row] = fields["id"]
+        np.save(split_dir / "image_ids.npy", ids)
+
+
+SCENE = {"objects": [{"colour": "red", "shape": "circle", "bbox": [0, 0, 10, 10]},
+                     {"colour": "blue", "shape": "square", "bbox": [20, 20, 8, 8]}]}
+
+
+@pytest.mark.parametrize("leak, message", [
+    # val's first image is train's image 1000 (by id), under its own file name
+    ({"val": (0, {"id": 1000})}, r"splits train/val are not disjoint.*image id 1000 \(1000\.png\) in train and val"),
+    # a test image under a new id, but train's file
+    ({"test": (5, {"file_name": "1001.png"})}, r"splits train/test are not disjoint.*file 1001\.png in train and test"),
+    # val/test: val's twin pair 0/1 shows the scene of test image 4 (ids and files all differ)
+    ({"val": (1, SCENE), "test": (4, SCENE)},
+     r"splits val/test are not disjoint, 1 leak.*val image 2001's scene \(twin pair 0/1\) is also a test scene"),
+    # train's twin pair 2/3 has the scene of val image 3 (a non-twin there)
+    ({"train": (2, SCENE), "val": (3, SCENE)}, r"splits train/val .*train image 1002's scene .* is also a val scene"),
+])
+def test_leaking_split_is_refused_before_any_output_is_replaced(prepared, tmp_path, leak, message):
+    cfg = tiny_config(tmp_path)
+    features.run(cfg, prepared, progress=False)
+    before = _snapshot(prepared)
+    for split, (row, fields) in leak.items():
+        _set_record(prepared / "data" / "prepared" / split, row, **fields)
+    with pytest.raises(ValueError, match=message) as err:
+        features.run(cfg, prepared, progress=False)
+    assert "Nothing was written" in str(err.value)
+    assert _snapshot(prepared) == before  # same files, same bytes, same mtimes, no temporary folder
+
+
+def test_disjoint_check_passes_the_real_generators_splits(tmp_path):
+    """The synthetic generator's train/val/test share no id, file or twin scene (so the check
+    above does not refuse real data)."""
+    from crossalign.features.leaks import split_leaks
+    from crossalign.config import SyntheticParams
+    from crossalign.data import synthetic
+
+    synthetic.generate(SyntheticParams(n_train=60, n_val=12, n_test=24, image_size=64, workers=1), seed=0, out=tmp_path)
+    records = {s: json.loads((tmp_path / "annotations" / f"captions_{s}.json").read_text())["images"]
+               for s in synthetic.SPLITS}
+    twins = {s: features.twin_rows(r, np.array([x["id"] for x in r])) for s, r in records.items()}
+    assert all(twins.values()) and all("objects" in r[0] for r in records.values())
+    assert split_leaks(records, twins) == []
+    # the same check catches one of val's twins placed in train under a new id
+    moved = {**records["val"][twins["val"][0]["image"]], "id": 10**9, "file_name": "moved.png"}
+    leaks = split_leaks({**records, "train": records["train"] + [moved]}, twins)
+    # both images of the pair: twins share their scene
+    assert [pair for pair, _ in leaks] == ["train/val"] * 2 and all("also a train scene" in t for _, t in leaks)
 
 
 def test_stage_entry_point(prepared, tmp_path, monkeypatch):

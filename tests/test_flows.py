@@ -116,6 +116,30 @@ def test_slot_pool_pins_one_gpu_per_slot_and_blocks_when_full():
         SlotPool(0, [])
 
 
+def test_project_lock_makes_a_second_run_wait_and_names_the_holder(toy: Path, tmp_path: Path):
+    from flows.dvc_dag import project_lock
+
+    order, told = [], []
+    with project_lock(toy, who="flow run first-run"):
+        waiter = threading.Thread(target=lambda: _hold(toy, order, told))
+        waiter.start()
+        time.sleep(0.5)
+        order.append("first done")
+    waiter.join(10)
+    assert order == ["first done", "second holds"]  # the second waited for the first to let go
+    assert len(told) == 1 and "waiting for flow run first-run (pid" in told[0]
+    with pytest.raises(ValueError, match="not a DVC project"):
+        with project_lock(tmp_path / "nowhere"):
+            pass
+
+
+def _hold(root: Path, order: list[str], told: list[str]) -> None:
+    from flows.dvc_dag import project_lock
+
+    with project_lock(root, who="flow run second-run", on_wait=told.append):
+        order.append("second holds")
+
+
 def test_leaderboard_rows_flatten_and_mark_champion():
     selection = {"champion": "joint", "leaderboard": [
         {"method": "joint", "val": {"rsum": 300.123456}, "test": {"rsum": 290.0}},
@@ -293,3 +317,94 @@ def test_stage_env_names_the_flow_run_so_mlflow_runs_are_tagged_with_it(prefect_
     assert "CROSSALIGN_FLOW_RUN_ID" not in stage_env(node, toy, None)  # outside a flow run: none
     monkeypatch.setenv("CROSSALIGN_FLOW_RUN_ID", "comparison-id")  # a worker's stage run keeps the comparison's
     assert probe() == "comparison-id"
+
+
+# ------------------------------------------------------------------------ concurrency under load
+def _bookkeeping_log(monkeypatch) -> list[dict]:
+    """Record every prepare (outputs removed) and commit the flow's bookkeepers make, with times."""
+    events: list[dict] = []
+    lock = threading.Lock()
+
+    def recorded(kind, method):
+        def wrapper(self, target):
+            start = time.time()
+            method(self, target)
+            with lock:
+                events.append({"kind": kind, "stage": target.rsplit(":", 1)[1], "start": start, "end": time.time()})
+        return wrapper
+
+    monkeypatch.setattr(DvcBookkeeper, "prepare", recorded("prepare", DvcBookkeeper.prepare))
+    monkeypatch.setattr(DvcBookkeeper, "commit", recorded("commit", DvcBookkeeper.commit))
+    return events
+
+
+def _violations(dag, runs: list[dict], events: list[dict]) -> list[str]:
+    """Every run that started before an upstream stage had committed, ran while an upstream's
+    outputs were being removed, had its own outputs removed again before its commit, overlapped
+    another run of its own stage, or found an input or output missing (the command's own check)."""
+    found = []
+    for run in runs:
+        name = run["step"] + (f"@{run['item']}" if run["item"] else "")
+        for key in ("missing_at_start", "missing_at_end", "own_missing"):
+            if run[key]:
+                found.append(f"{name} (pid {run['pid']}): {key} {run[key]}")
+        for up in dag[name].upstream:
+            before = [e for e in events if e["stage"] == up and e["end"] <= run["start"]]
+            last = max(before, key=lambda e: e["end"]) if before else None
+            if last is None or last["kind"] != "commit":
+                found.append(f"{name} started at {run['start']:.3f} before {up} was committed "
+                             f"(last bookkeeping of {up}: {last})")
+        for e in events:
+            if e["kind"] == "prepare" and e["stage"] in dag[name].upstream and \
+                    e["start"] < run["end"] and e["end"] > run["start"]:
+                found.append(f"{name} ran {run['start']:.3f}-{run['end']:.3f} while {e['stage']}'s outputs were "
+                             f"removed ({e['start']:.3f}-{e['end']:.3f})")
+        commits = [e for e in events if e["stage"] == name and e["kind"] == "commit" and e["start"] >= run["end"]]
+        until = min((e["end"] for e in commits), default=float("inf"))
+        for e in events:
+            if e["kind"] == "prepare" and e["stage"] == name and run["start"] < e["end"] and e["start"] < until:
+                found.append(f"{name} ran {run['start']:.3f}-{run['end']:.3f}, its outputs were removed again "
+                             f"({e['start']:.3f}-{e['end']:.3f}) before its commit")
+        same = [o for o in runs if o is not run and (o["step"], o["item"]) == (run["step"], run["item"])
+                and o["start"] < run["end"] and o["end"] > run["start"]]
+        if same:
+            found.append(f"{name}: two runs at once (pids {run['pid']}, {same[0]['pid']})")
+    return found
+
+
+@pytest.mark.slow
+def test_overlapping_flow_runs_under_load_never_run_a_stage_without_its_input(tmp_path: Path, prefect_harness,
+                                                                             monkeypatch):
+    """max_parallel 4, stages that burn CPU and sleep at random, three rounds; in each round a
+    triggered run (new epochs: train, evaluate and select are stale) and, once it has removed or
+    committed its first outputs, a second run of the same project (a cron run firing). No stage may start before every stage it
+    reads has committed, nor run while an upstream's outputs are removed; the second run waits
+    for the first and finds its work up to date."""
+    for key in ("TOY_FAIL", "TOY_FLAKY", "TOY_SLEEP", "CUDA_VISIBLE_DEVICES"):
+        monkeypatch.delenv(key, raising=False)
+    toy = make_toy_project(tmp_path / "stress", methods=METHODS, stress=True)
+    events = _bookkeeping_log(monkeypatch)
+    for epochs in (2, 3, 4):
+        states: dict[str, object] = {}
+
+        def run(key: str, **params) -> None:
+            states[key] = run_flow(toy, max_parallel=4, **params)
+
+        first = threading.Thread(target=run, args=("triggered",), kwargs={"epochs": epochs})
+        second = threading.Thread(target=run, args=("scheduled",))
+        first.start()
+        deadline, seen = time.monotonic() + 60, len(events)
+        while len(events) == seen and time.monotonic() < deadline:  # the first run is under way ...
+            time.sleep(0.05)
+        second.start()  # ... when the second one fires
+        first.join(120), second.join(120)
+        dag = read_dag(toy)
+        problems = _violations(dag, toy_log(toy), events)
+        assert not problems, f"epochs={epochs}:\n" + "\n".join(problems)
+        assert states["triggered"].is_completed(), states["triggered"].message
+        assert states["scheduled"].is_completed(), states["scheduled"].message
+        ran = {r["stage"] for r in states["triggered"].result()["stages"] if r["outcome"] == "ran"}
+        assert {n for n in dag if n.split("@")[0] in ("train", "evaluate", "select")} <= ran
+        assert {r["outcome"] for r in states["scheduled"].result()["stages"]} == {"skipped"}
+        assert DvcBookkeeper(toy).status() == {}
+    assert len(toy_log(toy)) == 2 + 3 * 7  # data and features once, then train/evaluate/select per round

@@ -201,6 +201,63 @@ def test_streamed_and_in_memory_training_give_identical_weights(tmp_path, method
         assert torch.equal(value, weights["stream"][key]), key
 
 
+def _streamed_against_in_memory(tmp_path: Path, device: torch.device, monkeypatch) -> list[torch.Tensor]:
+    """Batches of :class:`StreamSplit` on ``device`` (through :func:`iterate`: prefetch thread,
+    positioned reads) against the CPU in-memory :class:`DeviceSplit` of the same rows, every field
+    equal (twins and perturbed captions included); returns every host buffer the stream allocated."""
+    from crossalign.features import hardneg
+    from crossalign.train.batches import DeviceSplit, StreamSplit, iterate, twin_captions
+
+    root = make_tiny_features(tmp_path / "f", n_images=24, captions_per_image=2)
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 5, size=30)  # perturbed captions of captions 0..29, one each
+    hardneg.write(root, twin_row=np.arange(24) ^ 1, tokens=rng.normal(size=(int(lengths.sum()), 10)).astype(np.float16),
+                  offsets=np.concatenate([[0], np.cumsum(lengths)]), pooled=rng.normal(size=(30, 10)).astype(np.float16),
+                  source=np.arange(30), kind=np.zeros(30, np.int8), per_caption=1)
+    split, hard = load_features(root), hardneg.load(root)
+    twins = twin_captions(split.caption_image_index, hard.twin_row)
+    buffers: list[torch.Tensor] = []
+    allocate = StreamSplit._buffer
+
+    def recorded(self, shape):
+        buffers.append(allocate(self, shape))
+        return buffers[-1]
+
+    monkeypatch.setattr(StreamSplit, "_buffer", recorded)
+    stream = StreamSplit(split, device, True, twins, hard, 1)
+    assert all(r is not None for r in stream.readers.values())  # memory-mapped files: positioned reads
+    reference = DeviceSplit(split, torch.device("cpu"), True, twins, hard, 1)
+    g = torch.Generator().manual_seed(0)
+    index = [torch.randperm(48, generator=g)[:16] for _ in range(6)]
+    n = 0
+    for rows, batch in zip(index, iterate(stream, index)):
+        expect = reference.batch(rows)
+        for name, value in vars(expect).items():
+            got = getattr(batch, name)
+            assert (got is None) == (value is None), name
+            if value is not None:
+                assert got.device.type == device.type, name
+                assert torch.equal(got.cpu(), value), (name, rows.tolist())
+        n += 1
+    assert n == len(index) and buffers
+    return buffers
+
+
+def test_streamed_batches_equal_in_memory_ones(tmp_path, monkeypatch):
+    buffers = _streamed_against_in_memory(tmp_path, torch.device("cpu"), monkeypatch)
+    assert not any(b.is_pinned() for b in buffers)  # nothing to pin for the CPU
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_streamed_placement_on_cuda_reads_into_pinned_buffers(tmp_path, monkeypatch):
+    """train.placement stream on a CUDA device: every host buffer a batch is read into is pinned
+    (page-locked, so the non-blocking copy overlaps), and the batches that arrive on the GPU equal
+    the in-memory CPU batches field for field."""
+    buffers = _streamed_against_in_memory(tmp_path, torch.device("cuda"), monkeypatch)
+    assert all(b.is_pinned() for b in buffers), [tuple(b.shape) for b in buffers if not b.is_pinned()]
+
+
 def test_placement_auto_and_unknown(tmp_path):
     from crossalign.train.batches import choose_placement, held_bytes
 

@@ -1,8 +1,11 @@
-"""Split leaks the features stage refuses: a test binding twin pair whose image, or whose scene
-(the objects' centres, colours and shapes, which a binding swap keeps), is also in train would
-make the binding probe measure memory, not binding.
+"""Split leaks the features stage refuses, before it writes anything: two splits that share an image
+(by id, by file name, or -- synthetic data -- a binding twin's scene: the objects' centres, colours
+and shapes, which a swap keeps) would make val choose on train images, or the test numbers and the
+binding probe measure memory instead of generalisation.
 """
 from __future__ import annotations
+
+from itertools import combinations
 
 import numpy as np
 
@@ -47,4 +50,56 @@ def twin_leaks(test_records: list[dict], twins: list[dict], train_records: list[
             elif key is not None and any(same_scene(key, k) for k in train_scenes.get(key[0], [])):
                 leaks.append(f"test image {record['id']}'s scene (twin pair {twin['image']}/{twin['twin']}) "
                              f"is also a train scene")
+    return leaks
+
+
+def split_leaks(records: dict[str, list[dict]], twins: dict[str, list[dict]]) -> list[tuple[str, str]]:
+    """Every image two splits share -> ``(splits, description)``, e.g. ``("train/test", "image id 42
+    (42.png) in train and test")``: by image id, by ``file_name``, and by binding-twin scene (a
+    twin pair's image, listed in ``twins[split]`` as rows into ``records[split]``, whose scene
+    (:func:`same_scene`) is also an image of another split). ``records``: split -> image records
+    (``id``, optional ``file_name`` and ``objects``), in split order. Empty when the splits are
+    disjoint."""
+    names = list(records)
+    where_id: dict[int, list[str]] = {}
+    where_file: dict[str, list[str]] = {}
+    file_of: dict[int, str] = {}
+    for split in names:
+        for record in records[split]:
+            image = int(record["id"])
+            if split not in where_id.setdefault(image, []):
+                where_id[image].append(split)
+            file_of.setdefault(image, str(record.get("file_name")))
+            name = record.get("file_name")
+            if isinstance(name, str) and split not in where_file.setdefault(name, []):
+                where_file[name].append(split)
+    leaks = []
+    for a, b in combinations(names, 2):
+        pair = f"{a}/{b}"
+        leaks += [(pair, f"image id {i} ({file_of[i]}) in {a} and {b}") for i, s in where_id.items() if {a, b} <= set(s)]
+        leaks += [(pair, f"file {f} in {a} and {b}") for f, s in where_file.items() if {a, b} <= set(s)]
+        for x, y in ((a, b), (b, a)):
+            leaks += [(pair, text) for text in _scene_leaks(x, records[x], twins.get(x, []), y, records[y])]
+    return leaks
+
+
+def _scene_leaks(name: str, records: list[dict], twins: list[dict], other: str, other_records: list[dict]) -> list[str]:
+    """The twin-pair images of split ``name`` whose scene is an image of split ``other`` under another id."""
+    ids = {int(r["id"]) for r in other_records}
+    scenes: dict[tuple, list] = {}
+    for key in map(scene_key, other_records):
+        if key is not None:
+            scenes.setdefault(key[0], []).append(key)
+    if not scenes:
+        return []
+    leaks, seen = [], set()
+    for twin in twins:
+        for row in sorted((int(twin["image"]), int(twin["twin"]))):
+            record, key = records[row], scene_key(records[row])
+            if row in seen or key is None or int(record["id"]) in ids:
+                continue
+            seen.add(row)
+            if any(same_scene(key, k) for k in scenes.get(key[0], [])):
+                leaks.append(f"{name} image {record['id']}'s scene (twin pair {twin['image']}/{twin['twin']}) "
+                             f"is also a {other} scene")
     return leaks

@@ -34,7 +34,7 @@ from crossalign.config import Config, FeaturesParams
 from crossalign.device import resolve_device
 from crossalign.features.encoders import ImageEncoder, TextEncoder, build_image_encoder, build_text_encoder
 from crossalign.features import perturb
-from crossalign.features.leaks import twin_leaks
+from crossalign.features.leaks import split_leaks, twin_leaks
 from crossalign.features.hardneg import NegTextWriter, twin_row_array
 from crossalign.io import FeatureWriter, atomic_dir, drop_pages, load_npy, read_json, write_json
 
@@ -244,10 +244,38 @@ def twin_rows(records: list[dict], image_ids: np.ndarray) -> list[dict]:
     return twins
 
 
-def write_test_index(split_dir: Path, path: Path) -> dict:
-    """``eval/test_index.json``: image ids, each caption's image id, the captions and the twins,
-    in the row / column order of the test features. Fails when a twin pair's image or scene is
-    also in ``../train`` (:func:`crossalign.features.leaks.twin_leaks`): the probe would not be held out."""
+def split_records(split_dir: Path) -> list[dict]:
+    """The image records of a prepared split (``images.json``), each with the id its row has in
+    ``image_ids.npy``; raises ``ValueError`` naming the file when they disagree."""
+    image_ids = np.asarray(load_npy(split_dir / "image_ids.npy"), np.int64)
+    records = read_json(split_dir / "images.json")
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        raise ValueError(f"{split_dir / 'images.json'}: expected a list of image records")
+    if len(records) != len(image_ids):
+        raise ValueError(f"{split_dir / 'images.json'}: {len(records)} records for {len(image_ids)} image ids")
+    return [{**record, "id": int(i)} for record, i in zip(records, image_ids)]
+
+
+def check_disjoint(prepared: Path, splits: tuple[str, ...] = SPLITS) -> None:
+    """Stop unless the prepared splits share no image: by id, by file name or by binding-twin
+    scene (:func:`crossalign.features.leaks.split_leaks`), for every pair of splits. Runs before anything
+    is written; the error names the splits and the first offending images."""
+    records = {s: split_records(prepared / s) for s in splits}
+    twins = {s: twin_rows(records[s], np.array([r["id"] for r in records[s]], np.int64)) for s in splits}
+    leaks = split_leaks(records, twins)
+    if leaks:
+        pairs = list(dict.fromkeys(pair for pair, _ in leaks))
+        more = f" (and {len(leaks) - 10} more)" if len(leaks) > 10 else ""
+        raise ValueError(f"{prepared}: splits {', '.join(pairs)} are not disjoint, {len(leaks)} leak(s): "
+                         f"{'; '.join(text for _, text in leaks[:10])}{more}. Each image (id, file and binding-twin "
+                         "scene) must belong to exactly one of train/val/test; rerun the data and preprocess "
+                         "stages with a disjoint split. Nothing was written.")
+
+
+def build_test_index(split_dir: Path) -> dict:
+    """``eval/test_index.json``'s content: image ids, each caption's image id, the captions and the
+    twins, in the row / column order of the test features. Fails when a twin pair's image or scene
+    is also in ``../train`` (:func:`crossalign.features.leaks.twin_leaks`): the probe would not be held out."""
     image_ids = np.asarray(load_npy(split_dir / "image_ids.npy"), np.int64)
     cap_index = np.asarray(load_npy(split_dir / "caption_image_index.npy"), np.int64)
     records = read_json(split_dir / "images.json")
@@ -267,21 +295,30 @@ def write_test_index(split_dir: Path, path: Path) -> dict:
         if leaks:
             raise ValueError(f"{split_dir / 'images.json'} vs {train}: the binding probe would score twins seen in "
                              f"training ({len(leaks)}): {'; '.join(leaks[:5])}")
-    index = {"image_ids": image_ids.tolist(), "caption_image_ids": image_ids[cap_index].tolist(),
-             "captions": list(captions), "twins": twins}
+    return {"image_ids": image_ids.tolist(), "caption_image_ids": image_ids[cap_index].tolist(),
+            "captions": list(captions), "twins": twins}
+
+
+def write_test_index(split_dir: Path, path: Path) -> dict:
+    """Write :func:`build_test_index` of ``split_dir`` to ``path`` (nothing when it fails) and return it."""
+    index = build_test_index(split_dir)
     write_json(path, index)
     return index
 
 
 def run(cfg: Config, root: Path, progress: bool = True) -> Path:
     """Encode ``root/data/prepared/{train,val,test}`` into ``root/data/features/`` (atomically,
-    all splits or none) and write ``root/eval/test_index.json``. Returns the features directory."""
+    all splits or none) and write ``root/eval/test_index.json``. Returns the features directory.
+    The splits' disjointness (:func:`check_disjoint`) and the test index are checked first: bad
+    input leaves both outputs as they were."""
     params = cfg.features
     root = Path(root)
     prepared = root / "data" / "prepared"
     missing = [s for s in SPLITS if not (prepared / s / "images.npy").exists()]
     if missing:
         raise FileNotFoundError(f"{prepared}: no prepared split(s) {missing} (run the preprocess stage first)")
+    check_disjoint(prepared)  # before anything is replaced: a leaking split leaves the outputs as they were
+    index = build_test_index(prepared / "test")
     device = resolve_device(params.device, "features.device")
     torch.set_num_threads(params.threads or os.cpu_count() or 1)
     image_encoder = build_image_encoder(params.image_encoder, device)
@@ -290,5 +327,5 @@ def run(cfg: Config, root: Path, progress: bool = True) -> Path:
     with atomic_dir(out) as tmp:
         for split in SPLITS:
             encode_split(prepared / split, tmp / split, image_encoder, text_encoder, params, device, progress)
-    write_test_index(prepared / "test", root / "eval" / "test_index.json")
+    write_json(root / "eval" / "test_index.json", index)
     return out
