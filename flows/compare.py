@@ -157,6 +157,7 @@ def compare_aligners(root: str = ".", methods: list[str] | None = None, dataset:
     start = time.monotonic()
     project = Path(root).resolve()
     check_flow_parameters(project, max_parallel, dispatch, dispatch_retries)
+    validate_overrides(project, overrides_from(methods, dataset, epochs))  # a bad parameter writes nothing, not even the lock
     from prefect.runtime import flow_run
 
     # one flow run per project at a time, from before params.yaml is written to the last commit:
