@@ -28,16 +28,14 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from crossalign import config, mlflow_server
+from crossalign import config, mlflow_server, offline_defaults
 
 if TYPE_CHECKING:
     import torch
 
     from crossalign.methods.base import Aligner
 
-OFFLINE_ENV = {"DO_NOT_TRACK": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1",
-               "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-               "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error"}
+QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error"}  # a query prints its answer only
 _VAR = re.compile(r"\$\{\s*([^}]+?)\s*\}")
 
 
@@ -284,7 +282,8 @@ def _print(hits: list[dict], text: str | None, image: Path | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    for key, value in OFFLINE_ENV.items():
+    offline_defaults()
+    for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
     parser = argparse.ArgumentParser(prog="crossalign", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)

@@ -1,16 +1,13 @@
-"""What every stage entry point shares: ``--params`` parsing, offline/telemetry env, config load."""
+"""What every stage entry point shares: ``--params`` parsing and config load (the offline,
+no-telemetry environment is set by the ``tasks`` package, before any stage imports)."""
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Callable
 
 from crossalign import config
-
-OFFLINE_ENV = {"DO_NOT_TRACK": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1",
-               "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def stage_main(description: str, run: Callable[[argparse.Namespace, config.Config, Path], object],
@@ -19,8 +16,6 @@ def stage_main(description: str, run: Callable[[argparse.Namespace, config.Confi
     """Parse ``--params PATH`` (and a stage's own flags), load the typed config, call
     ``run(args, cfg, root)`` with ``root`` = the current directory. A bad config or bad input
     exits 2 with the message alone (no traceback)."""
-    for key, value in OFFLINE_ENV.items():
-        os.environ.setdefault(key, value)
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     if add_args:
