@@ -103,9 +103,11 @@ def artifact_root(cfg: Config, root: Path) -> Path:
 
 def shared_view() -> dict[str, Any]:
     """The runs-table view the experiment's ``viewStateShareKey`` link opens: run name, source and
-    the selection metrics as columns, best validation RSUM first (column keys as the UI spells them)."""
+    the selection metrics as columns (column keys as the UI spells them), newest run first. The
+    order is start time because the MLflow UI nests child runs (a tuning run's trials) under their
+    parent, collapsed, only in that order: sorted by a metric, every trial would be a row of its own."""
     return {"selectedColumns": ["attributes.`Source`", *(f"metrics.`{m}`" for m in VIEW_METRICS)],
-            "orderByKey": "metrics.`best_val_rsum`", "orderByAsc": False}
+            "orderByKey": "attributes.start_time", "orderByAsc": False}
 
 
 def setup(cfg: Config, root: str | Path = ".") -> str:
