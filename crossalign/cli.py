@@ -118,10 +118,38 @@ def check_project(params: Path, dvc_yaml: Path | None) -> tuple[config.Config | 
         lines = [f"{params}: missing param(s) that {dvc_yaml} stages read (DVC would remove those stages' outputs, then fail):"]
         for key, guess in missing:
             readers = ", ".join(s for s, ks in stages.items() if key in ks)
-            hint = f"; the file has `{guess}`: did you mean `{key}`?" if guess else ""
-            lines.append(f"  {key} (read by {readers}){hint}")
+            lines.append(f"  {key} (read by {readers}){missing_hint(key, guess, params.name)}")
         problems.append("\n".join(lines))
+    if cfg is not None:
+        problems += [f"{params}: {p}" for p in input_problems(cfg, params.resolve().parent)]
     return cfg, problems, len(keys)
+
+
+def missing_hint(key: str, guess: str | None, params_name: str) -> str:
+    """What to fix for a param key a stage reads but the file lacks, when the file has a key of
+    nearly the same spelling (``guess``). Either the file's key is the typo (``methods.cross_atention``
+    written for ``methods.cross_attention``), or the stage's key is: it was built from a misspelt
+    name in a list the stage's ``foreach`` reads (``train.methods: [cross_atention]``)."""
+    if not guess:
+        return ""
+    *section, name = key.split(".")
+    if name in config.allowed_keys(section) or not config.allowed_keys(section):
+        return f"; {params_name} has `{guess}` instead: rename it to `{key}`"
+    return (f"; `{name}` is not a key of `{'.'.join(section)}` (did you mean `{guess.rpartition('.')[2]}`?): "
+            f"fix the list in {params_name} that names it")
+
+
+def input_problems(cfg: config.Config, root: Path) -> list[str]:
+    """Inputs the config names that do not exist, found before any stage runs: ``data.folder``
+    of a ``coco-folder`` dataset (relative to the project root, as the data stage reads it)."""
+    problems = []
+    if cfg.data.dataset == "coco-folder" and cfg.data.folder:
+        folder = Path(cfg.data.folder)
+        where = folder if folder.is_absolute() else root / folder
+        if not where.is_dir():
+            problems.append(f"data.folder = {cfg.data.folder!r}: {where} is not a folder "
+                            "(data.dataset coco-folder reads its COCO caption files and images there)")
+    return problems
 
 
 def run_check(params: Path, dvc_yaml: Path | None) -> int:

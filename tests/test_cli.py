@@ -174,6 +174,46 @@ def test_check_finds_a_key_dvc_reads_that_the_file_lacks(repo_root, tmp_path, ca
     assert "train.patience (read by tune@concat_mlp" in err and "train@joint)" in err and "invalid configuration" not in err
 
 
+def test_check_says_which_side_of_a_section_typo_to_fix(repo_root, tmp_path, capsys):
+    """A misspelt section key: the file has the typo, the stage's key is right."""
+    text = (repo_root / "params.yaml").read_text()
+    assert "\n  cross_attention:\n" in text
+    params = _write(tmp_path / "params.yaml", text.replace("\n  cross_attention:\n", "\n  cross_atention:\n"))
+    assert cli.main(["check", "--params", params, "--dvc-yaml", str(repo_root / "dvc.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "methods.cross_atention: unknown key" in err and "did you mean `cross_attention`?" in err
+    assert ("methods.cross_attention (read by tune@cross_attention, train@cross_attention); params.yaml has "
+            "`methods.cross_atention` instead: rename it to `methods.cross_attention`") in err
+    assert "did you mean `methods.cross_atention`" not in err
+
+
+def test_check_says_which_side_of_a_list_typo_to_fix(repo_root, tmp_path, capsys):
+    """A misspelt name in train.methods: the stage's key (built from it) is the typo, not the file's."""
+    text = (repo_root / "params.yaml").read_text()
+    line = next(ln for ln in text.splitlines() if ln.startswith("  methods: [") and "cross_attention" in ln)
+    params = _write(tmp_path / "params.yaml", text.replace(line, line.replace("cross_attention", "cross_atention")))
+    assert cli.main(["check", "--params", params, "--dvc-yaml", str(repo_root / "dvc.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "unknown methods ['cross_atention']" in err
+    assert ("methods.cross_atention (read by tune@cross_atention, train@cross_atention); `cross_atention` is not a "
+            "key of `methods` (did you mean `cross_attention`?): fix the list in params.yaml that names it") in err
+    assert "did you mean `methods.cross_atention`" not in err
+
+
+def test_check_fails_on_a_coco_folder_that_does_not_exist(repo_root, tmp_path, capsys):
+    text = (repo_root / "params.yaml").read_text()
+    dataset = next(ln for ln in text.splitlines() if ln.startswith("  dataset: synthetic"))
+    folder = next(ln for ln in text.splitlines() if ln.startswith("  folder: null"))
+    text = text.replace(dataset, "  dataset: coco-folder").replace(folder, "  folder: my-coco")
+    params = _write(tmp_path / "params.yaml", text)
+    argv = ["check", "--params", params, "--dvc-yaml", str(repo_root / "dvc.yaml")]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"data.folder = 'my-coco': {tmp_path / 'my-coco'} is not a folder" in err  # relative to the project
+    (tmp_path / "my-coco").mkdir()
+    assert cli.main(argv) == 0, capsys.readouterr().err
+
+
 def test_dvc_param_keys_expands_foreach_and_reports_unknown_vars(tmp_path):
     dvc_yaml = tmp_path / "dvc.yaml"
     dvc_yaml.write_text(

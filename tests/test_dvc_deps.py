@@ -100,3 +100,20 @@ def test_closure_follows_from_imports_and_packages() -> None:
             "crossalign/config.py", "crossalign/evaluation.py", "crossalign/retrieval.py"} <= files
     assert "crossalign/methods/joint.py" in files  # via crossalign.methods' __init__, which imports every method
     assert not any(f.startswith("flows/") for f in files)
+
+
+def test_every_dataset_folder_is_ignored_ahead_so_dvc_leaves_the_gitignore_alone() -> None:
+    """DVC appends a stage output's folder to the .gitignore beside it unless git already ignores
+    it: the tracked data/raw/.gitignore lists every dataset the data stage can write."""
+    import shutil
+    import subprocess
+
+    from crossalign import config, data
+
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("needs git and the repository's work tree")
+    raw_dir = config.Config().data.raw_dir
+    for dataset in data._builders():
+        path = f"{raw_dir}/{dataset}"
+        ignored = subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT)
+        assert ignored.returncode == 0, f"{path} is not ignored yet: DVC would append it to {raw_dir}/.gitignore"
