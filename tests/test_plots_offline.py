@@ -25,7 +25,8 @@ def repo(tmp_path: Path) -> Path:
     """A DVC repo with the project's dvc.yaml/params.yaml and a training curve per method."""
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
     subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=tmp_path, check=True)
-    for name in ("dvc.yaml", "params.yaml"):
+    for name in ("dvc.yaml", "params.yaml", ".dvc/plots/training_curve.json"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / name, tmp_path / name)
     (tmp_path / "plots" / "train").mkdir(parents=True)
     for i, m in enumerate(METHODS):
