@@ -4,6 +4,7 @@
     crossalign search "a red circle left of a blue square" --top 5   # best test images
     crossalign search --image photo.jpg --top 5                        # best test captions
     crossalign mlflow-server --host 0.0.0.0 --port 5000 --backend-store-uri ... --artifacts-destination ...
+    crossalign summary --elapsed 582                                   # where to look after a run (`make run`)
 
 ``check`` validates ``params.yaml`` with the typed config (unknown keys get a "did you mean"
 suggestion) and checks that every param key a ``dvc.yaml`` stage lists is written in the file:
@@ -324,6 +325,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--top", type=int, default=5, help="results to print (default 5)")
     s.add_argument("--split", default="test", choices=("train", "val", "test"), help="split searched")
     s.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    w = sub.add_parser("summary", help="where to look after a run: the report, the MLflow runs table, the metrics")
+    w.add_argument("--elapsed", type=float, help="seconds the run took (printed first)")
+    w.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     m = sub.add_parser("mlflow-server", help="run the MLflow tracking server every host logs to (basic-auth)",
                        description=mlflow_server.__doc__.split("\n\n")[0])
     mlflow_server.add_arguments(m)
@@ -332,6 +336,15 @@ def main(argv: list[str] | None = None) -> int:
         return run_check(Path(args.params), Path(args.dvc_yaml))
     if args.command == "mlflow-server":
         return mlflow_server.run(args)
+    if args.command == "summary":
+        from crossalign import summary
+
+        try:
+            print("\n".join(summary.lines(config.load(args.params), Path.cwd(), args.elapsed)))
+        except config.ConfigError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        return 0
     if (args.text is None) == (args.image is None):
         s.error("give either a query text or --image PATH")
     if args.text is not None and not args.text.strip():

@@ -110,6 +110,30 @@ def shared_view() -> dict[str, Any]:
             "orderByKey": "attributes.start_time", "orderByAsc": False}
 
 
+def runs_url(base: str, experiment_id: str) -> str:
+    """The address of the experiment's runs table with the shared view (``base``: the MLflow UI's
+    or server's address): ``workflowType=machine_learning`` opens the table, not MLflow's GenAI
+    overview, and ``viewStateShareKey`` applies :func:`shared_view`."""
+    return (f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+            f"&viewStateShareKey={SHARED_VIEW_KEY}")
+
+
+def experiment_id(cfg: Config, root: Path) -> str | None:
+    """The id of ``tracking.experiment`` in the store, or None when the store or experiment does
+    not exist yet (a SQLite store is only read: nothing is created)."""
+    uri = resolve_uri(cfg.tracking.tracking_uri, Path(root))
+    path = _sqlite_path(uri)
+    if path is not None:  # read the file directly: opening it through MLflow checks (and may migrate) its schema
+        if not path.exists():
+            return None
+        with contextlib.closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as db:
+            row = db.execute("SELECT experiment_id FROM experiments WHERE name = ? AND lifecycle_stage = 'active'",
+                             (cfg.tracking.experiment,)).fetchone()
+        return str(row[0]) if row else None
+    exp = MlflowClient(tracking_uri=uri).get_experiment_by_name(cfg.tracking.experiment)
+    return exp.experiment_id if exp is not None else None
+
+
 def setup(cfg: Config, root: str | Path = ".") -> str:
     """Create (once) the store, the experiment and the registered model -> experiment id.
 

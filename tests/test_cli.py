@@ -243,3 +243,31 @@ def test_help_and_a_real_query_print_nothing_else(project, tmp_path):
                            timeout=300)
     assert query.returncode == 0, query.stderr
     assert query.stdout.strip() == "(1, 384)" and query.stderr == "", query.stderr
+
+
+def test_summary_names_the_report_the_runs_table_and_the_metrics(tmp_path):
+    from crossalign import summary, tracking
+
+    cfg = tiny_config(tmp_path)
+    before = summary.lines(cfg, tmp_path, 5.4)
+    assert before[0] == "Finished in 5 s. Where to look:" and "no experiment 'crossalign' yet" in before[3]
+    assert not (tmp_path / "mlruns" / "mlflow.db").exists()  # the summary creates no store
+    exp_id = tracking.setup(cfg, tmp_path)
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "reports" / "comparison.md").write_text("# Method comparison\n")
+    (tmp_path / "reports" / "selection.json").write_text('{"champion": "joint"}')
+    text = "\n".join(summary.lines(cfg, tmp_path, 582))
+    assert text.startswith("Finished in 9 min 42 s. Where to look:")
+    assert "report   reports/comparison.md (champion: joint)" in text
+    assert (f"http://127.0.0.1:5000/#/experiments/{exp_id}/runs?workflowType=machine_learning"
+            f"&viewStateShareKey={tracking.SHARED_VIEW_KEY}") in text
+    assert f".venv/bin/mlflow ui --backend-store-uri {cfg.tracking.tracking_uri}" in text
+    assert "metrics  .venv/bin/dvc metrics show" in text
+    assert summary.elapsed_text(3725) == "1 h 02 min" and summary.elapsed_text(60) == "1 min 0 s"
+
+
+def test_make_run_ends_with_the_summary_and_its_time(repo_root):
+    recipe = (repo_root / "Makefile").read_text().split("\nrun:", 1)[1].split("\n\n", 1)[0]
+    steps = [step for step in ("crossalign check", "dvc repro", "crossalign summary --elapsed") if step in recipe]
+    assert steps == ["crossalign check", "dvc repro", "crossalign summary --elapsed"]
+    assert recipe.index("crossalign check") < recipe.index("dvc repro") < recipe.index("crossalign summary")
