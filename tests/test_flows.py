@@ -301,3 +301,27 @@ def test_stage_env_names_the_flow_run_so_mlflow_runs_are_tagged_with_it(prefect_
     assert "CROSSALIGN_FLOW_RUN_ID" not in stage_env(node, toy, None)  # outside a flow run: none
     monkeypatch.setenv("CROSSALIGN_FLOW_RUN_ID", "comparison-id")  # a worker's stage run keeps the comparison's
     assert probe() == "comparison-id"
+
+
+@pytest.mark.slow
+def test_compare_on_an_up_to_date_project_prints_no_traceback(toy: Path, tmp_path: Path):
+    """`python -m flows.compare` as a user runs it, in a shell without the Makefile's telemetry
+    settings and with no Prefect server (Prefect starts a temporary one): every stage skipped,
+    exit 0, and nothing on the terminal from telemetry (a failed send offline, SQLite locked by
+    the server's telemetry service) or MLflow warnings."""
+    import os
+    import subprocess
+    import sys
+
+    dvc(toy, "repro")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "DO_NOT_TRACK", "DVC_NO"))}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PYTHONPATH=str(Path(compare.__file__).parents[1]),
+               PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180",  # as prefect.toml: a loaded CPU
+               PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]))
+    done = subprocess.run([sys.executable, "-m", "flows.compare", "--root", str(toy)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-3000:]
+    for bad in ("Traceback", "telemetry", "database is locked", "UserWarning", "\x1b["):
+        assert bad not in out, f"{bad!r} in:\n{out[-3000:]}"
+    assert out.count("is up to date (dvc status): skipped") == len(read_dag(toy))
