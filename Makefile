@@ -30,7 +30,9 @@ run: $(STAMP)
 	echo "$(BIN)/dvc repro"; $(BIN)/dvc repro; \
 	$(BIN)/crossalign summary --elapsed $$(( $$(date +%s) - start ))
 
+# lint-imports: the layering contracts in pyproject.toml ([tool.importlinter]).
 test: $(STAMP)
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)

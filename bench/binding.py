@@ -20,11 +20,12 @@ import yaml
 
 from bench import entry
 from crossalign import config
-from crossalign.binding import binding_probe
+from crossalign.evaluate.binding import binding_probe
 from crossalign.io import load_features, read_json
 from crossalign.methods import load_aligner
-from crossalign.retrieval import retrieval_metrics, score_matrices
-from crossalign.training import first_images, train_seed
+from crossalign.retrieval.protocol import retrieval_metrics
+from crossalign.retrieval.scoring import score_matrices
+from crossalign.train.stage import first_images, train_seed
 
 
 def parse_value(text: str):

@@ -9,9 +9,9 @@ Trains and evaluates each method on the default features (``data/features``, wri
 
 Settings (``--grid``): ``steps`` (default) = all off, all on, then each ingredient alone; ``full`` =
 all 8 combinations. Every run uses params.yaml otherwise (default epochs, early stopping on val),
-one seed (``train.seeds: [0]``), through the real code: ``crossalign.training.run`` into a scratch
-root whose ``data/features`` links to the real one, then ``crossalign.evaluation.evaluate_model`` on
-test and the binding probe (``crossalign.binding``, 95 % CIs over twin pairs) on the test twins of
+one seed (``train.seeds: [0]``), through the real code: ``crossalign.train.stage.run`` into a scratch
+root whose ``data/features`` links to the real one, then ``crossalign.evaluate.stage.evaluate_model`` on
+test and the binding probe (``crossalign.evaluate.binding``, 95 % CIs over twin pairs) on the test twins of
 ``eval/test_index.json``.
 
     python -m bench.binding_ablation                       # all methods, steps grid, 1 thread
@@ -90,10 +90,11 @@ def run_one(raw: dict, method: str, root: Path, scratch: Path, log) -> dict:
     import numpy as np
     import torch
 
-    from crossalign import config, training
-    from crossalign.binding import binding_probe
+    from crossalign import config
+    from crossalign.train import stage as training
+    from crossalign.evaluate.binding import binding_probe
     from crossalign.device import resolve_device
-    from crossalign.evaluation import evaluate_model
+    from crossalign.evaluate.stage import evaluate_model
     from crossalign.io import load_features, read_json
     from crossalign.methods import load_aligner
 
@@ -154,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import torch
 
-    from crossalign import config, hardneg
+    from crossalign import config
+    from crossalign.features import hardneg
 
     torch.set_num_threads(args.threads)
     root = Path(args.root)

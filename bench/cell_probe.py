@@ -1,4 +1,4 @@
-"""Does a frozen image-grid cell carry the attributes binding needs? (issue 13's evidence)
+"""Does a frozen image-grid cell carry the attributes binding needs? (the image side of binding)
 
 For every object of the synthetic scenes, the image encoder's grid cell under the object's centre
 (``data/features/<split>/image_tokens.npy``, row-major 7x7) is the input of a linear probe

@@ -6,7 +6,7 @@ Scorer: the real ``cross_attention`` method (``methods`` defaults: embed_dim 256
 dims, MiniLM). Every image is scored against every caption (5 per image), as the COCO
 protocol needs for a method that only scores pairs.
 
-- ``all_pairs`` (ours): :func:`crossalign.retrieval.score_states` -- states encoded once per
+- ``all_pairs`` (ours): :func:`crossalign.retrieval.scoring.score_states` -- states encoded once per
   image / caption, then ``match_block`` tiles of ``--block-images x --block-texts``.
 - ``albef_loop`` (the reference): ALBEF's ``evaluation()`` in ``Retrieval.py`` -- for each query
   image, its features repeated over a batch of ``k_test`` = 256 candidates and the fusion run on
@@ -40,7 +40,8 @@ from bench import entry
 from crossalign import config
 from crossalign.methods import build_aligner
 from crossalign.methods.base import Aligner, State, index_state
-from crossalign.retrieval import i2t_ranks, score_states, t2i_ranks
+from crossalign.retrieval.protocol import i2t_ranks, t2i_ranks
+from crossalign.retrieval.scoring import score_states
 
 RESULTS = Path(__file__).resolve().parent / "results"
 K_TEST = 256  # ALBEF's k_test: candidates per forward pass of one query

@@ -8,11 +8,11 @@ bert-base-uncased vocabulary, tiled to ``--captions``. Both sides see the same t
   host (``(x / 255 - 0.5) / 0.5``), ``EfficientNetLite0.features`` -> grid tokens + mean.
 - naive, captions: one caption at a time through the MiniLM ``AutoModel``, ``torch.no_grad``,
   fp32, mean over its tokens.
-- ours: :func:`crossalign.features.encode_images` / :func:`~crossalign.features.encode_texts`
+- ours: :func:`crossalign.features.stage.encode_images` / :func:`~crossalign.features.stage.encode_texts`
   (batched, inference_mode, channels-last, normalisation on the device; on CUDA bf16 autocast,
   pinned memory, non-blocking copies, reader/writer threads), writing fp16 into open_memmap
   files, for each ``--batch-sizes`` value.
-- memory: :func:`crossalign.features.encode_split` on on-disk prepared splits of two sizes, each
+- memory: :func:`crossalign.features.stage.encode_split` on on-disk prepared splits of two sizes, each
   in a fresh subprocess; peak RSS from ``resource.getrusage`` (maxrss) and the RSS once the
   models are loaded, to show that memory is set by the batch, not the split.
 
@@ -46,7 +46,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def sample_inputs(n_images: int, n_captions: int, size: int = 224, seed: int = 0) -> tuple[np.ndarray, list[list[int]], str]:
     """uint8 images ``(n, 3, size, size)`` and token id lists, from the COCO sample if present."""
-    from crossalign.tokenize import load_tokenizer
+    from crossalign.preprocess.tokenize import load_tokenizer
 
     tok = load_tokenizer("offline")
     annotations = SAMPLE / "annotations" / "captions_train2017.json"
@@ -100,7 +100,7 @@ def naive_texts(model: torch.nn.Module, ids: list[list[int]], device: torch.devi
 def ours_images(images, encoder, batch: int, device, tmp: Path) -> None:
     from numpy.lib.format import open_memmap
 
-    from crossalign.features import encode_images
+    from crossalign.features.stage import encode_images
 
     n, side = images.shape[0], images.shape[-1]
     r, d = encoder.grid(side)[0] * encoder.grid(side)[1], encoder.dim
@@ -110,7 +110,7 @@ def ours_images(images, encoder, batch: int, device, tmp: Path) -> None:
 
 
 def ours_texts(ids, encoder, batch: int, device, tmp: Path) -> None:
-    from crossalign.features import Captions, encode_texts
+    from crossalign.features.stage import Captions, encode_texts
     from crossalign.io import FeatureWriter
 
     offsets = np.cumsum([0] + [len(s) for s in ids]).astype(np.int64)
@@ -144,9 +144,9 @@ def write_split(root: Path, n_images: int, captions_per_image: int = 5) -> Path:
 def rss_child(split: str, device: str, batch: int, text_batch: int, threads: int) -> None:
     """Subprocess body: encode one on-disk split, print peak RSS as JSON."""
     from crossalign.config import FeaturesParams
-    from crossalign.encoders import build_image_encoder, build_text_encoder
+    from crossalign.features.encoders import build_image_encoder, build_text_encoder
     from crossalign.device import resolve_device
-    from crossalign.features import encode_split
+    from crossalign.features.stage import encode_split
 
     torch.set_num_threads(threads or os.cpu_count() or 1)
     dev = resolve_device(device)
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         rss_child(args.rss_child, args.device, int(args.batch_sizes or 16), args.text_batch, args.threads)
         return 0
 
-    from crossalign.encoders import build_image_encoder, build_text_encoder
+    from crossalign.features.encoders import build_image_encoder, build_text_encoder
     from crossalign.device import resolve_device
 
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
@@ -197,8 +197,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from transformers import AutoModel
 
-    from crossalign.encoders.efficientnet_lite import load_efficientnet_lite0
-    from crossalign.encoders.text import default_model_path
+    from crossalign.features.encoders.efficientnet_lite import load_efficientnet_lite0
+    from crossalign.features.encoders.text import default_model_path
 
     naive_net = load_efficientnet_lite0().to(device)  # models load outside the timings, on both sides
     naive_text = AutoModel.from_pretrained(str(default_model_path())).to(device).eval()

@@ -1,5 +1,5 @@
-"""Training-step time, interleaved: the pre-issue-9 batch gather (whole split widened to float32 in
-RAM, ``SplitTensors``, reproduced below) vs ``crossalign.batches.DeviceSplit`` (fp16 in RAM; methods
+"""Training-step time, interleaved: the old batch gather (whole split widened to float32 in
+RAM, ``SplitTensors``, reproduced below) vs ``crossalign.train.batches.DeviceSplit`` (fp16 in RAM; methods
 that read pooled features only skip the tokens). Default set's shapes (bench/train.py), CPU, one
 model per variant from the same seed; old and new steps alternate so load drift on a shared
 machine hits both alike. Median seconds per step after one warm-up step.
@@ -16,12 +16,12 @@ import torch
 from bench import entry
 from bench.train import synthetic_split
 from crossalign import config
-from crossalign.batches import DeviceSplit
+from crossalign.train.batches import DeviceSplit
 from crossalign.methods import get_method
 from crossalign.methods.base import Batch
 
 
-class Old:  # the pre-issue-9 SplitTensors.of + .batch, same logic
+class Old:  # the old SplitTensors.of + .batch, same logic
     def __init__(s, train):
         padded, lengths = train.text.gather()
         t = lambda a, dt: torch.from_numpy(np.ascontiguousarray(a)).to(dt)

@@ -8,10 +8,10 @@ Both run on the same real COCO JPEGs (``../shared/coco-sample/train2017``, all 8
   threads. ``.convert("RGB")`` is needed for the loop to survive COCO's grayscale images.
 - article, captions: per caption ``tokenizer(c, padding="max_length", max_length=128,
   truncation=True, return_tensors="pt")`` with the same fast tokenizer as ours.
-- ours, images: :func:`crossalign.preprocess.write_images` (JPEG draft decode, one bicubic
+- ours, images: :func:`crossalign.preprocess.stage.write_images` (JPEG draft decode, one bicubic
   resample, uint8, streamed into an ``open_memmap`` file) over a process pool already started.
-- ours, captions: :func:`crossalign.tokenize.tokenize` (batched, truncated, no padding).
-- ours, stage end to end: :func:`crossalign.preprocess.run` on a raw folder of the same images
+- ours, captions: :func:`crossalign.preprocess.tokenize.tokenize` (batched, truncated, no padding).
+- ours, stage end to end: :func:`crossalign.preprocess.stage.run` on a raw folder of the same images
   (pool start, tokenizer load, all files written), images/s over all the split's images.
 - info rows: the article's loop with torch at one thread, and in a pool of the same process count
   as ours (one thread each): the like-for-like comparisons.
@@ -107,7 +107,7 @@ def best_rates(jobs: dict[str, tuple[Callable[[], object], int]], trials: int) -
 
 def content_check(paths: list[str]) -> dict:
     """Mean absolute difference of our pixels against a full decode (same filter) and the article's."""
-    from crossalign.images import decode_image
+    from crossalign.preprocess.images import decode_image
 
     ours_vs_full, ours_vs_article = [], []
     for p in paths:
@@ -147,7 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     need_sample()
     import torch
 
-    from crossalign import config, preprocess, tokenize
+    from crossalign import config
+    from crossalign.preprocess import stage as preprocess
+    from crossalign.preprocess import tokenize
     from crossalign.io import write_json
 
     doc = json.loads((SAMPLE / "annotations" / "captions_train2017.json").read_text())

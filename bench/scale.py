@@ -6,9 +6,9 @@ them), 5 captions per image with a few 6s and 7s so the totals match Karpathy's 
 25,010 / 25,010 captions), caption lengths drawn from the token lengths of the
 ``../shared/coco-sample`` captions under the project's offline tokenizer, EfficientNet-Lite0
 grids (49 x 1280) and MiniLM states (384), seeded random fp16 values. Then, each in its own
-subprocess: ``train`` for every method (``crossalign.training.run`` capped at ``--steps`` steps,
+subprocess: ``train`` for every method (``crossalign.train.stage.run`` capped at ``--steps`` steps,
 one epoch, early-stopping validation on the first ``--val-images`` val images) and
-``evaluate_model`` (``crossalign.evaluation``) for ``contrastive`` and ``joint`` on the whole
+``evaluate_model`` (``crossalign.evaluate.stage``) for ``contrastive`` and ``joint`` on the whole
 test split (5K + the 1K folds) and for ``cross_attention`` on one 1K fold, whose rate gives the
 5K all-pairs time by extrapolation. Per stage: wall time, peak RSS of the process tree (psutil,
 sampled every 0.1 s), pairs/s; per split: disk used.
@@ -45,7 +45,7 @@ EVALS = (("contrastive", 0), ("joint", 0), ("cross_attention", None))  # (method
 # ------------------------------------------------------------------------------------- build
 def caption_lengths(sample: Path) -> np.ndarray:
     """Token lengths ([CLS] + WordPiece + [SEP], offline tokenizer, max 128) of the sample captions."""
-    from crossalign.tokenize import OFFLINE, load_tokenizer, tokenize
+    from crossalign.preprocess.tokenize import OFFLINE, load_tokenizer, tokenize
 
     captions = [a["caption"] for a in json.loads(sample.read_text())["annotations"]]
     _, offsets = tokenize(load_tokenizer(OFFLINE), captions, 128)
@@ -122,7 +122,7 @@ def bench_config(params: Path, val_images: int, placement: str):
 def stage_train(args: argparse.Namespace) -> dict:
     """The real training run for ``--steps`` steps. The loop's pairs/s excludes setup and the
     epoch's validation (timed by wrapping ``training.validation_metrics`` in this process)."""
-    from crossalign import training
+    from crossalign.train import stage as training
 
     cfg = bench_config(args.params, args.val_images, args.placement)
     marks: list[tuple[float, str]] = []
@@ -156,7 +156,8 @@ def stage_evaluate(args: argparse.Namespace) -> dict:
 
     import torch
 
-    from crossalign import evaluation, training
+    from crossalign.evaluate import stage as evaluation
+    from crossalign.train import stage as training
     from crossalign.io import load_features
     from crossalign.methods import load_aligner
 
@@ -199,7 +200,7 @@ def run_child(argv: list[str], log_path: Path, time_limit: float | None = None) 
     wall = time.perf_counter() - start
     row = {"wall_s": round(wall, 2), "peak_rss_mb": round(peak / 2**20, 1)}
     if stopped:
-        rates = [line.split("crossalign.retrieval: ", 1)[1] for line in log_path.read_text().splitlines()
+        rates = [line.split("crossalign.retrieval.scoring: ", 1)[1] for line in log_path.read_text().splitlines()
                  if "first block at" in line]
         return {**row, "stopped_after_s": round(wall, 1), "first_block_rates": rates}
     if proc.returncode != 0:

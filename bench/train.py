@@ -28,8 +28,8 @@ from crossalign.config import METHOD_NAMES
 from crossalign.io import FeatureSplit, PackedText, atomic_file
 from crossalign.methods import get_method
 from crossalign.device import resolve_device
-from crossalign.batches import open_split
-from crossalign.training import first_images, lr_at, validation_metrics
+from crossalign.train.batches import open_split
+from crossalign.train.stage import first_images, lr_at, validation_metrics
 
 
 def synthetic_split(n_images: int, captions: int, regions: int, image_dim: int, text_dim: int,

@@ -3,6 +3,7 @@
     crossalign check                                                   # params.yaml vs the typed config and dvc.yaml
     crossalign search "a red circle left of a blue square" --top 5   # best test images
     crossalign search --image photo.jpg --top 5                        # best test captions
+    crossalign overlay params-coco-gpu.yaml --flag=-S                  # -S data.dataset=coco-karpathy -S ...
     crossalign mlflow-server --host 0.0.0.0 --port 5000 --backend-store-uri ... --artifacts-destination ...
     crossalign summary --elapsed 582                                   # where to look after a run (`make run`)
 
@@ -11,30 +12,28 @@ suggestion) and checks that every param key a ``dvc.yaml`` stage lists is writte
 DVC removes a stage's outputs *before* it notices a missing param, so this runs first (``make
 run``, the Prefect flow, and the README's ``crossalign check && dvc repro``).
 
-The query goes through the same frozen encoder the features stage used (``features.*``), the
-champion (``models:/<tracking.registered_model>@champion``) ranks the test split with the same
-ranking as its evaluation (similarity, exact matching, or shortlist re-rank). Heavy modules
-(torch, MLflow, transformers) are imported only when a search runs, so ``--help`` and ``check``
-answer at once and print nothing else.
+``overlay`` prints a params overlay (a YAML file with only the keys that differ from
+``params.yaml``, e.g. ``params-coco-gpu.yaml``) as the dotted overrides ``dvc exp run -S`` takes, in
+the grammar DVC's ``--set-param`` parses (Hydra): lists as ``[a,b]``, strings bare, booleans
+``true``/``false``, null as ``null``.
+
+``search`` is :mod:`crossalign.select.search`. Heavy modules (torch, MLflow, transformers) are
+imported only when a search runs, so ``--help``, ``check`` and ``overlay`` answer at once.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import sys
-import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
 
-from crossalign import config, mlflow_server, offline_defaults
-
-if TYPE_CHECKING:
-    import torch
-
-    from crossalign.methods.base import Aligner
+from crossalign import config, offline_defaults
+from crossalign.tracking import mlflow_server
 
 QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error"}  # a query prints its answer only
 _VAR = re.compile(r"\$\{\s*([^}]+?)\s*\}")
@@ -165,138 +164,45 @@ def run_check(params: Path, dvc_yaml: Path | None) -> int:
     return 0
 
 
+# -------------------------------------------------------------------------------------- overlay
+def _override_value(value: Any) -> str:
+    if isinstance(value, str):
+        if not value or any(c in value for c in " ,[]{}='\"\\"):
+            raise ValueError(f"overlay value {value!r}: use a value without spaces, quotes, brackets or commas")
+        return value
+    return json.dumps(value, separators=(",", ":"))  # numbers, true/false, null, lists
+
+
+def overrides(overlay: dict[str, Any], prefix: str = "") -> list[str]:
+    """Nested dict -> ['section.key=value', ...] in file order (lists are leaves)."""
+    out = []
+    for key, value in overlay.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.extend(overrides(value, name + "."))
+        else:
+            out.append(f"{name}={_override_value(value)}")
+    return out
+
+
+def load_overlay(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    data = yaml.safe_load(path.read_text())
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of params sections, got {type(data).__name__}")
+    return data
+
+
 # --------------------------------------------------------------------------------------- search
-class NoChampion(RuntimeError):
-    """The registry has no ``champion`` alias yet."""
-
-
 def _quiet() -> None:
-    """Silence what a query would otherwise print besides its answer: the UserWarning MLflow
-    raises whenever the pyfunc model (whose ``predict`` has no type hints) is defined or loaded,
-    and transformers' "Loading weights" progress bars. MLflow re-enables its UserWarnings inside
-    ``filter_user_warnings_once``, which beats a warnings filter, so that one message is dropped
-    where warnings are shown; every other warning still shows."""
-    shown = warnings.showwarning
-
-    def showwarning(message, category, *args, **kwargs):  # noqa: ANN001 - warnings' own signature
-        if issubclass(category, UserWarning) and "type hints to the `predict` method" in str(message):
-            return
-        shown(message, category, *args, **kwargs)
-
-    warnings.showwarning = showwarning
+    """Silence transformers' "Loading weights" progress bars and info lines, which a query would
+    otherwise print besides its answer."""
     try:
         from transformers.utils import logging as hf_logging
     except ImportError:  # transformers is only needed by HF encoders
         return
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-
-
-def load_champion(cfg: config.Config, root: Path) -> tuple["Aligner", object]:
-    """The champion model and its registry version; :class:`NoChampion` when there is none."""
-    from crossalign import registry
-    from crossalign.tracking import load_logged_aligner
-
-    version = registry.current_champion(cfg, root)
-    if version is None:
-        raise NoChampion(f"no champion yet: registered model {cfg.tracking.registered_model!r} has no "
-                         f"@{registry.CHAMPION} alias in {registry.tracking_uri(cfg, root)}. "
-                         "Run the pipeline first (`make run`, or `python -m tasks.select` after evaluation).")
-    with registry.using(cfg, root):
-        model = load_logged_aligner(registry.champion_uri(cfg))
-    return model.eval(), version
-
-
-def text_features(cfg: config.Config, text: str, device: "torch.device") -> tuple["torch.Tensor", ...]:
-    """A query caption -> frozen features as stored: tokens (1, L, Dt), mask (1, L), pooled (1, Dt)."""
-    import torch
-
-    from crossalign.encoders import build_text_encoder
-
-    enc = build_text_encoder(cfg.features.text_encoder, device)
-    ids = enc.tokenize([text], min(cfg.preprocess.max_length, enc.max_length))[0]
-    input_ids = torch.tensor([ids], device=device)  # (1, L)
-    mask = torch.ones_like(input_ids)  # (1, L)
-    with torch.inference_mode():
-        tokens, pooled = enc(input_ids, mask)  # (1, L, Dt), (1, Dt)
-    return tokens.half().float(), mask.bool(), pooled.half().float()
-
-
-def image_features(cfg: config.Config, path: Path, device: "torch.device") -> tuple["torch.Tensor", "torch.Tensor"]:
-    """A query image file -> frozen features as stored: tokens (1, R, Di), pooled (1, Di).
-    A file that is not a usable image raises ``ValueError`` naming ``path`` and the reason."""
-    import torch
-
-    from crossalign.encoders import build_image_encoder
-    from crossalign.images import BadImage, decode_image
-
-    try:
-        pixels = decode_image(path, cfg.preprocess.image_size, cfg.preprocess.resize, cfg.preprocess.max_pixels)
-    except BadImage as err:
-        raise ValueError(f"{path}: {err}") from None
-    enc = build_image_encoder(cfg.features.image_encoder, device)
-    with torch.inference_mode():
-        tokens, pooled = enc(torch.from_numpy(pixels)[None].to(device))  # (1, R, Di), (1, Di)
-    return tokens.half().float(), pooled.half().float()
-
-
-def image_path(cfg: config.Config, file_name: str | None) -> str | None:
-    """Where a prepared image record's file lies, relative to the project root (as the data stage
-    wrote it: ``<data.raw_dir>/<data.dataset>/images/<file_name>``)."""
-    if not file_name:
-        return None
-    return (Path(cfg.data.raw_dir) / cfg.data.dataset / "images" / file_name).as_posix()
-
-
-def search(cfg: config.Config, root: Path, text: str | None = None, image: Path | None = None,
-           top: int = 5, split: str = "test") -> list[dict]:
-    """Rank ``split``'s images for a caption (or its captions for an image) with the champion."""
-    import numpy as np
-    import torch
-
-    from crossalign.device import resolve_device
-    from crossalign.io import load_features, read_json
-    from crossalign.retrieval import encode_images, encode_texts, score_states
-
-    if (text is None) == (image is None):
-        raise ValueError("give either a query text or --image PATH")
-    if text is not None and not text.strip():
-        raise ValueError("the query text is empty")
-    device = resolve_device(cfg.evaluate.device, "evaluate.device")
-    model, version = load_champion(cfg, root)
-    model = model.to(device)
-    feats = load_features(root / "data" / "features" / split)
-    prepared = root / "data" / "prepared" / split
-    ev = cfg.evaluate
-    with torch.inference_mode():
-        if text is not None:
-            tokens, mask, pooled = text_features(cfg, text, device)
-            query = model.encode_texts(tokens, mask, pooled)
-            _, t2i = score_states(model, encode_images(model, feats, device), query,
-                                  ev.block_images, ev.block_texts, ev.pair_chunk)
-            scores = t2i[:, 0]  # (N,)
-            records = read_json(prepared / "images.json") if (prepared / "images.json").exists() else None
-        else:
-            tokens, pooled = image_features(cfg, image, device)
-            query = model.encode_images(tokens, pooled)
-            i2t, _ = score_states(model, query, encode_texts(model, feats, device),
-                                  ev.block_images, ev.block_texts, ev.pair_chunk)
-            scores = i2t[0]  # (M,)
-            records = read_json(prepared / "captions.json") if (prepared / "captions.json").exists() else None
-    order = np.argsort(-scores, kind="stable")[:top]
-    hits = []
-    for rank, j in enumerate(order, 1):
-        hit = {"rank": rank, "row": int(j), "score": float(scores[j]),
-               "method": version.tags.get("method"), "version": version.version}
-        if text is not None:
-            hit["image_id"] = int(feats.image_ids[j])
-            hit["file_name"] = records[j].get("file_name") if records else None
-            hit["path"] = image_path(cfg, hit["file_name"])
-        else:
-            hit["image_id"] = int(feats.image_ids[feats.caption_image_index[j]])
-            hit["caption"] = records[j] if records else None
-        hits.append(hit)
-    return hits
 
 
 def _print(hits: list[dict], text: str | None, image: Path | None) -> None:
@@ -325,6 +231,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--top", type=int, default=5, help="results to print (default 5)")
     s.add_argument("--split", default="test", choices=("train", "val", "test"), help="split searched")
     s.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    o = sub.add_parser("overlay", help="print a params overlay as dotted overrides (for `dvc exp run -S`)")
+    o.add_argument("overlay", type=Path, help="YAML file with only the keys that differ from params.yaml")
+    o.add_argument("--flag", default="", help="put this flag before each override (e.g. --flag=-S)")
     w = sub.add_parser("summary", help="where to look after a run: the report, the MLflow runs table, the metrics")
     w.add_argument("--elapsed", type=float, help="seconds the run took (printed first)")
     w.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
@@ -336,6 +245,14 @@ def main(argv: list[str] | None = None) -> int:
         return run_check(Path(args.params), Path(args.dvc_yaml))
     if args.command == "mlflow-server":
         return mlflow_server.run(args)
+    if args.command == "overlay":
+        try:
+            items = overrides(load_overlay(args.overlay))
+        except (OSError, ValueError, yaml.YAMLError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        print(" ".join(f"{args.flag} {o}" if args.flag else o for o in items))
+        return 0
     if args.command == "summary":
         from crossalign import summary
 
@@ -356,8 +273,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config.load(args.params)
         _quiet()
-        hits = search(cfg, Path.cwd(), args.text, args.image, args.top, args.split)
-    except NoChampion as err:
+        from crossalign.select import search
+
+        hits = search.search(cfg, Path.cwd(), args.text, args.image, args.top, args.split)
+    except search.NoChampion as err:
         print(str(err), file=sys.stderr)
         return 1
     except (config.ConfigError, ValueError, FileNotFoundError) as err:

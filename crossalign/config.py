@@ -15,7 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 METHOD_NAMES = ("concat_mlp", "cross_attention", "contrastive", "joint")
-# evaluation-only controls (crossalign.ensemble): name -> (method that shortlists, method that re-ranks)
+# evaluation-only controls (crossalign.evaluate.ensemble): name -> (method that shortlists, method that re-ranks)
 CONTROL_PARTS = {"contrastive+cross_attention": ("contrastive", "cross_attention")}
 
 
@@ -130,7 +130,7 @@ class FeaturesParams(Section):
     text_batch_size: int = Field(256, ge=1, description="captions per forward pass")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     threads: int = Field(0, ge=0, description="CPU threads; 0 = all cores")
-    perturbations: int = Field(1, ge=0, le=16, description="binding-perturbed captions encoded per real caption at most (crossalign/perturb.py; 0 = none); each one adds about a real caption's encoding time and disk")
+    perturbations: int = Field(1, ge=0, le=16, description="binding-perturbed captions encoded per real caption at most (crossalign/features/perturb.py; 0 = none); each one adds about a real caption's encoding time and disk")
 
 
 # -------------------------------------------------------------------------------------- methods
@@ -200,7 +200,7 @@ class TrainParams(Section):
     val_images: int = Field(0, ge=0, description="early stopping scores the first N val images and their captions (0 = all)")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     threads: int = Field(0, ge=0, description="CPU threads; 0 = all cores")
-    # where the training split's fp16 features live while training (crossalign/batches.py):
+    # where the training split's fp16 features live while training (crossalign/train/batches.py):
     # device = all of it on the training device (RAM on the CPU); stream = each batch read from the
     # files, prefetched (pinned on CUDA); auto = device when it fits with headroom, else stream.
     # Same batches either way: CPU results are bit-identical across placements.
@@ -208,7 +208,7 @@ class TrainParams(Section):
     twin_negatives: bool = Field(True, description="batches hold binding twins together; the twin image and the "
                                  "twin's caption join the matching and contrastive negatives (splits with twin_row)")
     caption_negatives: int = Field(1, ge=0, description="perturbed captions per positive used as hard negative "
-                                   "captions (crossalign.hardneg; 0 = off)")
+                                   "captions (crossalign.features.hardneg; 0 = off)")
     binding_rank_weight: float = Field(1.0, ge=0, description="matching losses: weight of the ranking term "
                                        "softplus(binding negative - positive) over twin and perturbed captions")
 
@@ -418,8 +418,3 @@ def load(path: str | Path = "params.yaml") -> Config:
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     return from_dict(raw, str(path))
-
-
-def dump_params(cfg: Config) -> str:
-    """The config as params.yaml text."""
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

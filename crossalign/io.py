@@ -26,13 +26,12 @@ Contracts (all arrays are ``.npy`` files, memory-mappable with ``np.load(..., mm
     text_pooled.npy       [M, Dt]
     image_ids.npy, caption_image_index.npy, caption_ids.npy   copied from prepared
     meta.json             encoder names, input normalisation, dims, token layout
+    format.json           {"format": "crossalign-features", "version": FEATURES_FORMAT}
 
 Readers never pad a split: :meth:`PackedText.gather` reads a batch of captions and pads it to the
-batch's own longest caption (zeros past each length). Before issue 9 ``text_tokens.npy`` was
-``[M, L, Dt]`` padded to the split's longest caption, with ``text_lengths.npy``; such a directory
-fails to load with a message saying to rerun the features stage. :class:`NpyRows` reads rows of a
-``.npy`` file with positioned reads (no memory map), so streaming a file far larger than RAM keeps
-the resident set at the size of the buffers.
+batch's own longest caption (zeros past each length). A split of another format version (or of none:
+version 1 padded ``text_tokens.npy`` to ``[M, L, Dt]``) fails to load with a message naming the
+version found, the one needed and the command that rebuilds it.
 """
 from __future__ import annotations
 
@@ -106,12 +105,6 @@ def read_json(path: str | Path) -> Any:
         raise FileNotFoundError(f"{path}: not found (has the stage that writes it run?)") from None
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not valid JSON: {err}") from None
-
-
-def save_npy(path: str | Path, array: np.ndarray) -> None:
-    """``np.save`` atomically."""
-    with atomic_file(path, "wb") as fh:
-        np.save(fh, np.ascontiguousarray(array))
 
 
 def load_npy(path: str | Path, mmap: bool = True) -> np.ndarray:
@@ -242,19 +235,25 @@ FEATURE_ARRAYS = ("image_tokens", "image_pooled", "text_tokens", "text_offsets",
 RERUN = "rerun the features stage (`dvc repro features` or `python -m tasks.features`)"
 
 
-def check_text_layout(root: Path) -> None:
-    """Fail with a clear message on the pre-issue-9 padded layout ([M, L, Dt], no offsets)."""
-    tokens = root / "text_tokens.npy"
-    if tokens.exists() and not (root / "text_offsets.npy").exists():
-        shape = load_npy(tokens).shape
-        raise ValueError(f"{tokens}: old padded layout {list(shape)} [M, L, Dt] with no text_offsets.npy; "
-                         f"the packed layout is text_tokens [T, Dt] + text_offsets [M + 1]: {RERUN}")
+FEATURES_FORMAT = 2  # 1: text_tokens padded [M, L, Dt] + text_lengths; 2: packed [T, Dt] + text_offsets
+FORMAT_FILE = "format.json"
+
+
+def check_format(root: Path) -> None:
+    """Refuse a feature split whose ``format.json`` names another version (or that has none)."""
+    path = root / FORMAT_FILE
+    if not (root / "meta.json").exists():
+        return  # not a feature split at all: the missing files are named by whoever reads them
+    found = read_json(path).get("version") if path.exists() else None
+    if found != FEATURES_FORMAT:
+        what = f"version {found}" if found is not None else "no format.json (version 1, padded captions)"
+        raise ValueError(f"{root}: feature cache of {what}; this crossalign reads version {FEATURES_FORMAT}: {RERUN}")
 
 
 def load_features(root: str | Path, mmap: bool = True) -> FeatureSplit:
     """Open ``data/features/<split>/``; checks shapes agree and names the file that does not."""
     root = Path(root)
-    check_text_layout(root)
+    check_format(root)
     arrays = {name: load_npy(root / f"{name}.npy", mmap) for name in FEATURE_ARRAYS}
     meta = read_json(root / "meta.json")
     tokens, offsets = arrays.pop("text_tokens"), np.asarray(arrays.pop("text_offsets"), np.int64)
@@ -333,6 +332,7 @@ class FeatureWriter:
         np.save(self.root / "caption_image_index.npy", np.asarray(caption_image_index, np.int64))
         np.save(self.root / "caption_ids.npy", np.asarray(caption_ids, np.int64))
         (self.root / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        (self.root / FORMAT_FILE).write_text(json.dumps({"format": "crossalign-features", "version": FEATURES_FORMAT}) + "\n")
 
 
 def write_features(root: str | Path, *, image_tokens: np.ndarray, image_pooled: np.ndarray,
@@ -357,61 +357,3 @@ def write_features(root: str | Path, *, image_tokens: np.ndarray, image_pooled: 
             writer.write_texts(np.arange(len(packed)), tokens.astype(np.float16),
                                np.asarray(text_pooled).astype(np.float16))
         writer.close(image_ids, caption_image_index, caption_ids, meta)
-
-
-class NpyRows:
-    """Rows of a ``.npy`` file read with ``os.preadv`` into caller buffers instead of a memory map:
-    pages read this way are never mapped into the process, so its resident set stays at the size of
-    the buffers however large the file (the kernel may still cache the file)."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        header = load_npy(self.path)  # a memory map only to read the header
-        if not isinstance(header, np.memmap) or header.dtype.hasobject or not header.flags.c_contiguous:
-            raise ValueError(f"{self.path}: expected a C-ordered numeric .npy file")
-        self.shape, self.dtype, self.offset = header.shape, header.dtype, int(header.offset)
-        self.row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
-        del header
-        self.fd = os.open(self.path, os.O_RDONLY)
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-    def __del__(self) -> None:
-        self.close()
-
-    def read_spans(self, starts: np.ndarray, counts: np.ndarray, out: np.ndarray) -> np.ndarray:
-        """Rows [starts[j], starts[j] + counts[j]) for each j, concatenated into ``out`` (C-contiguous,
-        at least sum(counts) rows of this file's row shape and dtype). Adjacent spans are read in one
-        call, so sorted ``starts`` read fastest. Returns the filled rows of ``out``."""
-        starts, counts = np.asarray(starts, np.int64), np.asarray(counts, np.int64)
-        total = int(counts.sum())
-        flat = out.reshape(-1).view(np.uint8)
-        if out.dtype != self.dtype or not out.flags.c_contiguous or flat.size < total * self.row_bytes:
-            raise ValueError(f"{self.path}: buffer {out.dtype} {list(out.shape)} cannot hold {total} rows of "
-                             f"{self.dtype} {list(self.shape[1:])}")
-        pos = 0
-        j, n = 0, len(starts)
-        while j < n:
-            k, rows = j + 1, int(counts[j])
-            while k < n and starts[k] == starts[k - 1] + counts[k - 1]:  # coalesce adjacent spans
-                rows += int(counts[k])
-                k += 1
-            nbytes = rows * self.row_bytes
-            if nbytes:
-                view = memoryview(flat[pos:pos + nbytes])
-                got = os.preadv(self.fd, [view], self.offset + int(starts[j]) * self.row_bytes)
-                while got < nbytes:  # short reads are legal; finish them
-                    more = os.preadv(self.fd, [view[got:]], self.offset + int(starts[j]) * self.row_bytes + got)
-                    if more <= 0:
-                        raise OSError(f"{self.path}: file ends before row {int(starts[j]) + rows}")
-                    got += more
-            pos += nbytes
-            j = k
-        return out.reshape(-1)[: total * (self.row_bytes // self.dtype.itemsize)].reshape((total,) + self.shape[1:])
-
-    def read_rows(self, rows: np.ndarray, out: np.ndarray) -> np.ndarray:
-        """Rows ``rows`` (sorted ascending reads fastest) into ``out`` -> (len(rows), ...)."""
-        return self.read_spans(rows, np.ones(len(rows), np.int64), out)

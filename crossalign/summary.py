@@ -32,7 +32,7 @@ def elapsed_text(seconds: float) -> str:
 
 def lines(cfg: Config, root: Path, elapsed: float | None = None) -> list[str]:
     """The summary's lines: how long it took (when given), the report, the MLflow runs table, the metrics."""
-    from crossalign import tracking  # imports MLflow: only when the summary is printed
+    from crossalign.tracking import runs as tracking  # imports MLflow: only when the summary is printed
 
     root = Path(root)
     head = f"Finished in {elapsed_text(elapsed)}. Where to look:" if elapsed is not None else "Where to look:"

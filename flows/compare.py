@@ -28,7 +28,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from prefect.futures import PrefectFuture, wait
+from prefect.futures import PrefectFuture
 from prefect.states import Cancelled, Completed, State
 from prefect.tasks import exponential_backoff
 from prefect.utilities.annotations import allow_failure, quote
@@ -37,6 +37,7 @@ from flows import artifacts
 from flows.dvc_dag import (DvcBookkeeper, SlotPool, StageNode, describe_status, gpu_ids, read_dag,
                            run_commands, stage_env)
 from crossalign.config import ConfigError
+from flows.outcomes import PipelineFailed, StageFailed, failure_message, outcomes  # noqa: F401 (re-exported)
 from flows.overrides import apply_overrides, overrides_from, validate_overrides
 
 # Retry policy, by stage name: the data stage downloads (coco2017 / coco-karpathy), the one step
@@ -45,14 +46,6 @@ RETRIES: dict[str, dict[str, Any]] = {
     "data": {"retries": 3, "retry_delay_seconds": exponential_backoff(backoff_factor=10),
              "retry_jitter_factor": 0.2},
 }
-
-
-class StageFailed(RuntimeError):
-    """A stage command exited non-zero; the message holds its last output lines."""
-
-
-class PipelineFailed(RuntimeError):
-    """Some stages failed or could not run; the message names them."""
 
 
 @task(cache_policy=NO_CACHE, task_run_name="{name}")
@@ -126,43 +119,6 @@ def submit_dag(dag: dict[str, StageNode], books: DvcBookkeeper, slots: SlotPool)
     return futures
 
 
-def outcomes(futures: dict[str, PrefectFuture]) -> list[dict[str, Any]]:
-    """One row per stage: outcome (ran / skipped / failed / not run) and the failure message."""
-    wait(list(futures.values()))
-    return [{**fut.result(), "message": ""} if fut.state.is_completed() else unfinished_row(name, fut)
-            for name, fut in futures.items()]
-
-
-def unfinished_row(name: str, fut: PrefectFuture) -> dict[str, Any]:
-    """The outcome row of a stage whose future did not complete: failed (its error as the message)
-    or not run (upstream failed)."""
-    state: State = fut.state
-    if state.is_failed() or state.is_crashed():
-        try:
-            fut.result()
-            message = state.message or ""
-        except Exception as err:  # noqa: BLE001 - the task's own error is the message
-            message = str(err) or repr(err)
-        return {"stage": name, "outcome": "failed", "seconds": None, "gpu": None, "message": message}
-    return {"stage": name, "outcome": "not run", "seconds": None, "gpu": None,
-            "message": state.message or f"upstream failed ({state.name})"}
-
-
-def failure_message(rows: list[dict[str, Any]]) -> str | None:
-    """The flow's failure message: the failed stages with their last output line, the skipped ones."""
-    failed = [r for r in rows if r["outcome"] == "failed"]
-    if not failed:
-        return None
-    lines = [f"{len(failed)} stage(s) failed: {', '.join(r['stage'] for r in failed)}"]
-    for r in failed:
-        last = [ln for ln in r["message"].splitlines() if ln.strip()]
-        lines.append(f"  {r['stage']}: {last[-1] if last else 'failed'}")
-    not_run = [r["stage"] for r in rows if r["outcome"] == "not run"]
-    if not_run:
-        lines.append(f"  not run (upstream failed): {', '.join(not_run)}")
-    return "\n".join(lines)
-
-
 def check_params(project: Path) -> None:
     """``crossalign check`` of ``<project>/params.yaml`` against the typed config and ``dvc.yaml``;
     raises :class:`crossalign.config.ConfigError` with every problem (and its "did you mean")."""
@@ -205,7 +161,7 @@ def compare_aligners(root: str = ".", methods: list[str] | None = None, dataset:
     dag = read_dag(project)
     log.info("DAG from dvc.yaml: %s", " -> ".join(dag))
     books = DvcBookkeeper(project)
-    from crossalign import tracking  # mlflow is heavy: imported only when the flow runs
+    from crossalign.tracking import runs as tracking  # mlflow is heavy: imported only when the flow runs
 
     tracking.setup(cfg, project)  # the MLflow store, once, before branches race to create it
     if dispatch:

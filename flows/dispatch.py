@@ -31,7 +31,7 @@ from prefect.futures import PrefectFuture, wait
 from prefect.runtime import flow_run
 from prefect.states import Crashed
 
-from flows.compare import unfinished_row
+from flows.outcomes import unfinished_row
 from flows.dvc_dag import StageNode
 from flows.side_store import SideStore
 from flows.stage_run import parse_result, read_lock, result_key, write_lock

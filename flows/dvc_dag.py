@@ -134,7 +134,7 @@ def stage_env(stage: StageNode, root: Path, gpu: str | None) -> dict[str, str]:
     stage runs in the flow's venv), DVC's ``DVC_ROOT`` and ``DVC_STAGE``, and
     ``CUDA_VISIBLE_DEVICES`` pinned when a GPU was assigned. Inside a flow run, that run's id in
     ``CROSSALIGN_FLOW_RUN_ID`` (unless already set): MLflow runs are tagged with it
-    (crossalign.tracking), also when ``python -m flows.compare`` runs without a worker."""
+    (crossalign.tracking.runs), also when ``python -m flows.compare`` runs without a worker."""
     env = dict(os.environ)
     if not env.get("CROSSALIGN_FLOW_RUN_ID"):
         from prefect.runtime import flow_run

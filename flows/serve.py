@@ -4,7 +4,7 @@
 
 Creates (or updates) the deployment ``compare-aligners/<name>`` on the Prefect server that
 ``PREFECT_API_URL`` names, and runs its scheduled and manually triggered runs until stopped. The
-work-pool route for several hosts is ``prefect.yaml`` (README, section prefect).
+work-pool route for several hosts is ``prefect.yaml`` (docs/scale-out.md).
 """
 from __future__ import annotations
 

@@ -66,7 +66,7 @@ def _dvc() -> str:
 def stage_env(stage: str, comparison: str | None) -> dict[str, str]:
     """The stage command's environment: this interpreter first on PATH and as ``CROSSALIGN_PYTHON``
     (``tasks/python`` runs it), as in the single-host flow (flows/dvc_dag.py), and the comparison's
-    flow run id in ``CROSSALIGN_FLOW_RUN_ID`` (MLflow runs are tagged with it, crossalign.tracking)."""
+    flow run id in ``CROSSALIGN_FLOW_RUN_ID`` (MLflow runs are tagged with it, crossalign.tracking.runs)."""
     env = dict(os.environ)
     if comparison:
         env["CROSSALIGN_FLOW_RUN_ID"] = comparison

@@ -7,7 +7,8 @@ import sys
 import time
 from pathlib import Path
 
-from crossalign import config, data
+from crossalign import config
+from crossalign.data import stage as data
 from tasks._stage import stage_main
 
 

@@ -6,7 +6,8 @@ import logging
 import sys
 from pathlib import Path
 
-from crossalign import config, evaluation
+from crossalign import config
+from crossalign.evaluate import stage as evaluation
 from tasks._stage import stage_main
 
 

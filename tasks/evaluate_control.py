@@ -3,7 +3,7 @@
 
 Reads the trained models of the control's two methods (models/<m>/final/seed-<s>/ of every
 ``train.seeds``), data/features/{val,test}, eval/test_index.json; writes eval/<control>/ and
-metrics/<control>.json exactly as evaluate@<method> does (crossalign.evaluation, unchanged).
+metrics/<control>.json exactly as evaluate@<method> does (crossalign.evaluate.stage, unchanged).
 """
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ import logging
 import sys
 from pathlib import Path
 
-from crossalign import config, ensemble, evaluation
+from crossalign import config
+from crossalign.evaluate import ensemble
+from crossalign.evaluate import stage as evaluation
 from tasks._stage import stage_main
 
 

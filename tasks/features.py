@@ -1,9 +1,9 @@
-"""``python -m tasks.features``: frozen-encoder features of every prepared split (crossalign.features)."""
+"""``python -m tasks.features``: frozen-encoder features of every prepared split (crossalign.features.stage)."""
 from __future__ import annotations
 
 import sys
 
-from crossalign import features
+from crossalign.features import stage as features
 from tasks._stage import stage_main
 
 

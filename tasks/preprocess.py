@@ -1,4 +1,4 @@
-"""``python -m tasks.preprocess``: raw COCO-format data -> ``data/prepared/`` (see crossalign.preprocess)."""
+"""``python -m tasks.preprocess``: raw COCO-format data -> ``data/prepared/`` (see crossalign.preprocess.stage)."""
 from __future__ import annotations
 
 import argparse
@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from crossalign import preprocess
+from crossalign.preprocess import stage as preprocess
 from crossalign.config import Config
 from tasks._stage import stage_main
 

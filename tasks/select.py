@@ -6,7 +6,8 @@ import logging
 import sys
 from pathlib import Path
 
-from crossalign import config, selection
+from crossalign import config
+from crossalign.select import stage as selection
 from tasks._stage import stage_main
 
 

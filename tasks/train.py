@@ -10,9 +10,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from crossalign import config, training, tuning
+from crossalign import config
+from crossalign.train import stage as training
+from crossalign.train import tuning
 from crossalign.config import METHOD_NAMES
-from crossalign.tracking import MlflowTracker
+from crossalign.train.tracker import MlflowTracker
 from tasks._stage import stage_main
 
 

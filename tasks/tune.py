@@ -10,7 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from crossalign import config, tuning
+from crossalign import config
+from crossalign.train import tuning
 from crossalign.config import METHOD_NAMES
 from tasks._stage import stage_main
 

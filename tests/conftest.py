@@ -13,7 +13,20 @@ for _k, _v in {"DO_NOT_TRACK": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_
     os.environ.setdefault(_k, _v)
 
 from crossalign import config  # noqa: E402
-from crossalign.io import write_features  # noqa: E402
+from crossalign.io import atomic_file, write_features  # noqa: E402
+
+
+def dump_params(cfg: config.Config) -> str:
+    """A config as params.yaml text (tests write tiny projects with it)."""
+    import yaml
+
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def save_npy(path, array: np.ndarray) -> None:
+    """``np.save`` atomically."""
+    with atomic_file(path, "wb") as fh:
+        np.save(fh, np.ascontiguousarray(array))
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -41,7 +54,7 @@ def tiny_config(tmp_path: Path, **overrides) -> config.Config:
         "preprocess": {"image_size": 32, "workers": 1, "batch_size": 16},
         "features": {"image_batch_size": 8, "text_batch_size": 32, "threads": 1, "device": "cpu"},
         "methods": {"embed_dim": 16, "cross_attention": {"heads": 2, "matcher": "cross"}, "joint": {"heads": 2, "hard_k": 4, "shortlist_k": 4}},
-        # twin negatives need the issue 13 arrays, which features written by hand in tests lack
+        # twin negatives need the binding-negative arrays, which features written by hand in tests lack
         # (tests/test_binding_methods.py turns them on)
         "train": {"epochs": 2, "batch_size": 16, "patience": 2, "device": "cpu", "threads": 1, "twin_negatives": False,
                   "caption_negatives": 0},
@@ -65,7 +78,7 @@ def make_tiny_features(root: Path, n_images: int = 24, captions_per_image: int =
                        noise: float = 0.3, twins: bool = True) -> Path:
     """Write one feature split (contract of crossalign.io) whose captions are noisy linear views
     of their image, so a method can learn the alignment. Returns ``root``. With ``twins`` the
-    issue 13 arrays are added (crossalign.hardneg): images 2k and 2k+1 are binding twins, no
+    binding-negative arrays are added (crossalign.features.hardneg): images 2k and 2k+1 are binding twins, no
     perturbed captions (tests that need them write their own)."""
     rng = np.random.default_rng(seed)
     latent = rng.normal(size=(n_images, 8)).astype(np.float32)
@@ -86,7 +99,7 @@ def make_tiny_features(root: Path, n_images: int = 24, captions_per_image: int =
                    meta={"image_encoder": {"name": "tiny"}, "text_encoder": {"name": "tiny"},
                          "image_dim": image_dim, "text_dim": text_dim})
     if twins:
-        from crossalign import hardneg
+        from crossalign.features import hardneg
         twin_row = np.arange(n_images) ^ 1  # 0<->1, 2<->3, ...
         twin_row[twin_row >= n_images] = -1
         hardneg.write(root, twin_row=twin_row, tokens=np.zeros((0, text_dim), np.float16),

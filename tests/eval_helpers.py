@@ -7,13 +7,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from conftest import make_tiny_features
-from crossalign import registry
+from conftest import make_tiny_features, save_npy
+from crossalign.tracking import registry
 from crossalign.config import Config
-from crossalign.evaluation import metrics_summary, results_path
-from crossalign.io import load_features, save_npy, write_json
+from crossalign.evaluate.stage import metrics_summary, results_path
+from crossalign.io import load_features, write_json
 from crossalign.methods import WEIGHTS, build_aligner, method_params, save_aligner
-from crossalign.tracking import weights_sha256
+from crossalign.tracking.runs import weights_sha256
 
 IMAGE_DIM, TEXT_DIM = 12, 10
 
@@ -50,7 +50,7 @@ def write_prepared_test(root: Path, size: int = 16) -> None:
 def log_model_run(cfg: Config, root: Path, method: str, seed: int, model_dir: Path) -> str:
     """A finished MLflow run logged by the training tracker (pyfunc model at ``model``, tagged
     with the weights' sha256)."""
-    from crossalign.tracking import MlflowTracker
+    from crossalign.train.tracker import MlflowTracker
 
     with registry.using(cfg, root):
         tracker = MlflowTracker(cfg, root)
@@ -85,7 +85,7 @@ def write_eval_outputs(root: Path, method: str, val_rsum: float,
     """Hand-made evaluate outputs from given test ranks: eval/<m>/results.json (each seed's
     weights sha256 from ``models_root``/models/<m>/final when saved there, else a hash no run
     has), ranks files, scores, and metrics/<m>.json from the stage's own :func:`metrics_summary`."""
-    from crossalign.retrieval import metrics_from_ranks
+    from crossalign.retrieval.protocol import metrics_from_ranks
 
     seeds = sorted(test_ranks)
     per = {s: metrics_from_ranks(*test_ranks[s]) for s in seeds}

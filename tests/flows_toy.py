@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import dump_params
 from crossalign import config
 
 TOY_PY = '''\
@@ -129,7 +130,7 @@ def make_toy_project(root: Path, methods: list[str] = METHODS) -> Path:
     (root / "toy.py").write_text(TOY_PY)
     (root / "dvc.yaml").write_text(DVC_YAML)
     cfg = config.from_dict({"train": {"methods": methods, "epochs": 1}})
-    (root / "params.yaml").write_text("# toy params: a valid crossalign config\n" + config.dump_params(cfg))
+    (root / "params.yaml").write_text("# toy params: a valid crossalign config\n" + dump_params(cfg))
     dvc(root, "init", "--no-scm", "-q")
     return root
 

@@ -34,7 +34,7 @@ import urllib.error
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple
 
 BIN = Path(sys.executable).parent
 DVC = str(BIN / "dvc")
@@ -71,23 +71,45 @@ def log_tail(path: Path, chars: int = 4000) -> str:
         return "(no log)"
 
 
-def wait_until(ready: Callable[[], bool], timeout: float, what: str, proc: subprocess.Popen | None = None,
-               log: Path | None = None) -> None:
-    """Poll ``ready`` every 0.5 s until it is true; an error naming ``what`` (with the log's tail)
-    when ``proc`` exits first or ``timeout`` seconds pass."""
+def wait_until(ready: Callable[[], Any], timeout: float, what: str, *procs: subprocess.Popen,
+               log: Path | None = None, interval: float = 0.5) -> Any:
+    """Poll ``ready`` every ``interval`` s until it returns something true, and return that; an error
+    naming ``what`` (with the log's tail) when one of ``procs`` exits first or ``timeout`` s pass."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"{what}: exited with {proc.returncode} before it was ready:\n"
-                               f"{log_tail(log) if log else ''}")
-        if ready():
-            return
-        time.sleep(0.5)
+        for proc in procs:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{what}: {proc.args!r} exited with {proc.returncode} before it was ready:\n"
+                                   f"{log_tail(log) if log else ''}")
+        value = ready()
+        if value:
+            return value
+        time.sleep(interval)
     raise TimeoutError(f"{what}: not ready after {timeout:.0f} s:\n{log_tail(log) if log else ''}")
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process under ``pid`` (from /proc), deepest last."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
 def stop(proc: subprocess.Popen, grace: float = 20) -> None:
-    """Stop ``proc`` and every process of its group (started with ``start_new_session``)."""
+    """Stop ``proc`` (started with ``start_new_session``), every process of its group, and anything
+    left under it that changed group: SIGTERM, ``grace`` seconds, then SIGKILL."""
+    victims = descendants(proc.pid) if proc.poll() is None else []
     if proc.poll() is None:
         try:
             os.killpg(proc.pid, signal.SIGTERM)
@@ -101,6 +123,11 @@ def stop(proc: subprocess.Popen, grace: float = 20) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+    for pid in victims:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def http_status(url: str, auth: tuple[str, str] | None = None, timeout: float = 5) -> int | None:
@@ -154,7 +181,7 @@ def mlflow_server(workdir: str | Path, *, auth: bool = True, workers: int = 1, d
                                 stdin=subprocess.DEVNULL, start_new_session=True)
     try:
         wait_until(lambda: http_status(f"{url}/health", timeout=2) == 200, timeout, f"mlflow server at {url}",
-                   proc, log)
+                   proc, log=log)
         yield MlflowServer(url, username, password)
     finally:
         stop(proc)

@@ -1,4 +1,4 @@
-"""The binding probe (crossalign.binding): tallies and CIs computed by hand, the pair as the
+"""The binding probe (crossalign.evaluate.binding): tallies and CIs computed by hand, the pair as the
 bootstrap unit, and the premise that no test twin pair was seen in training, derived from the
 generator's own image records."""
 from __future__ import annotations
@@ -10,7 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from crossalign import binding, features
+from crossalign.evaluate import binding
+from crossalign.features import leaks
+from crossalign.features import stage as features
 from crossalign.config import SyntheticParams
 from crossalign.data import synthetic
 
@@ -97,11 +99,11 @@ def _test_twins(records: list[dict]) -> list[dict]:
 def test_probe_twins_were_never_seen_in_training(generated):
     twins = _test_twins(generated["test"])
     assert len(twins) >= 12 and {t["swap"] for t in twins} == {"colour", "size", "position"}
-    assert binding.twin_leaks(generated["test"], twins, generated["train"]) == []
+    assert leaks.twin_leaks(generated["test"], twins, generated["train"]) == []
     # the scene key is what a swap keeps: both twins of a pair share it, other scenes do not
-    keys = [binding.scene_key(r) for r in generated["test"]]
+    keys = [leaks.scene_key(r) for r in generated["test"]]
     for t in twins:
-        same = [r for r in range(len(keys)) if binding.same_scene(keys[t["image"]], keys[r])]
+        same = [r for r in range(len(keys)) if leaks.same_scene(keys[t["image"]], keys[r])]
         assert same == sorted((t["image"], t["twin"])), t
 
 
@@ -112,11 +114,11 @@ def test_twin_leaks_catches_a_leaking_splitter(generated):
     # a splitter that put the pair's scene in train too (the twin partner, under a new id) ...
     partner = deepcopy(test[twins[0]["twin"]])
     partner["id"] += 10_000
-    leaks = binding.twin_leaks(test, twins, train + [partner])
-    assert len(leaks) == 2 and "also a train scene" in leaks[0]
+    found = leaks.twin_leaks(test, twins, train + [partner])
+    assert len(found) == 2 and "also a train scene" in found[0]
     # ... or the very image
-    leaks = binding.twin_leaks(test, twins, train + [test[a]])
-    assert any(f"test image {test[a]['id']} " in x and "is in train" in x for x in leaks)
+    found = leaks.twin_leaks(test, twins, train + [test[a]])
+    assert any(f"test image {test[a]['id']} " in x and "is in train" in x for x in found)
 
 
 def test_features_stage_refuses_a_leaking_test_index(tmp_path: Path):

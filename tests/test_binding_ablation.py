@@ -41,7 +41,7 @@ def test_one_run_trains_and_probes_through_the_real_code(tmp_path):
     import torch
 
     from conftest import make_tiny_features, tiny_config
-    from crossalign import hardneg
+    from crossalign.features import hardneg
     from crossalign.io import load_features
     from eval_helpers import IMAGE_DIM, TEXT_DIM, write_split_features
 

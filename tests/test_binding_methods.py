@@ -1,4 +1,4 @@
-"""Issue 13, the methods side: image positions, the late-interaction matcher, twin and caption
+"""The binding ingredients on the methods side: image positions, the late-interaction matcher, twin and caption
 negatives in batches and losses."""
 from __future__ import annotations
 
@@ -7,17 +7,16 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
-from crossalign import hardneg
-from crossalign.batches import caption_negatives, open_split, pair_twins, twin_captions, twin_positions
+from crossalign.features import hardneg
+from crossalign.train.batches import caption_negatives, open_split, pair_twins, twin_captions, twin_positions
 from crossalign.io import load_features
-from crossalign.losses import ContrastiveLoss, MatchingLoss
+from crossalign.methods.losses import ContrastiveLoss, MatchingLoss
 from crossalign.methods import build_aligner, load_aligner, method_params, save_aligner
 from crossalign.methods.base import Batch
 from crossalign.methods.common import add_twins
 from crossalign.methods.positions import ImagePositions, grid_side, sincos_2d
-from crossalign.training import binding_negatives
+from crossalign.train.stage import binding_negatives
 from conftest import make_tiny_features, tiny_config
 
 torch.set_num_threads(1)
@@ -84,7 +83,7 @@ def test_a_grid_permutation_changes_the_match_only_with_positions(tmp_path, meth
 
 
 def test_old_model_json_loads_without_positions_or_late_matcher(tmp_path):
-    """A model.json written before issue 13 has neither key: it was trained with neither."""
+    """A model.json without either key: it was trained with neither."""
     import json
     old = tiny_config(tmp_path, methods={"embed_dim": 16, "image_positions": "none", "joint": {
         "heads": 2, "hard_k": 4, "shortlist_k": 4, "matcher": "cross", "shared_projections": True}})
@@ -198,7 +197,7 @@ def test_contrastive_loss_adds_caption_negatives_as_image_to_text_columns():
 # ---------------------------------------------------------------------------- batches, training
 def test_off_means_the_batches_of_before(tmp_path):
     """twin_negatives off and caption_negatives 0: no binding arrays are read (a split written
-    before issue 13 trains) and batches carry nothing new."""
+    without them trains) and batches carry nothing new."""
     root = make_tiny_features(tmp_path / "f", twins=False)
     cfg = cfg_with(tmp_path, twin_negatives=False, caption_negatives=0)
     split = load_features(root)
@@ -293,7 +292,7 @@ def test_joint_with_own_matcher_projections_keeps_the_objectives_apart(tmp_path)
 def test_training_with_twin_negatives_is_deterministic(tmp_path):
     """The default recipe (twins paired in batches, late matcher, positions) trains end to end
     and gives byte-identical weights twice."""
-    from crossalign import training
+    from crossalign.train import stage as training
     weights = []
     for run in ("a", "b"):
         root = tmp_path / run

@@ -10,12 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, tiny_config
-from crossalign import cli, registry
-from crossalign.config import dump_params
+from conftest import REPO, tiny_config, dump_params
+from crossalign import cli
+from crossalign.tracking import registry
+from crossalign.select import search
 from crossalign.io import load_features, read_json
 from crossalign.methods import load_aligner
-from crossalign.retrieval import score_matrices
+from crossalign.retrieval.scoring import score_matrices
 from eval_helpers import run_of, save_model, write_prepared_test, write_split_features
 
 torch.set_num_threads(1)
@@ -66,7 +67,7 @@ def test_text_query_ranks_test_images_like_the_evaluation(project, monkeypatch, 
     tokens, lengths = feats.text.gather([j])  # (1, L, Dt) padded to its own length
     stored = (torch.from_numpy(tokens).float(), torch.arange(tokens.shape[1])[None] < int(lengths[0]),
               torch.from_numpy(np.array(feats.text_pooled[j:j + 1])).float())
-    monkeypatch.setattr(cli, "text_features", lambda cfg, text, device: stored)
+    monkeypatch.setattr(search, "text_features", lambda cfg, text, device: stored)
     images = root / "data" / "raw" / cfg.data.dataset / "images"  # where the data stage puts them
     images.mkdir(parents=True, exist_ok=True)
     for image_id in feats.image_ids:
@@ -93,8 +94,8 @@ def test_image_query_with_a_reranking_champion(project, monkeypatch):
     feats, i = _test_features(root), 3
     stored = (torch.from_numpy(np.array(feats.image_tokens[i:i + 1])).float(),
               torch.from_numpy(np.array(feats.image_pooled[i:i + 1])).float())
-    monkeypatch.setattr(cli, "image_features", lambda cfg, path, device: stored)
-    hits = cli.search(cfg, root, image="query.png", top=4)
+    monkeypatch.setattr(search, "image_features", lambda cfg, path, device: stored)
+    hits = search.search(cfg, root, image="query.png", top=4)
     model, _ = load_aligner(root / "models" / "joint" / "final" / "seed-0")
     i2t, _ = score_matrices(model, feats)
     assert [h["row"] for h in hits] == np.argsort(-i2t[i], kind="stable")[:4].tolist()
@@ -104,11 +105,11 @@ def test_image_query_with_a_reranking_champion(project, monkeypatch):
 
 def test_query_features_come_from_the_configured_encoders(tmp_path):
     cfg = tiny_config(tmp_path)
-    tokens, mask, pooled = cli.text_features(cfg, "a red circle left of a blue square", torch.device("cpu"))
+    tokens, mask, pooled = search.text_features(cfg, "a red circle left of a blue square", torch.device("cpu"))
     assert tokens.shape[:2] == mask.shape and mask.all() and pooled.shape == (1, tokens.shape[2])
     path = tmp_path / "q.png"
     Image.new("RGB", (40, 30), (200, 20, 20)).save(path)
-    img_tokens, img_pooled = cli.image_features(cfg, path, torch.device("cpu"))
+    img_tokens, img_pooled = search.image_features(cfg, path, torch.device("cpu"))
     assert img_tokens.shape[0] == 1 and img_pooled.shape == (1, img_tokens.shape[2])
 
 
@@ -138,7 +139,7 @@ def test_unreadable_image_is_named(tmp_path):
     bad = tmp_path / "notes.png"
     bad.write_text("not an image")
     with pytest.raises(ValueError, match=f"{bad}: not an image"):
-        cli.image_features(tiny_config(tmp_path), bad, torch.device("cpu"))
+        search.image_features(tiny_config(tmp_path), bad, torch.device("cpu"))
 
 
 def _write(path, text):
@@ -236,8 +237,8 @@ def test_help_and_a_real_query_print_nothing_else(project, tmp_path):
                            env=env, cwd=tmp_path, timeout=120)
     assert help_.returncode == 0 and help_.stderr == "" and "check" in help_.stdout and "search" in help_.stdout
     code = ("import sys, torch; from crossalign import cli, config; cli._quiet(); "
-            "from crossalign import registry, tracking; "
-            "t, m, p = cli.text_features(config.Config(), 'a red circle', torch.device('cpu')); "
+            "from crossalign.tracking import registry, runs; from crossalign.select import search; "
+            "t, m, p = search.text_features(config.Config(), 'a red circle', torch.device('cpu')); "
             "print(tuple(p.shape))")
     query = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path,
                            timeout=300)
@@ -246,7 +247,8 @@ def test_help_and_a_real_query_print_nothing_else(project, tmp_path):
 
 
 def test_summary_names_the_report_the_runs_table_and_the_metrics(tmp_path):
-    from crossalign import summary, tracking
+    from crossalign import summary
+    from crossalign.tracking import runs as tracking
 
     cfg = tiny_config(tmp_path)
     before = summary.lines(cfg, tmp_path, 5.4)

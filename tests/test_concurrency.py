@@ -46,7 +46,7 @@ def worker(index: int, clone: Path, tracking_uri: str, go: Path) -> None:
 
     from crossalign import config
     from crossalign.methods import build_aligner, method_params, save_aligner
-    from crossalign.tracking import MlflowTracker
+    from crossalign.train.tracker import MlflowTracker
 
     torch.set_num_threads(1)
     cfg = config.from_dict({"methods": {"embed_dim": 8}, "train": {"seeds": [index], "device": "cpu", "threads": 1},

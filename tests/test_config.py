@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import dump_params
 from crossalign import config
 
 
@@ -74,7 +75,7 @@ def test_flat_and_roundtrip() -> None:
     flat = cfg.flat()
     assert flat["methods.joint.shortlist_k"] == 16
     assert flat["train.seeds"] == [0]
-    again = config.from_dict(yaml.safe_load(config.dump_params(cfg)))
+    again = config.from_dict(yaml.safe_load(dump_params(cfg)))
     assert again == cfg
 
 

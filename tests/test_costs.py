@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from conftest import make_tiny_features, tiny_config
-from crossalign import costs, registry
+from crossalign.select import costs
+from crossalign.tracking import registry
 from crossalign.io import load_features
 from crossalign.methods import WEIGHTS, build_aligner
-from crossalign.retrieval import encode_images, encode_texts, score_states
-from crossalign.tracking import weights_sha256
+from crossalign.retrieval.scoring import encode_images, encode_texts, score_states
+from crossalign.tracking.runs import weights_sha256
 from eval_helpers import run_of, save_model
 
 torch.set_num_threads(1)

@@ -12,7 +12,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from conftest import tiny_config
-from crossalign import data
+from crossalign.data import stage as data
 from crossalign.data import download
 from crossalign.data.download import ChecksumError
 from test_data_download import ArchiveServer, checksum_of, make_zip

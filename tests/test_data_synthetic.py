@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import tiny_config
-from crossalign import config, data
+from conftest import tiny_config, dump_params
+from crossalign import config
+from crossalign.data import stage as data
 from crossalign.data import synthetic
 from crossalign.data.captions import CaptionPlan, Described, render
 from crossalign.data.render import COLOURS
@@ -180,7 +181,7 @@ def test_stage_run_and_entry_point(tmp_path: Path, monkeypatch) -> None:
         "captions_test.json", "captions_train.json", "captions_val.json"]
     assert not [p for p in dest.parent.iterdir() if p.name.startswith(".")]  # no temporary left
     params = tmp_path / "params.yaml"
-    params.write_text(config.dump_params(cfg))
+    params.write_text(dump_params(cfg))
     monkeypatch.chdir(tmp_path)
     from tasks import data as task
 

@@ -1,4 +1,4 @@
-"""Issue 12, as a new user meets it: `make run` in a clone, then the README's commands.
+"""Day one, as a new user meets it: `make run` in a clone, then the README's commands.
 
 One tiny-config `make run` in a git copy of the working tree (its `.venv` a link to this venv),
 then: `git status` shows only what the README says `make run` changes; `crossalign search` with

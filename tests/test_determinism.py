@@ -21,7 +21,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO, make_tiny_features
-from crossalign import config, training
+from crossalign import config
+from crossalign.train import stage as training
 
 THREADS = 2
 # default feature dims (efficientnet_lite0 grid tokens, MiniLM tokens); 300 train captions = 3 steps of 128
@@ -73,7 +74,8 @@ def test_two_trainings_at_default_shapes_give_identical_weights(tmp_path, thread
 SCRIPT = textwrap.dedent("""
     import os, signal, sys
     from pathlib import Path
-    from crossalign import config, training
+    from crossalign import config
+    from crossalign.train import stage as training
     root, kill_at = Path(sys.argv[1]), int(sys.argv[2])
     lr_at = training.lr_at
     def lr_or_die(step, *args):  # called once per optimiser step with the global step

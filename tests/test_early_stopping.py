@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import tiny_config
-from crossalign import checkpoint, training
+from crossalign.train import checkpoint
+from crossalign.train import stage as training
 
 torch.set_num_threads(1)
 

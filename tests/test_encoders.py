@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from crossalign.encoders import EncoderUnavailable, build_image_encoder, build_text_encoder, external
-from crossalign.encoders.efficientnet_lite import Conv2dSame, load_efficientnet_lite0, weights_path
+from crossalign.features.encoders import EncoderUnavailable, build_image_encoder, build_text_encoder, external
+from crossalign.features.encoders.efficientnet_lite import Conv2dSame, load_efficientnet_lite0, weights_path
 
 torch.set_num_threads(1)
 ZEBRA = "000000281789.jpg"  # two zebras grazing; unambiguous for an ImageNet classifier
@@ -112,7 +112,7 @@ def test_minilm_vocab_is_bert_uncased(minilm):
 def _tiny_bert_dir(tmp_path, vocab: list[str] | None = None):
     from transformers import BertConfig, BertModel, BertTokenizer
 
-    from crossalign.encoders.text import default_model_path
+    from crossalign.features.encoders.text import default_model_path
 
     words = vocab or [w.strip() for w in (default_model_path() / "vocab.txt").read_text().splitlines()]
     torch.manual_seed(0)

@@ -5,12 +5,14 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_tiny_features, tiny_config
-from crossalign import ensemble, selection
+from conftest import make_tiny_features, tiny_config, dump_params
+from crossalign.evaluate import ensemble
+from crossalign.select import stage as selection
 from crossalign.io import load_features, read_json, write_json
 from crossalign.methods import build_aligner, load_aligner
 from crossalign.methods.base import Rerank
-from crossalign.retrieval import coco_metrics, score_matrices
+from crossalign.retrieval.protocol import coco_metrics
+from crossalign.retrieval.scoring import score_matrices
 from eval_helpers import IMAGE_DIM, TEXT_DIM, save_model, write_eval_outputs, write_split_features
 
 CONTROL = "contrastive+cross_attention"
@@ -51,7 +53,6 @@ def test_composite_scores_are_the_two_models_fused_on_the_shortlist(tmp_path):
 
 
 def test_evaluate_control_writes_metrics_like_a_method(tmp_path, monkeypatch):
-    from crossalign import config
     from tasks import evaluate_control
 
     cfg = tiny_config(tmp_path, train={"seeds": [0, 1]}, methods={"embed_dim": 16, "cross_attention": {"heads": 2},
@@ -60,7 +61,7 @@ def test_evaluate_control_writes_metrics_like_a_method(tmp_path, monkeypatch):
     for seed in (0, 1):
         save_model(cfg, tmp_path, "contrastive", seed, mlflow_run=False, init_seed=10 + seed)
         save_model(cfg, tmp_path, "cross_attention", seed, mlflow_run=False, init_seed=20 + seed)
-    (tmp_path / "params.yaml").write_text(config.dump_params(cfg))
+    (tmp_path / "params.yaml").write_text(dump_params(cfg))
     monkeypatch.chdir(tmp_path)
     assert evaluate_control.main(["--control", CONTROL]) == 0
 

@@ -6,11 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_config
-from crossalign import evaluation, registry
+from conftest import tiny_config, dump_params
+from crossalign.evaluate import stage as evaluation
+from crossalign.tracking import registry
 from crossalign.io import load_features, read_json, write_json
 from crossalign.methods import load_aligner, save_aligner
-from crossalign.retrieval import METRIC_KEYS, score_matrices
+from crossalign.retrieval.protocol import METRIC_KEYS
+from crossalign.retrieval.scoring import score_matrices
 from eval_helpers import run_of, save_model, write_split_features
 
 torch.set_num_threads(1)
@@ -69,7 +71,7 @@ def test_evaluate_writes_metrics_scores_ranks(tmp_path, method, protocol):
 
 def _pairwise(model, split):
     """Similarity and match score of every (image, caption) pair, one pair per call."""
-    from crossalign.retrieval import encode_images, encode_texts
+    from crossalign.retrieval.scoring import encode_images, encode_texts
 
     with torch.inference_mode():
         im, tx = encode_images(model, split, "cpu"), encode_texts(model, split, "cpu")
@@ -182,7 +184,6 @@ def test_model_without_a_run_is_evaluated_and_not_logged(tmp_path, caplog):
 
 
 def test_stage_entry_point_exits_2_with_the_reason(tmp_path, monkeypatch, capsys):
-    from crossalign.config import dump_params
     from tasks import evaluate as stage
 
     (tmp_path / "params.yaml").write_text(dump_params(tiny_config(tmp_path)))
@@ -209,10 +210,10 @@ def test_each_fold_equals_evaluating_that_fold_alone(tmp_path, monkeypatch, meth
     re-ranking method the shortlists must come from the fold: the old cut of the full matrices (a
     fold re-ranking only its members of the full top-k) gives other numbers here."""
     from conftest import make_tiny_features
-    from crossalign import retrieval
+    from crossalign.retrieval import protocol
     from crossalign.methods import build_aligner
 
-    monkeypatch.setattr(retrieval, "FOLD_IMAGES", 8)  # five folds of 8 images in a 40-image split
+    monkeypatch.setattr(protocol, "FOLD_IMAGES", 8)  # five folds of 8 images in a 40-image split
     # re-rank by the match score alone over a shortlist of 6 of a fold's 16 captions
     cfg = tiny_config(tmp_path, methods={"embed_dim": 16, "joint": {"heads": 2, "hard_k": 4, "shortlist_k": 6,
                                                                     "fusion_alpha": 1.0}})
@@ -220,11 +221,11 @@ def test_each_fold_equals_evaluating_that_fold_alone(tmp_path, monkeypatch, meth
     torch.manual_seed(0)
     model = build_aligner(cfg, method, split.image_dim, split.text_dim).eval()
     metrics, *_ = evaluation.evaluate_model(model, split, cfg, torch.device("cpu"))
-    folds = retrieval.fold_slices(40)
+    folds = protocol.fold_slices(40)
     alone = [evaluation.evaluate_model(model, _fold_alone(split, rows), cfg, torch.device("cpu"))[0] for rows in folds]
     for key in METRIC_KEYS:
         assert metrics["1k"][key] == pytest.approx(np.mean([a[key] for a in alone])), key
     if method == "joint":  # the old protocol (cut out of the full re-ranked matrices) differs
         i2t, t2i = score_matrices(model, split, "cpu", 8, 16)
-        cut = retrieval.coco_metrics(i2t, t2i, split.caption_image_index)[0]["1k"]
+        cut = protocol.coco_metrics(i2t, t2i, split.caption_image_index)[0]["1k"]
         assert cut["rsum"] != pytest.approx(metrics["1k"]["rsum"])

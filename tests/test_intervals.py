@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from crossalign import evaluation, selection
+from crossalign.evaluate import stage as evaluation
+from crossalign.select import stage as selection
 from crossalign.io import write_json
 
 Z = 1.959964  # two-sided 95 % normal quantile

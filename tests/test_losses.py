@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from crossalign.losses import ContrastiveLoss, JointLoss, MatchingLoss, multi_positive_targets
+from crossalign.methods.losses import ContrastiveLoss, JointLoss, MatchingLoss, multi_positive_targets
 from crossalign.methods.base import Batch
 
 torch.set_num_threads(1)

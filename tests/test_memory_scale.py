@@ -1,4 +1,4 @@
-"""Peak memory of train and evaluate does not follow the split's size (issue 9).
+"""Peak memory of train and evaluate does not follow the split's size.
 
 Each stage runs in a fresh subprocess that reports its own peak RSS (``ru_maxrss``); the same
 stage on a fabricated split 4x larger must peak within a stated margin of the small one. Without
@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from conftest import REPO
 from crossalign.io import FeatureWriter, atomic_dir
@@ -23,7 +22,9 @@ CHILD = """
 import json, resource, sys
 from pathlib import Path
 import torch
-from crossalign import config, evaluation, training
+from crossalign import config
+from crossalign.evaluate import stage as evaluation
+from crossalign.train import stage as training
 from crossalign.io import load_features
 from crossalign.methods import build_aligner
 torch.set_num_threads(1)

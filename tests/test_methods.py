@@ -11,7 +11,7 @@ from crossalign.io import load_features
 from crossalign.methods import REGISTRY, build_aligner, get_method, load_aligner, method_params, save_aligner
 from crossalign.methods import common
 from crossalign.methods.base import Batch, Rerank, index_state
-from crossalign.retrieval import score_matrices
+from crossalign.retrieval.scoring import score_matrices
 from conftest import tiny_config
 
 torch.set_num_threads(1)
@@ -161,7 +161,7 @@ def test_joint_aligns_before_it_fuses(tmp_path):
     """The contrastive (ITC) and matching (ITM) objectives train the same token projections: the
     cross-encoder reads exactly the projected tokens whose pool is embedded, ITC alone moves the
     projections but not the encoder, ITM alone moves them but not the embedding heads."""
-    from crossalign.losses import ContrastiveLoss, MatchingLoss
+    from crossalign.methods.losses import ContrastiveLoss, MatchingLoss
     from crossalign.methods import trainable_params
 
     # the structure under test is the cross-attention matcher's, without positions (the late

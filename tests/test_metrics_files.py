@@ -15,7 +15,8 @@ import sys
 
 import pytest
 
-from crossalign import evaluation, selection
+from crossalign.evaluate import stage as evaluation
+from crossalign.select import stage as selection
 from crossalign.config import METHOD_NAMES
 from crossalign.io import write_json
 

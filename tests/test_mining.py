@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from crossalign.mining import mine_negatives
+from crossalign.methods.mining import mine_negatives
 
 torch.set_num_threads(1)
 

@@ -12,10 +12,12 @@ import torch
 from mlflow import MlflowClient
 
 from conftest import tiny_config
-from crossalign import registry, tracking
+from crossalign.tracking import registry
+from crossalign.tracking import runs as tracking
+from crossalign.methods import mlflow_model
 from crossalign.io import load_features
 from crossalign.methods import load_aligner
-from crossalign.retrieval import score_matrices
+from crossalign.retrieval.scoring import score_matrices
 from eval_helpers import run_of, save_model, write_split_features
 
 torch.set_num_threads(1)
@@ -58,7 +60,7 @@ def test_moved_checkout_logs_and_loads_from_the_new_tree(tmp_path):
         assert run.info.artifact_uri.startswith((new / "mlruns" / "artifacts").resolve().as_uri() + "/")
         where = client.get_model_version_download_uri(cfg.tracking.registered_model, "1")
         assert where.startswith((new / "mlruns" / "artifacts").resolve().as_uri() + "/"), where
-        model = tracking.load_logged_aligner(f"models:/{cfg.tracking.registered_model}/1")
+        model = mlflow_model.load_logged_aligner(f"models:/{cfg.tracking.registered_model}/1")
         client.log_artifact(run_id, str(new / "eval" / "test_index.json"), "evaluation")
     assert (Path(run.info.artifact_uri[len("file://"):]) / "evaluation" / "test_index.json").exists()
     assert not old.exists()

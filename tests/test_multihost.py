@@ -1,4 +1,4 @@
-"""One comparison spread over two "hosts" (issue 11), for real, on this machine.
+"""One comparison spread over two "hosts", for real, on this machine.
 
 A real ``prefect server start`` with basic auth, a real ``mlflow server`` with MLflow's basic-auth
 app (tests/servers.py), a local-directory DVC remote, a bare git ``origin``, and two process
@@ -22,7 +22,6 @@ pusher's snapshots, dead-worker detection and the orchestrator's refusal of unpu
 """
 from __future__ import annotations
 
-import base64
 import contextlib
 import json
 import os
@@ -33,14 +32,12 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 from conftest import REPO, tiny_config
-from servers import mlflow_server
+from servers import descendants, free_port, http_status, mlflow_server, stop, wait_until
 
 
 BIN = Path(sys.executable).parent
@@ -49,14 +46,6 @@ EPOCHS = 6             # the training of the killed host is frozen (SIGSTOP) aft
 POOL, DEPLOYMENT = "crossalign-gpu", "run-stage/gpu"
 QUIET = {"DO_NOT_TRACK": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1",
          "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false", "OMP_NUM_THREADS": "1"}
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run(args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: float = 300) -> str:
@@ -69,24 +58,6 @@ def _run(args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout:
 
 def _git(cwd: Path, *args: str) -> str:
     return _run(["git", "-c", "user.email=t@t", "-c", "user.name=t", *args], cwd)
-
-
-def _descendants(pid: int) -> list[int]:
-    """Every process under ``pid`` (from /proc), deepest last."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
 
 
 def _pushed_state(remote: Path, manifest: Path) -> bytes | None:
@@ -107,7 +78,7 @@ def _cmdline(pid: int) -> list[str]:
 
 def _kill_host(proc: subprocess.Popen) -> None:
     """A host dies: SIGKILL the process group of ``proc`` and every process under it, by pid."""
-    victims = _descendants(proc.pid)
+    victims = descendants(proc.pid)
     for pid in [proc.pid, *victims]:
         try:
             os.kill(pid, signal.SIGKILL)
@@ -118,51 +89,6 @@ def _kill_host(proc: subprocess.Popen) -> None:
     except ProcessLookupError:
         pass
     proc.wait()
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """Stop ``proc``, its group and anything left under it."""
-    if proc.poll() is None:
-        victims = _descendants(proc.pid)
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        except ProcessLookupError:
-            proc.wait()
-        for pid in victims:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-
-def _status(url: str, auth: str | None) -> int:
-    request = urllib.request.Request(url)
-    if auth:
-        request.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
-    try:
-        with urllib.request.urlopen(request, timeout=3) as r:
-            return r.status
-    except urllib.error.HTTPError as err:
-        return err.code
-    except OSError:
-        return -1
-
-
-def _wait(predicate, timeout: float, what: str, procs: list[subprocess.Popen] = ()):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for p in procs:
-            if p.poll() is not None:
-                raise RuntimeError(f"{what}: {p.args} exited {p.returncode}")
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise TimeoutError(f"{what}: not after {timeout} s")
 
 
 def make_origin(tmp: Path, remote: Path, tracking: dict[str, str]) -> Path:
@@ -213,7 +139,7 @@ def test_comparison_over_two_workers_survives_a_dead_host(tmp_path: Path):
         mlflow_srv = servers.enter_context(mlflow_server(tmp_path / "mlflow"))
         origin = make_origin(tmp_path, remote, {"tracking_uri": mlflow_srv.url})
 
-        port = _free_port()
+        port = free_port()
         auth = f"crossalign:{secrets.token_urlsafe(12)}"
         base = {**os.environ, **QUIET, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
         for key in ("PREFECT_API_URL", "PREFECT_API_AUTH_STRING", "CROSSALIGN_CLONE", "PYTHONPATH"):
@@ -225,8 +151,8 @@ def test_comparison_over_two_workers_survives_a_dead_host(tmp_path: Path):
         api = f"http://127.0.0.1:{port}/api"
         client = {**base, **mlflow_srv.client_env(), "PREFECT_API_URL": api, "PREFECT_API_AUTH_STRING": auth,
                   "PREFECT_HOME": str(tmp_path / "prefect-client")}
-        _wait(lambda: _status(f"{api}/health", auth) == 200, 120, "prefect server", [server])
-        assert _status(f"{api}/flow_runs/filter", None) in (401, 405)  # GET not even routed without auth
+        wait_until(lambda: http_status(f"{api}/health", tuple(auth.split(":", 1))) == 200, 120, "prefect server", server)
+        assert http_status(f"{api}/flow_runs/filter") in (401, 405)  # GET not even routed without auth
         denied = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST",
                                  f"{api}/flow_runs/filter", "-H", "Content-Type: application/json", "-d", "{}"],
                                 capture_output=True, text=True)
@@ -259,7 +185,7 @@ def test_comparison_over_two_workers_survives_a_dead_host(tmp_path: Path):
             def scan() -> None:
                 nonlocal frozen
                 for name, worker in workers.items():
-                    for pid in _descendants(worker.pid):
+                    for pid in descendants(worker.pid):
                         argv = _cmdline(pid)
                         if "--method" not in argv or not any(a.startswith("tasks.") for a in argv):
                             continue
@@ -281,7 +207,7 @@ def test_comparison_over_two_workers_survives_a_dead_host(tmp_path: Path):
             name, method, _, state = frozen
             pushed = remote / "crossalign-side" / "checkpoints"
             try:  # killed even when the push never comes: a frozen host would hang the run
-                _wait(lambda: any(_pushed_state(remote, m) == state for m in pushed.glob(f"train-{method}-*.json")),
+                wait_until(lambda: any(_pushed_state(remote, m) == state for m in pushed.glob(f"train-{method}-*.json")),
                       60, "the frozen checkpoint on the remote")
             finally:
                 killed.update(stage=f"train@{method}", worker=name, epoch=json.loads(state)["epoch"], seen=seen)
@@ -363,7 +289,7 @@ def test_comparison_over_two_workers_survives_a_dead_host(tmp_path: Path):
         assert resumed_tags["crossalign.host"] == survivor, resumed_tags
     finally:
         for p in reversed(procs):
-            _stop(p)
+            stop(p, grace=15)
         servers.close()
 
 
@@ -440,7 +366,7 @@ def test_checkpoint_pusher_pushes_whole_checkpoints_only_when_they_change(tmp_pa
     root = _dvc_project(tmp_path / "p", tmp_path / "remote")
     ckpt = root / "models" / "a" / "checkpoints"
 
-    def save(epoch: int) -> None:  # as crossalign.checkpoint does: a whole directory replaced
+    def save(epoch: int) -> None:  # as crossalign.train.checkpoint does: a whole directory replaced
         with atomic_dir(ckpt / "seed-0") as tmp:
             (Path(tmp) / "state.json").write_text(json.dumps({"epoch": epoch}))
             (Path(tmp) / "model.safetensors").write_bytes(bytes([epoch]) * 64)

@@ -6,9 +6,9 @@ import json
 import torch
 
 from conftest import tiny_config
-from crossalign import training
+from crossalign.train import stage as training
 from crossalign.methods import build_aligner
-from crossalign.optim import param_groups
+from crossalign.train.optim import param_groups
 
 torch.set_num_threads(1)
 

@@ -11,7 +11,12 @@ import torch
 from mlflow import MlflowClient
 
 from conftest import tiny_config
-from crossalign import evaluation, registry, selection, tracking, training
+from crossalign.evaluate import stage as evaluation
+from crossalign.tracking import registry
+from crossalign.select import stage as selection
+from crossalign.tracking import runs as tracking
+from crossalign.train import tracker
+from crossalign.train import stage as training
 from crossalign.io import read_json
 from eval_helpers import run_of, save_model, write_split_features
 
@@ -33,10 +38,10 @@ def _outs(root: Path, method: str) -> dict[str, bytes]:
 def test_two_tracked_trainings_give_identical_outs_and_distinct_runs(tmp_path, tiny_features):
     write_split_features(tmp_path)  # val/test features and the test index (train from tiny_features)
     cfg = tiny_config(tmp_path, train={"epochs": 2, "device": "cpu", "threads": 1})
-    training.run(cfg, tmp_path, "contrastive", tracker_factory=tracking.MlflowTracker, log=quiet)
+    training.run(cfg, tmp_path, "contrastive", tracker_factory=tracker.MlflowTracker, log=quiet)
     first = _outs(tmp_path, "contrastive")
     shutil.rmtree(tmp_path / "models")  # no checkpoint to resume: a second training from scratch
-    training.run(cfg, tmp_path, "contrastive", tracker_factory=tracking.MlflowTracker, log=quiet)
+    training.run(cfg, tmp_path, "contrastive", tracker_factory=tracker.MlflowTracker, log=quiet)
     second = _outs(tmp_path, "contrastive")
 
     assert first.keys() == second.keys() and first == second  # byte-identical
@@ -109,7 +114,7 @@ def test_checkpoint_holds_no_run_id_and_a_resumed_training_reopens_its_run(tmp_p
 
     monkeypatch.setattr(training, "validation_metrics", dies_in_epoch_2)
     with pytest.raises(RuntimeError, match="killed"):
-        training.run(cfg, tmp_path, "contrastive", tracker_factory=tracking.MlflowTracker, log=quiet)
+        training.run(cfg, tmp_path, "contrastive", tracker_factory=tracker.MlflowTracker, log=quiet)
     ckpt = tmp_path / "models" / "contrastive" / "checkpoints" / "seed-0"
     client = MlflowClient(cfg.tracking.tracking_uri)
     exp_id = tracking.setup(cfg, tmp_path)
@@ -117,12 +122,12 @@ def test_checkpoint_holds_no_run_id_and_a_resumed_training_reopens_its_run(tmp_p
     state_text = "".join(p.read_text() for p in ckpt.glob("*.json"))
     assert '"epoch": 1' in state_text and first.info.run_id not in state_text and "run_id" not in state_text
 
-    training.run(cfg, tmp_path, "contrastive", tracker_factory=tracking.MlflowTracker, log=quiet)  # resumes
+    training.run(cfg, tmp_path, "contrastive", tracker_factory=tracker.MlflowTracker, log=quiet)  # resumes
     runs = client.search_runs([exp_id], filter_string=f"tags.`{tracking.TAG_METHOD}` = 'contrastive'")
     assert [r.info.run_id for r in runs] == [first.info.run_id] and runs[0].info.status == "FINISHED"
     history = client.get_metric_history(first.info.run_id, "epoch/val_rsum")
     assert sorted(m.step for m in history) == [1, 2, 3]  # one run holds the whole history
     # a finished run is never reopened: training the same config afresh starts a new one
     shutil.rmtree(tmp_path / "models")
-    training.run(cfg, tmp_path, "contrastive", tracker_factory=tracking.MlflowTracker, log=quiet)
+    training.run(cfg, tmp_path, "contrastive", tracker_factory=tracker.MlflowTracker, log=quiet)
     assert len(client.search_runs([exp_id], filter_string=f"tags.`{tracking.TAG_METHOD}` = 'contrastive'")) == 2

@@ -8,7 +8,7 @@ import yaml
 
 from conftest import REPO
 from crossalign import config
-from crossalign.overlay import main, overrides
+from crossalign.cli import main, overrides
 
 OVERLAY = REPO / "params-coco-gpu.yaml"
 
@@ -25,7 +25,7 @@ def test_overrides_are_dotted_hydra_values():
 def test_cli_prints_set_param_flags(capsys, tmp_path):
     path = tmp_path / "o.yaml"
     path.write_text("train:\n  epochs: 3\n  device: cuda\n")
-    assert main([str(path), "--flag=-S"]) == 0
+    assert main(["overlay", str(path), "--flag=-S"]) == 0
     assert capsys.readouterr().out.split() == ["-S", "train.epochs=3", "-S", "train.device=cuda"]
 
 

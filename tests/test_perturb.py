@@ -1,4 +1,4 @@
-"""Binding perturbations (crossalign.perturb) and the cached-negatives loader (crossalign.hardneg).
+"""Binding perturbations (crossalign.features.perturb) and the cached-negatives loader (crossalign.features.hardneg).
 
 Expected outputs are written out by hand; the synthetic check uses the generator's own twin
 captions (crossalign.data: rendered from the same plans with the focal pair swapped) as an
@@ -11,7 +11,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from crossalign import hardneg, perturb
+from crossalign.features import hardneg
+from crossalign.features import perturb
 from crossalign.config import SyntheticParams
 from crossalign.data.captions import Described, plan_captions, render
 from crossalign.data.synthetic import relation, sample_scene, swap_pair

@@ -1,6 +1,6 @@
 """End to end: `dvc repro` of the real DAG on a tiny synthetic config, in a copy of the repo.
 
-Checks the DVC contract of issue 2: a second `dvc repro` does nothing, and changing one param
+Checks the DVC contract: a second `dvc repro` does nothing, and changing one param
 reruns exactly the stages that read it.
 """
 from __future__ import annotations

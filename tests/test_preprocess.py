@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from crossalign import config
-from crossalign.images import decode_image
-from crossalign.preprocess import BadInputError, compact_rows, run, truncate_npy
+from crossalign.preprocess.images import decode_image
+from crossalign.preprocess.stage import BadInputError, compact_rows, run, truncate_npy
 from tasks import preprocess as task
-from conftest import tiny_config
+from conftest import tiny_config, dump_params
 
 SIZES = {"train": 6, "val": 3, "test": 3}
 
@@ -223,7 +222,7 @@ def test_stage_entry_point_exit_codes(tmp_path: Path, monkeypatch: pytest.Monkey
                                       capsys: pytest.CaptureFixture) -> None:
     raw = make_raw(tmp_path)
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "params.yaml").write_text(config.dump_params(tiny_config(tmp_path)))
+    (tmp_path / "params.yaml").write_text(dump_params(tiny_config(tmp_path)))
     assert task.main(["--params", "params.yaml"]) == 0
     assert (tmp_path / "data/prepared/test/images.npy").exists()
     add_bad_inputs(raw)
@@ -257,7 +256,7 @@ def test_real_coco_sample_center_crop(tmp_path: Path, coco_sample: Path) -> None
 def test_many_bad_records_give_counts_the_first_20_and_the_full_list(tmp_path: Path, coco_sample: Path,
                                                                         monkeypatch: pytest.MonkeyPatch,
                                                                         capsys: pytest.CaptureFixture) -> None:
-    """A COCO caption file whose images are mostly absent (issue 12: 4,841 of 5,000 missing printed
+    """A COCO caption file whose images are mostly absent (once 4,841 of 5,000 missing printed
     4,841 lines): 16 real COCO images, 300 records of absent files, 25 captions of unknown images."""
     raw, doc = _coco_sample_raw(tmp_path, coco_sample)
     absent = [{"id": 10**9 + k, "file_name": f"absent_{k:04d}.jpg"} for k in range(300)]
@@ -265,7 +264,7 @@ def test_many_bad_records_give_counts_the_first_20_and_the_full_list(tmp_path: P
     anns += [{"id": 2 * 10**9 + k, "image_id": 7 * 10**9 + k, "caption": "points at nothing"} for k in range(25)]
     add_to_split(raw, "train", absent, anns)
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "params.yaml").write_text(config.dump_params(tiny_config(tmp_path, preprocess={"image_size": 32})))
+    (tmp_path / "params.yaml").write_text(dump_params(tiny_config(tmp_path, preprocess={"image_size": 32})))
     assert task.main(["--params", "params.yaml"]) == 2
     err = capsys.readouterr().err
     assert "325 bad input record(s)" in err

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from crossalign import registry, selection
+from crossalign.tracking import registry
+from crossalign.select import stage as selection
 from eval_helpers import run_of, save_model, write_eval_outputs, write_split_features
 
 

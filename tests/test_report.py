@@ -7,9 +7,11 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from crossalign import evaluation, report, selection
+from crossalign.evaluate import stage as evaluation
+from crossalign.select import report
+from crossalign.select import stage as selection
 from crossalign.io import read_json
-from crossalign.retrieval import METRIC_KEYS
+from crossalign.retrieval.protocol import METRIC_KEYS
 from eval_helpers import save_model, write_prepared_test, write_split_features
 
 torch.set_num_threads(1)
@@ -65,7 +67,7 @@ def test_report_writes_markdown_and_pngs(evaluated):
         assert row["binding_probe"] == {k: probe["overall"][k] for k in ("i2t", "t2i", "mean", "ci95")}
     assert "no training curve for concat_mlp" in md  # absent curve is said, not hidden
     assert f"![{report.T2I_PNG}]({report.T2I_PNG})" in md
-    assert "shortlist k=4 re-rank alpha=1.0" in md  # methods.joint.fusion_alpha default (issue 13)
+    assert "shortlist k=4 re-rank alpha=1.0" in md  # methods.joint.fusion_alpha's default
     other = next(m for m in sel["champion_vs"])
     assert f"- {sel['champion']} vs **{other}**: {sel['champion_vs'][other]['text']}" in md
     assert "| concat_mlp | 1,234,567 | no: every pair |" in md and "(../costs/costs.md)" in md

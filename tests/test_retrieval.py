@@ -6,10 +6,11 @@ import pytest
 import torch
 from torch import Tensor
 
-from crossalign import retrieval
-from crossalign.binding import binding_probe
+from crossalign.retrieval import protocol, scoring
+from crossalign.evaluate.binding import binding_probe
 from crossalign.methods.base import Aligner, Rerank, State
-from crossalign.retrieval import coco_metrics, i2t_ranks, retrieval_metrics, score_states, t2i_ranks
+from crossalign.retrieval.protocol import coco_metrics, i2t_ranks, retrieval_metrics, t2i_ranks
+from crossalign.retrieval.scoring import score_states
 
 torch.set_num_threads(1)
 
@@ -91,7 +92,7 @@ def test_separate_t2i_matrix_is_used():
 
 
 def test_1k_folds_are_the_mean_of_per_fold_metrics(monkeypatch):
-    monkeypatch.setattr(retrieval, "FOLD_IMAGES", 4)  # 5 folds of 4 images
+    monkeypatch.setattr(protocol, "FOLD_IMAGES", 4)  # 5 folds of 4 images
     rng = np.random.default_rng(0)
     ci = np.repeat(np.arange(20), rng.integers(1, 4, size=20))
     s = rng.normal(size=(20, ci.size)).astype(np.float32)
@@ -252,6 +253,6 @@ def test_rerank_with_alpha_zero_keeps_the_similarity_order():
 
 
 def test_protocol_description():
-    assert retrieval.describe_protocol(DotAligner(), 8, 16) == "embedding similarity"
-    assert retrieval.describe_protocol(PairAligner(), 8, 16) == "exact all-pairs (blocks 8x16)"
-    assert retrieval.describe_protocol(JointAligner(16, 0.5), 8, 16) == "shortlist k=16 re-rank alpha=0.5"
+    assert scoring.describe_protocol(DotAligner(), 8, 16) == "embedding similarity"
+    assert scoring.describe_protocol(PairAligner(), 8, 16) == "exact all-pairs (blocks 8x16)"
+    assert scoring.describe_protocol(JointAligner(16, 0.5), 8, 16) == "shortlist k=16 re-rank alpha=0.5"

@@ -6,8 +6,9 @@ import re
 import numpy as np
 import pytest
 
-from conftest import tiny_config
-from crossalign import costs, report, selection
+from conftest import tiny_config, dump_params
+from crossalign.select import costs
+from crossalign.select import stage as selection
 from crossalign.io import read_json, write_json
 from eval_helpers import save_model, write_eval_outputs, write_split_features
 
@@ -119,7 +120,6 @@ def test_malformed_metrics_name_the_file(tmp_path):
 
 
 def test_stage_entry_point_lists_the_missing_methods(tmp_path, monkeypatch, capsys):
-    from crossalign.config import dump_params
     from tasks import select as stage
 
     (tmp_path / "params.yaml").write_text(dump_params(tiny_config(tmp_path)))

@@ -1,10 +1,10 @@
-"""crossalign.tokenize: the offline bert-base-uncased WordPiece tokenizer and unpadded storage."""
+"""crossalign.preprocess.tokenize: the offline bert-base-uncased WordPiece tokenizer and unpadded storage."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from crossalign.tokenize import OFFLINE, load_tokenizer, tokenize, tokenizer_meta
+from crossalign.preprocess.tokenize import OFFLINE, load_tokenizer, tokenize, tokenizer_meta
 
 
 @pytest.fixture(scope="module")

@@ -11,10 +11,13 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from conftest import tiny_config
-from crossalign import tracking, training
+from crossalign.tracking import runs as tracking
+from crossalign.methods import mlflow_model
+from crossalign.train import tracker
+from crossalign.train import stage as training
 from crossalign.io import load_features
 from crossalign.methods import load_aligner
-from crossalign.retrieval import score_matrices
+from crossalign.retrieval.scoring import score_matrices
 
 torch.set_num_threads(1)
 
@@ -44,7 +47,7 @@ def test_dvc_feature_hashes_from_lock(tmp_path):
 
 def test_training_run_is_tracked_and_the_model_loads_back(tmp_path, tiny_features):
     cfg = tiny_config(tmp_path, train={"epochs": 2, "device": "cpu", "threads": 1})
-    result = training.run(cfg, tmp_path, "joint", tracker_factory=tracking.MlflowTracker, log=lambda *a: None)[0]
+    result = training.run(cfg, tmp_path, "joint", tracker_factory=tracker.MlflowTracker, log=lambda *a: None)[0]
     final = tmp_path / "models" / "joint" / "final" / "seed-0"
     meta = json.loads((final / "model.json").read_text())
     assert not {k for k in meta if "mlflow" in k or "registered" in k} and "mlflow_run_id" not in result
@@ -76,7 +79,7 @@ def test_training_run_is_tracked_and_the_model_loads_back(tmp_path, tiny_feature
     assert "state.json" in {a.path.split("/")[-1] for a in client.list_artifacts(run_id, "checkpoint")}
 
     mlflow.set_tracking_uri(cfg.tracking.tracking_uri)
-    logged = tracking.load_logged_aligner(f"runs:/{run_id}/model")
+    logged = mlflow_model.load_logged_aligner(f"runs:/{run_id}/model")
     local, _ = load_aligner(final)
     split = load_features(tmp_path / "data" / "features" / "val")
     for a, b in zip(score_matrices(logged, split), score_matrices(local, split)):
@@ -86,7 +89,7 @@ def test_training_run_is_tracked_and_the_model_loads_back(tmp_path, tiny_feature
     assert mv.run_id == run_id
     assert mv.description == (f"joint seed 0: val RSUM {meta['val_metrics']['rsum']:.1f} at epoch "
                               f"{meta['best_epoch']}; weights sha256 {sha[:12]}")
-    by_name = tracking.load_logged_aligner(f"models:/{cfg.tracking.registered_model}/{version}")
+    by_name = mlflow_model.load_logged_aligner(f"models:/{cfg.tracking.registered_model}/{version}")
     assert type(by_name).__name__ == "Joint"
 
 
@@ -95,13 +98,13 @@ def test_best_epoch_metrics_are_the_first_best_epoch():
                {"epoch": 2, "val_rsum": 30.0, "val_i2t_r1": 2.0, "train_loss": 2.0},
                {"epoch": 3, "val_rsum": 30.0, "val_i2t_r1": 5.0, "train_loss": 1.0},
                {"epoch": 4, "val_rsum": 20.0, "val_i2t_r1": 9.0, "train_loss": 0.5}]
-    assert tracking.best_epoch_metrics(history) == {"best_epoch": 2.0, "best_val_rsum": 30.0, "best_val_i2t_r1": 2.0}
-    assert tracking.best_epoch_metrics([]) == {}
+    assert tracker.best_epoch_metrics(history) == {"best_epoch": 2.0, "best_val_rsum": 30.0, "best_val_i2t_r1": 2.0}
+    assert tracker.best_epoch_metrics([]) == {}
 
 
 def test_failed_training_marks_the_run_failed(tmp_path, tiny_features):
     cfg = tiny_config(tmp_path, train={"epochs": 1, "device": "cpu", "lr": float("inf")})
     with pytest.raises(training.NonFiniteLossError):
-        training.run(cfg, tmp_path, "contrastive", tracker_factory=tracking.MlflowTracker, log=lambda *a: None)
+        training.run(cfg, tmp_path, "contrastive", tracker_factory=tracker.MlflowTracker, log=lambda *a: None)
     runs = MlflowClient(cfg.tracking.tracking_uri).search_runs([tracking.setup(cfg, tmp_path)])
     assert [r.info.status for r in runs] == ["FAILED"]

@@ -20,11 +20,19 @@ import torch
 from mlflow import MlflowClient
 
 from conftest import make_tiny_features, tiny_config
-from crossalign import evaluation, mlflow_server, registry, selection, tracking, tracking_server, training
+from crossalign.evaluate import stage as evaluation
+from crossalign.tracking import mlflow_server
+from crossalign.tracking import registry
+from crossalign.select import stage as selection
+from crossalign.tracking import runs as tracking
+from crossalign.methods import mlflow_model
+from crossalign.train import tracker
+from crossalign.tracking import server as tracking_server
+from crossalign.train import stage as training
 from crossalign.cli import main as cli_main
 from crossalign.io import load_features
 from crossalign.methods import load_aligner
-from crossalign.retrieval import score_matrices
+from crossalign.retrieval.scoring import score_matrices
 from eval_helpers import write_split_features
 from servers import free_port, http_status, mlflow_server as start_server
 
@@ -90,7 +98,7 @@ def test_training_logs_through_the_server_tagged_with_host_and_flow_run(tmp_path
     for i, split in enumerate(("train", "val")):
         make_tiny_features(tmp_path / "data" / "features" / split, n_images=48 if split == "train" else 16, seed=i)
     cfg = _cfg(tmp_path, client_env, "trained", train={"epochs": 2, "device": "cpu", "threads": 1})
-    result = training.run(cfg, tmp_path, "contrastive", tracker_factory=tracking.MlflowTracker, log=lambda *a: None)[0]
+    result = training.run(cfg, tmp_path, "contrastive", tracker_factory=tracker.MlflowTracker, log=lambda *a: None)[0]
     final = tmp_path / "models" / "contrastive" / "final" / "seed-0"
     sha = hashlib.sha256((final / "model.safetensors").read_bytes()).hexdigest()
 
@@ -108,7 +116,7 @@ def test_training_logs_through_the_server_tagged_with_host_and_flow_run(tmp_path
     assert not (tmp_path / "mlruns").exists()
     # the registered version loads back through the server and scores as the local files do
     version = run.data.tags["registered_version"]
-    logged = tracking.load_logged_aligner(f"models:/trained-m/{version}", client_env.url)
+    logged = mlflow_model.load_logged_aligner(f"models:/trained-m/{version}", client_env.url)
     local, _ = load_aligner(final)
     split = load_features(tmp_path / "data" / "features" / "val")
     for a, b in zip(score_matrices(logged, split), score_matrices(local, split)):
@@ -119,11 +127,11 @@ def test_training_logs_through_the_server_tagged_with_host_and_flow_run(tmp_path
 def test_a_run_resumed_on_another_host_says_where_it_began(tmp_path, client_env, monkeypatch):
     cfg = _cfg(tmp_path, client_env, "resumed")
     monkeypatch.setenv(tracking.HOST_ENV, "host-a")
-    first = tracking.MlflowTracker(cfg, tmp_path)
+    first = tracker.MlflowTracker(cfg, tmp_path)
     run_id = first.start("contrastive", 0, "fp-1")
     mlflow.end_run(status="FAILED")  # host-a died mid-training; its checkpoint holds no run id
     monkeypatch.setenv(tracking.HOST_ENV, "host-b")
-    second = tracking.MlflowTracker(cfg, tmp_path)
+    second = tracker.MlflowTracker(cfg, tmp_path)
     assert second.start("contrastive", 0, "fp-1") == run_id  # found again by its tags
     mlflow.end_run()
     tags = MlflowClient(client_env.url, registry_uri=client_env.url).get_run(run_id).data.tags
@@ -145,7 +153,7 @@ def test_only_select_moves_the_champion_alias_once(tmp_path, client_env, monkeyp
 
     monkeypatch.setattr(MlflowClient, "set_registered_model_alias", recording)
     for method in methods:
-        training.run(cfg, tmp_path, method, tracker_factory=tracking.MlflowTracker, log=lambda *a: None)
+        training.run(cfg, tmp_path, method, tracker_factory=tracker.MlflowTracker, log=lambda *a: None)
         evaluation.run(cfg, method, tmp_path)
     client = MlflowClient(client_env.url, registry_uri=client_env.url)
     assert moves == [] and client.get_registered_model("aliased-m").aliases == {}

@@ -16,8 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, make_tiny_features, tiny_config
-from crossalign import training
+from conftest import REPO, make_tiny_features, tiny_config, dump_params
+from crossalign.train import stage as training
 from crossalign.io import load_features, write_features
 from crossalign.methods import build_aligner
 
@@ -107,7 +107,7 @@ TRAIN_SCRIPT = textwrap.dedent("""
     import sys, torch
     sys.path.insert(0, {tests!r})
     from conftest import tiny_config
-    from crossalign import training
+    from crossalign.train import stage as training
     torch.set_num_threads(1)
     root = __import__("pathlib").Path(sys.argv[1])
     cfg = tiny_config(root, train={{"epochs": 6, "batch_size": 16, "patience": 6, "device": "cpu", "threads": 1}})
@@ -166,11 +166,10 @@ def test_nan_loss_stops_with_the_step(tmp_path):
 
 
 def test_stage_entry_point(tmp_path, tiny_features, monkeypatch, capsys):
-    from crossalign import config
     from tasks import train as stage
 
     params = tmp_path / "params.yaml"
-    params.write_text(config.dump_params(tiny_config(tmp_path, train={"epochs": 1, "device": "cpu"})))
+    params.write_text(dump_params(tiny_config(tmp_path, train={"epochs": 1, "device": "cpu"})))
     monkeypatch.chdir(tmp_path)
     assert stage.main(["--params", str(params), "--method", "concat_mlp", "--no-tracking"]) == 0
     assert "concat_mlp seed 0: best epoch 1" in capsys.readouterr().out
@@ -203,7 +202,7 @@ def test_streamed_and_in_memory_training_give_identical_weights(tmp_path, method
 
 
 def test_placement_auto_and_unknown(tmp_path):
-    from crossalign.batches import choose_placement, held_bytes
+    from crossalign.train.batches import choose_placement, held_bytes
 
     shared_features(tmp_path)
     split = load_features(tmp_path / "data" / "features" / "train")

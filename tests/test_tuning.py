@@ -10,10 +10,12 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import make_tiny_features, tiny_config
-from crossalign import config, training, tuning
+from conftest import make_tiny_features, tiny_config, dump_params
+from crossalign import config
+from crossalign.train import stage as training
+from crossalign.train import tuning
 from crossalign.methods import REGISTRY
-from crossalign.tracking import resolve_uri
+from crossalign.tracking.runs import resolve_uri
 
 torch.set_num_threads(1)
 
@@ -77,7 +79,7 @@ def test_tune_is_deterministic_scores_defaults_first_and_leaves_no_models(tmp_pa
 
     # the same search through the stage entry point, with MLflow, in another directory
     cfg_b = tune_cfg(tmp_path / "b")
-    (b / "params.yaml").write_text(config.dump_params(cfg_b))
+    (b / "params.yaml").write_text(dump_params(cfg_b))
     monkeypatch.chdir(b)
     assert tune_task.main(["--method", method]) == 0
     text_a, text_b = path_a.read_text(), (b / "tuned" / f"{method}.json").read_text()

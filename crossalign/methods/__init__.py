@@ -1,4 +1,9 @@
-"""The alignment methods: importing this package registers all four (see ``base.REGISTRY``).
+"""The alignment methods (no stage of their own: ``train`` fits them, ``evaluate`` scores them).
+
+Importing this package registers all four (see ``base.REGISTRY``): ``concat_mlp``,
+``cross_attention``, ``contrastive``, ``joint``; their parts live in ``common`` / ``late`` /
+``positions``, their losses in ``losses``, hard-negative mining in ``mining``, and a logged model's
+MLflow wrapper in ``mlflow_model``.
 
 Also the one way to build, save and load a method's model: weights in ``model.safetensors`` and
 a JSON sidecar ``model.json`` (method name, feature dims, the method's params and whatever the
@@ -41,7 +46,7 @@ def method_params(cfg: config.Config, method: str) -> dict[str, Any]:
             method: getattr(cfg.methods, method).model_dump(mode="json")}
 
 
-# what a model.json written before issue 13 was trained with (keys it lacks; not today's defaults)
+# what a model.json without these keys was trained with (keys it lacks; not today's defaults)
 BEFORE_POSITIONS = {"image_positions": "none"}
 BEFORE_MATCHER = {"matcher": "cross"}
 BEFORE_JOINT = {"shared_projections": True}

@@ -3,7 +3,7 @@
 A method is an ``nn.Module`` (an :class:`Aligner`) that first projects both modalities into one
 embedding space, then either embeds (ranking by similarity), scores pairs (ranking by exhaustive
 matching), or both (similarity shortlist, then matching re-rank). It never computes its loss:
-``forward`` returns named outputs and a loss module (``crossalign.losses``) turns them into named
+``forward`` returns named outputs and a loss module (``crossalign.methods.losses``) turns them into named
 terms. Training, evaluation and tracking only use this interface, never a method's name.
 
 States: ``encode_images`` / ``encode_texts`` return a :data:`State`, a dict of tensors that all
@@ -31,7 +31,7 @@ class Batch:
     text_mask: Tensor  # (B, L) bool, True = real token
     text_pooled: Tensor  # (B, Dt)
     image_index: Tensor  # (B,) long: image row of each pair's caption; equal rows = same image
-    # binding negatives (issue 13; None = off, the batch is exactly the one before them):
+    # binding negatives (None = off: the batch holds the pairs alone):
     twin: Tensor | None = None  # (B,) long: batch position of the pair whose image is this pair's binding
     #                             twin and whose caption is the twin's same-plan caption; -1 = none in the batch
     neg_text_tokens: Tensor | None = None  # (Bn, Ln, Dt) perturbed captions (train.caption_negatives)
@@ -109,7 +109,7 @@ def cat_states(states: list[State]) -> State:
 
 @dataclass(frozen=True)
 class Dim:
-    """One dimension of a method's hyper-parameter search space (``crossalign.tuning``).
+    """One dimension of a method's hyper-parameter search space (``crossalign.train.tuning``).
 
     ``key`` is a dotted params.yaml key (``train.lr``, ``methods.contrastive.temperature``); the
     value is drawn from [low, high] (log-uniform when ``log``; an integer when ``integer``)."""

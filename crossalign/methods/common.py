@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from crossalign.methods.base import Aligner, Batch, State, index_state
-from crossalign.mining import mine_negatives
+from crossalign.methods.mining import mine_negatives
 
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps the learnable logit scale at 100
 PAIR_CHUNK_ELEMENTS = 1 << 22  # most pair x token x dim elements scored at once without gradients
@@ -211,7 +211,7 @@ def mine_both(scores: Tensor, positive: Tensor, caption_side: tuple[int, int], i
     / column j is the image of pair i / the caption of pair j.
 
     ``caption_side`` = (hard, random) negative captions per image, ``image_side`` = (hard, random)
-    negative images per caption (see :func:`crossalign.mining.mine_negatives`). Returns
+    negative images per caption (see :func:`crossalign.methods.mining.mine_negatives`). Returns
     (caption rows (B, nc), their validity, image rows (B, ni), their validity).
     """
     cap, cap_ok = mine_negatives(scores, positive, *caption_side, hard_k, replace_fraction)  # (B, nc) per image

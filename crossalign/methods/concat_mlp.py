@@ -6,9 +6,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from crossalign.losses import MatchingLoss
+from crossalign.methods.losses import MatchingLoss
 from crossalign.methods.base import Aligner, Batch, MethodSpec, State, register
-from crossalign.methods.base import OPTIMISER_SPACE, Dim  # search space (crossalign.tuning)
+from crossalign.methods.base import OPTIMISER_SPACE, Dim  # search space (crossalign.train.tuning)
 from crossalign.methods.common import (Projection, add_twins, caption_negative_outputs, caption_negative_states,
                                       mine_both, pair_logits, same_image, twin_outputs)
 

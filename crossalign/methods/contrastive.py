@@ -2,15 +2,15 @@
 and L2-normalised; training is symmetric InfoNCE over the scaled cosine similarities of the batch
 (temperature fixed at 0.1 as in the article, or learned as CLIP's ``logit_scale``, clamped at 100).
 Captions of the same image are positives of each other (multi-positive targets, see
-:class:`crossalign.losses.ContrastiveLoss`), never negatives. Ranks by embedding similarity."""
+:class:`crossalign.methods.losses.ContrastiveLoss`), never negatives. Ranks by embedding similarity."""
 from __future__ import annotations
 
 import torch.nn.functional as F
 from torch import Tensor
 
-from crossalign.losses import ContrastiveLoss
+from crossalign.methods.losses import ContrastiveLoss
 from crossalign.methods.base import Aligner, Batch, MethodSpec, State, register
-from crossalign.methods.base import OPTIMISER_SPACE, Dim  # search space (crossalign.tuning)
+from crossalign.methods.base import OPTIMISER_SPACE, Dim  # search space (crossalign.train.tuning)
 from crossalign.methods.common import (EmbeddingHead, caption_negative_outputs, caption_negative_states, cosine_logits,
                                       logit_scale_param)
 

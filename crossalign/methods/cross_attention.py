@@ -16,9 +16,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from crossalign.losses import MatchingLoss
+from crossalign.methods.losses import MatchingLoss
 from crossalign.methods.base import Batch, MethodSpec, State, register
-from crossalign.methods.base import OPTIMISER_SPACE, Dim  # search space (crossalign.tuning)
+from crossalign.methods.base import OPTIMISER_SPACE, Dim  # search space (crossalign.train.tuning)
 from crossalign.methods.common import (CrossMatcher, Projection, add_twins, build_matcher, caption_negative_outputs,
                                       caption_negative_states, mine_both, pair_logits, pooled_cosine, same_image,
                                       twin_outputs)

@@ -1,19 +1,18 @@
-"""``joint``: align before fuse (ALBEF, Li et al., 2021): one set of token projections trained by
-both a contrastive (ITC) and a matching (ITM) objective.
+"""``joint``: contrastive (ITC) and matching (ITM) objectives trained together on the same
+frozen tokens (ALBEF, Li et al., 2021): a similarity shortlist re-ranked by the matcher.
 
-What is shared and what is not:
+What each objective trains (``methods.joint.shared_projections``, default ``false``):
 
-* **Shared** — ``image_proj`` / ``text_proj`` (:class:`Projection`: Linear -> LayerNorm ->
-  Dropout over every frozen token, into the shared space D). Their outputs feed *both* objectives:
-  the contrastive embedding is ``image_head`` / ``text_head`` (an :class:`EmbeddingHead` D -> D)
-  of the mean of the projected tokens (caption padding excluded), and the cross-attention
-  encoder (``encoder``, a :class:`CrossEncoder`) reads the same projected tokens. So the ITC loss
-  shapes the token representations the matching head fuses, as ALBEF's fusion layers read the
-  unimodal encoders its ITC aligned.
-* **Contrastive only** — ``image_head``, ``text_head`` (the embedding MLPs on the pooled
-  projected tokens) and ``logit_scale`` (frozen unless ``learnable_temperature``).
-* **Matching only** — ``encoder`` (cross-attention blocks of both directions and the matching
-  head).
+* **Contrastive** — ``image_proj`` / ``text_proj`` (:class:`Projection`: Linear -> LayerNorm ->
+  Dropout over every frozen token, into the space D), ``image_head`` / ``text_head`` (an
+  :class:`EmbeddingHead` D -> D of the mean of the projected tokens, caption padding excluded) and
+  ``logit_scale`` (frozen unless ``learnable_temperature``).
+* **Matching** — with the default ``shared_projections: false`` the matcher reads its *own*
+  projections of the tokens (``match_image_proj`` / ``match_text_proj``: LayerNorm -> Linear) and
+  ``encoder`` (the matcher of ``methods.joint.matcher``); with ``true`` it reads ``image_proj`` /
+  ``text_proj``'s outputs, so the ITC loss also shapes the token representations the matching head
+  fuses, as ALBEF's fusion layers read the unimodal encoders its ITC aligned (measured: shared
+  projections kept the late matcher from binding; docs/methods.md).
 
 The frozen *pooled* features (``image_pooled`` / ``text_pooled``) are not read: everything comes
 from the tokens, as in ALBEF, where the ITC embedding is the [CLS] token of the same unimodal
@@ -32,9 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from crossalign.losses import JointLoss
+from crossalign.methods.losses import JointLoss
 from crossalign.methods.base import Batch, MethodSpec, Rerank, State, register
-from crossalign.methods.base import OPTIMISER_SPACE, Dim  # search space (crossalign.tuning)
+from crossalign.methods.base import OPTIMISER_SPACE, Dim  # search space (crossalign.train.tuning)
 from crossalign.methods.common import (CrossMatcher, EmbeddingHead, Projection, add_twins, build_matcher,
                                       caption_negative_outputs, caption_negative_states, twin_outputs, cosine_logits,
                                       logit_scale_param, masked_mean, mine_both, pair_logits, same_image)
@@ -42,8 +41,8 @@ from crossalign.methods.positions import ImagePositions
 
 
 class Joint(CrossMatcher):
-    """Shared token projections -> (pooled -> embedding for similarity) and (cross-encoder for
-    matching); see the module docstring for which parameters each objective trains."""
+    """Token projections -> (pooled -> embedding for similarity) and (matcher for matching); see
+    the module docstring for which parameters each objective trains."""
 
     embeds = True
 
@@ -52,8 +51,8 @@ class Joint(CrossMatcher):
                  random_negative_fraction: float, hard_k: int, rerank: Rerank, matcher: str = "cross",
                  positions: str = "none", shared: bool = True):
         super().__init__()
-        self.image_proj = Projection(image_dim, dim, dropout)  # shared by ITC and ITM
-        self.text_proj = Projection(text_dim, dim, dropout)  # shared by ITC and ITM
+        self.image_proj = Projection(image_dim, dim, dropout)  # ITC, and ITM when shared
+        self.text_proj = Projection(text_dim, dim, dropout)  # ITC, and ITM when shared
         self.image_head = EmbeddingHead(dim, dim, dropout)  # ITC only
         self.text_head = EmbeddingHead(dim, dim, dropout)  # ITC only
         self.logit_scale = logit_scale_param(temperature, learnable_temperature)

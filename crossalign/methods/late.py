@@ -7,7 +7,7 @@ carries its colour and its role), g_r the projected cells plus their 2D position
 (:mod:`crossalign.methods.positions`) and a residual MLP (so a cell carries what *and* where),
 and w_j a learned softmax weight over the caption's real tokens (function words weigh little).
 
-Why it binds when the cross-attention encoder did not (issue 13, measured in the README): the max
+Why it binds when the cross-attention encoder did not (measured: docs/methods.md): the max
 picks one cell per token, so a token's score depends on whether *one* region holds all it names
 (colour and shape and size, and a place consistent with its relation); mean-pooled soft attention
 averages regions and fits the twins slowly. It is also cheap: a pair costs one (L, R) matrix of

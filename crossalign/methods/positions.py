@@ -3,14 +3,14 @@
 The frozen image encoders hand over a row-major grid of patch / cell tokens (``(h, w)`` in the
 features' ``meta.json``; square for the square inputs every stage uses). Attention and pooling are
 permutation-invariant over those tokens, so without a position an aligner cannot tell "a red
-circle left of a blue square" from the same scene with the two swapped (issue 13). Positions are
+circle left of a blue square" from the same scene with the two swapped. Positions are
 added to the *projected* tokens (dim D) of every method that reads tokens:
 
 - ``sincos``: fixed 2D sine-cosine encoding (MAE, He et al., 2022): a quarter of the dims encode
   the row with sines, a quarter with cosines, the other half the column, at geometric frequencies;
 - ``learned``: a learned row embedding plus a learned column embedding (DETR's factorised
   learned positions), zero-initialised, for grids up to :data:`MAX_SIDE` per side;
-- ``none``: no position (the behaviour before issue 13).
+- ``none``: no position (cells are a bag).
 
 A class token never reaches the grid: ``hf:``/``torchvision:``/``timm:`` transformers store their
 patch tokens as the grid and the class token as the pooled feature, which stays unpositioned.

