@@ -2,10 +2,10 @@
 
     crossalign summary --elapsed 582
     Finished in 9 min 42 s. Where to look:
-      report   reports/comparison.md (champion: joint)
-      MLflow   .venv/bin/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db   then open
-               http://127.0.0.1:5000/#/experiments/1/runs?workflowType=machine_learning&viewStateShareKey=crossalign
-      metrics  .venv/bin/dvc metrics show
+    report:  reports/comparison.md (champion: joint)
+    MLflow:  .venv/bin/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db, then open
+             http://127.0.0.1:5000/#/experiments/1/runs?workflowType=machine_learning&viewStateShareKey=crossalign
+    metrics: .venv/bin/dvc metrics show
 
 With a tracking server (``tracking.tracking_uri: http(s)://...``) the runs address is the
 server's own. The MLflow store is only read (nothing is created when it does not exist yet).
@@ -45,9 +45,8 @@ def lines(cfg: Config, root: Path, elapsed: float | None = None) -> list[str]:
     if uri.startswith(("http://", "https://")):
         mlflow = [tracking.runs_url(uri, exp or "<id>")]
     else:
-        mlflow = [f".venv/bin/mlflow ui --backend-store-uri {uri}   then open",
-                  "           " + tracking.runs_url(MLFLOW_UI, exp or "<id>")]
+        mlflow = [f".venv/bin/mlflow ui --backend-store-uri {uri}, then open",
+                  "         " + tracking.runs_url(MLFLOW_UI, exp or "<id>")]
     if exp is None:
         mlflow[-1] += f"   (no experiment {cfg.tracking.experiment!r} yet)"
-    return [head, f"  report   {report}", f"  MLflow   {mlflow[0]}", *mlflow[1:],
-            "  metrics  .venv/bin/dvc metrics show"]
+    return [head, f"report:  {report}", f"MLflow:  {mlflow[0]}", *mlflow[1:], "metrics: .venv/bin/dvc metrics show"]

@@ -260,11 +260,11 @@ def test_summary_names_the_report_the_runs_table_and_the_metrics(tmp_path):
     (tmp_path / "reports" / "selection.json").write_text('{"champion": "joint"}')
     text = "\n".join(summary.lines(cfg, tmp_path, 582))
     assert text.startswith("Finished in 9 min 42 s. Where to look:")
-    assert "report   reports/comparison.md (champion: joint)" in text
+    assert "\nreport:  reports/comparison.md (champion: joint)\n" in text
     assert (f"http://127.0.0.1:5000/#/experiments/{exp_id}/runs?workflowType=machine_learning"
             f"&viewStateShareKey={tracking.SHARED_VIEW_KEY}") in text
-    assert f".venv/bin/mlflow ui --backend-store-uri {cfg.tracking.tracking_uri}" in text
-    assert "metrics  .venv/bin/dvc metrics show" in text
+    assert f"\nMLflow:  .venv/bin/mlflow ui --backend-store-uri {cfg.tracking.tracking_uri}, then open\n" in text
+    assert text.endswith("\nmetrics: .venv/bin/dvc metrics show")
     assert summary.elapsed_text(3725) == "1 h 02 min" and summary.elapsed_text(60) == "1 min 0 s"
 
 

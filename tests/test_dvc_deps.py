@@ -118,3 +118,14 @@ def test_every_dataset_folder_is_ignored_ahead_so_dvc_leaves_the_gitignore_alone
         path = f"{raw_dir}/{dataset}"
         ignored = subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT)
         assert ignored.returncode == 0, f"{path} is not ignored yet: DVC would append it to {raw_dir}/.gitignore"
+
+
+def test_no_stage_depends_on_an_empty_file() -> None:
+    """DVC prints "WARNING: '<dep>' is empty." for an empty dependency file, on every run of the
+    stage: every file dvc.yaml lists as a dep (the packages' ``__init__.py`` included) has content."""
+    doc = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    deps = {d for stage in doc["stages"].values() for d in (stage.get("do", stage).get("deps") or [])
+            if isinstance(d, str) and "${" not in d}
+    files = [d for d in deps if (ROOT / d).is_file()]
+    assert "tasks/__init__.py" in files and "crossalign/__init__.py" in files
+    assert [d for d in files if (ROOT / d).stat().st_size == 0] == []

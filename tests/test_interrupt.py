@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_tiny_features, tiny_config
-from crossalign import config
+from conftest import dump_params, make_tiny_features, tiny_config
 from crossalign.train import checkpoint
 from eval_helpers import IMAGE_DIM, TEXT_DIM, write_split_features
 
@@ -25,7 +24,7 @@ def tiny_project(root: Path) -> Path:
     """params.yaml (tiny, CPU, MLflow in the project, many epochs) and data/features/{train,val,test}."""
     cfg = tiny_config(root, train={"epochs": 400, "patience": 400, "threads": 1},
                       tune={"trials": 3, "epochs": 400, "threads": 1})
-    (root / "params.yaml").write_text(config.dump_params(cfg))
+    (root / "params.yaml").write_text(dump_params(cfg))
     make_tiny_features(root / "data" / "features" / "train", n_images=48, image_dim=IMAGE_DIM, text_dim=TEXT_DIM)
     write_split_features(root)
     return root
