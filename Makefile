@@ -23,10 +23,12 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # `crossalign check` first: DVC removes a stage's outputs before it notices a param missing from
-# params.yaml, so a typo must be caught before `dvc repro` starts.
+# params.yaml, so a typo must be caught before `dvc repro` starts. Then where to look, and how long it took.
 run: $(STAMP)
-	$(BIN)/crossalign check
-	$(BIN)/dvc repro
+	@start=$$(date +%s); set -e; \
+	echo "$(BIN)/crossalign check"; $(BIN)/crossalign check; \
+	echo "$(BIN)/dvc repro"; $(BIN)/dvc repro; \
+	$(BIN)/crossalign summary --elapsed $$(( $$(date +%s) - start ))
 
 # lint-imports: the layering contracts in pyproject.toml ([tool.importlinter]).
 test: $(STAMP)

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from bench import entry
 from crossalign import config
 from crossalign.evaluate.binding import binding_probe
 from crossalign.io import load_features, read_json
@@ -83,4 +84,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    entry(main)

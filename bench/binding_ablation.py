@@ -36,6 +36,8 @@ from pathlib import Path
 
 import yaml
 
+from bench import entry
+
 OUT = Path(__file__).resolve().parent / "results" / "binding_ablation.json"
 INGREDIENTS = ("positions", "twin", "caption")
 
@@ -199,4 +201,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry(main)

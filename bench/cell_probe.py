@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bench import entry
+
 ATTRIBUTES = ("colour", "shape", "size")
 
 
@@ -70,4 +72,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    entry(main)

@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench import entry
 from crossalign import config
 from crossalign.methods import build_aligner
 from crossalign.methods.base import Aligner, State, index_state
@@ -202,4 +203,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    entry(main)

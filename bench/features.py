@@ -38,7 +38,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "coco-sample"
+from bench import coco_sample, entry
+
+SAMPLE = coco_sample()
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -245,4 +247,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry(main)

@@ -36,7 +36,9 @@ from typing import Callable
 
 import numpy as np
 
-SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "coco-sample"
+from bench import coco_sample, entry, need_sample
+
+SAMPLE = coco_sample()
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -142,8 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=0, help="our decode processes; 0 = os.cpu_count()")
     parser.add_argument("--out", default="bench/results/preprocess.json")
     args = parser.parse_args(argv)
-    for key in ("HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM"):
-        os.environ.setdefault(key, "1" if key == "HF_HUB_OFFLINE" else "false")
+    need_sample()
     import torch
 
     from crossalign import config
@@ -224,4 +225,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    entry(main)

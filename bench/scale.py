@@ -33,9 +33,11 @@ from pathlib import Path
 import numpy as np
 import psutil
 
+from bench import coco_sample, entry, need
+
 KARPATHY = {"train": (113_287, 566_747), "val": (5_000, 25_010), "test": (5_000, 25_010)}  # images, captions
 REGIONS, IMAGE_DIM, TEXT_DIM = 49, 1280, 384  # EfficientNet-Lite0 7x7 grid, MiniLM-L6
-SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "coco-sample" / "annotations" / "captions_train2017.json"
+SAMPLE = coco_sample() / "annotations" / "captions_train2017.json"
 METHODS = ("concat_mlp", "cross_attention", "contrastive", "joint")
 EVALS = (("contrastive", 0), ("joint", 0), ("cross_attention", None))  # (method, test images: 0 = all, None = --pair-images)
 
@@ -241,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         args.result.write_text(json.dumps(out))
         return 0
 
+    need(args.sample, "the COCO captions whose lengths the synthetic captions follow (--sample)")
     root = args.cache
     logs = root / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -307,4 +310,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    entry(main)

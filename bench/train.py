@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import yaml
 
+from bench import entry
 from crossalign import config
 from crossalign.config import METHOD_NAMES
 from crossalign.io import FeatureSplit, PackedText, atomic_file
@@ -146,4 +147,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    entry(main)

@@ -5,6 +5,7 @@
     crossalign search --image photo.jpg --top 5                        # best test captions
     crossalign overlay params-coco-gpu.yaml --flag=-S                  # -S data.dataset=coco-karpathy -S ...
     crossalign mlflow-server --host 0.0.0.0 --port 5000 --backend-store-uri ... --artifacts-destination ...
+    crossalign summary --elapsed 582                                   # where to look after a run (`make run`)
 
 ``check`` validates ``params.yaml`` with the typed config (unknown keys get a "did you mean"
 suggestion) and checks that every param key a ``dvc.yaml`` stage lists is written in the file:
@@ -26,18 +27,15 @@ import json
 import os
 import re
 import sys
-import warnings
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from crossalign import config
+from crossalign import config, offline_defaults
 from crossalign.tracking import mlflow_server
 
-OFFLINE_ENV = {"DO_NOT_TRACK": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1",
-               "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-               "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error"}
+QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error"}  # a query prints its answer only
 _VAR = re.compile(r"\$\{\s*([^}]+?)\s*\}")
 
 
@@ -120,10 +118,38 @@ def check_project(params: Path, dvc_yaml: Path | None) -> tuple[config.Config | 
         lines = [f"{params}: missing param(s) that {dvc_yaml} stages read (DVC would remove those stages' outputs, then fail):"]
         for key, guess in missing:
             readers = ", ".join(s for s, ks in stages.items() if key in ks)
-            hint = f"; the file has `{guess}`: did you mean `{key}`?" if guess else ""
-            lines.append(f"  {key} (read by {readers}){hint}")
+            lines.append(f"  {key} (read by {readers}){missing_hint(key, guess, params.name)}")
         problems.append("\n".join(lines))
+    if cfg is not None:
+        problems += [f"{params}: {p}" for p in input_problems(cfg, params.resolve().parent)]
     return cfg, problems, len(keys)
+
+
+def missing_hint(key: str, guess: str | None, params_name: str) -> str:
+    """What to fix for a param key a stage reads but the file lacks, when the file has a key of
+    nearly the same spelling (``guess``). Either the file's key is the typo (``methods.cross_atention``
+    written for ``methods.cross_attention``), or the stage's key is: it was built from a misspelt
+    name in a list the stage's ``foreach`` reads (``train.methods: [cross_atention]``)."""
+    if not guess:
+        return ""
+    *section, name = key.split(".")
+    if name in config.allowed_keys(section) or not config.allowed_keys(section):
+        return f"; {params_name} has `{guess}` instead: rename it to `{key}`"
+    return (f"; `{name}` is not a key of `{'.'.join(section)}` (did you mean `{guess.rpartition('.')[2]}`?): "
+            f"fix the list in {params_name} that names it")
+
+
+def input_problems(cfg: config.Config, root: Path) -> list[str]:
+    """Inputs the config names that do not exist, found before any stage runs: ``data.folder``
+    of a ``coco-folder`` dataset (relative to the project root, as the data stage reads it)."""
+    problems = []
+    if cfg.data.dataset == "coco-folder" and cfg.data.folder:
+        folder = Path(cfg.data.folder)
+        where = folder if folder.is_absolute() else root / folder
+        if not where.is_dir():
+            problems.append(f"data.folder = {cfg.data.folder!r}: {where} is not a folder "
+                            "(data.dataset coco-folder reads its COCO caption files and images there)")
+    return problems
 
 
 def run_check(params: Path, dvc_yaml: Path | None) -> int:
@@ -169,19 +195,8 @@ def load_overlay(path: str | Path) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------------------- search
 def _quiet() -> None:
-    """Silence what a query would otherwise print besides its answer: the UserWarning MLflow
-    raises whenever the pyfunc model (whose ``predict`` has no type hints) is defined or loaded,
-    and transformers' "Loading weights" progress bars. MLflow re-enables its UserWarnings inside
-    ``filter_user_warnings_once``, which beats a warnings filter, so that one message is dropped
-    where warnings are shown; every other warning still shows."""
-    shown = warnings.showwarning
-
-    def showwarning(message, category, *args, **kwargs):  # noqa: ANN001 - warnings' own signature
-        if issubclass(category, UserWarning) and "type hints to the `predict` method" in str(message):
-            return
-        shown(message, category, *args, **kwargs)
-
-    warnings.showwarning = showwarning
+    """Silence transformers' "Loading weights" progress bars and info lines, which a query would
+    otherwise print besides its answer."""
     try:
         from transformers.utils import logging as hf_logging
     except ImportError:  # transformers is only needed by HF encoders
@@ -202,7 +217,8 @@ def _print(hits: list[dict], text: str | None, image: Path | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    for key, value in OFFLINE_ENV.items():
+    offline_defaults()
+    for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
     parser = argparse.ArgumentParser(prog="crossalign", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -218,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     o = sub.add_parser("overlay", help="print a params overlay as dotted overrides (for `dvc exp run -S`)")
     o.add_argument("overlay", type=Path, help="YAML file with only the keys that differ from params.yaml")
     o.add_argument("--flag", default="", help="put this flag before each override (e.g. --flag=-S)")
+    w = sub.add_parser("summary", help="where to look after a run: the report, the MLflow runs table, the metrics")
+    w.add_argument("--elapsed", type=float, help="seconds the run took (printed first)")
+    w.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     m = sub.add_parser("mlflow-server", help="run the MLflow tracking server every host logs to (basic-auth)",
                        description=mlflow_server.__doc__.split("\n\n")[0])
     mlflow_server.add_arguments(m)
@@ -233,6 +252,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {err}", file=sys.stderr)
             return 2
         print(" ".join(f"{args.flag} {o}" if args.flag else o for o in items))
+        return 0
+    if args.command == "summary":
+        from crossalign import summary
+
+        try:
+            print("\n".join(summary.lines(config.load(args.params), Path.cwd(), args.elapsed)))
+        except config.ConfigError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
         return 0
     if (args.text is None) == (args.image is None):
         s.error("give either a query text or --image PATH")

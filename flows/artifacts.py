@@ -1,8 +1,9 @@
-"""What a ``compare-aligners`` run shows in the Prefect UI: the leaderboard as a table artifact
-(from ``reports/selection.json``, written by ``select``), the stage outcomes as a table, and a markdown summary (the
-effective parameters, any failure, and the head of ``reports/comparison.md``).
+"""What a ``compare-aligners`` run shows in the Prefect UI: the leaderboard (from
+``reports/selection.json``, written by ``select``) as a narrow markdown table with the champion
+named and in bold, the stage outcomes as a table, and a markdown summary (the effective
+parameters, any failure, and the head of ``reports/comparison.md``).
 
-The pure functions (``leaderboard_rows``, ``summary_markdown``) are tested on their own;
+The pure functions (``leaderboard_rows``, ``leaderboard_markdown``, ``summary_markdown``) are tested on their own;
 ``publish`` only reads the files and calls Prefect.
 """
 from __future__ import annotations
@@ -18,52 +19,63 @@ REPORT = Path("reports/comparison.md")
 REPORT_HEAD_LINES = 40
 
 
-def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
-    if isinstance(value, dict):
-        for k, v in value.items():
-            _flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
-    elif isinstance(value, float):
-        out[prefix] = round(value, 4)
-    elif isinstance(value, (int, str, bool)) or value is None:
-        out[prefix] = value
-    else:  # lists (per-seed values, CIs): shown as text
-        out[prefix] = json.dumps(value)
+# The leaderboard's columns: (heading, path in a reports/selection.json leaderboard record). Few and
+# narrow, so the table fits the Prefect UI's artifact pane; the rest is in reports/comparison.md.
+COLUMNS = (("val RSUM", ("val_rsum",)), ("test RSUM", ("test", "rsum")), ("R@1 i2t", ("test", "i2t_r1")),
+           ("R@1 t2i", ("test", "t2i_r1")), ("binding %", ("binding_probe", "mean")))
+
+
+def _get(record: dict[str, Any], path: tuple[str, ...]) -> Any:
+    for key in path:
+        record = record.get(key) if isinstance(record, dict) else None
+    return record
+
+
+def _cell(value: Any) -> Any:
+    if isinstance(value, bool) or value is None:
+        return "" if value is None else value
+    return round(float(value), 1) if isinstance(value, (int, float)) else value
 
 
 def leaderboard_rows(selection: dict[str, Any]) -> list[dict[str, Any]]:
-    """``selection["leaderboard"]`` as flat table rows (nested keys dotted: ``test.rsum``), the
-    champion marked. Accepts a list of per-method records or a ``{method: record}`` mapping."""
+    """``selection["leaderboard"]`` (a list of per-method records, best first, or a ``{method:
+    record}`` mapping) as compact rows: rank, method, :data:`COLUMNS` (one decimal; blank where a
+    record lacks the value), seeds, and "champion" on the champion's row."""
     board = selection.get("leaderboard")
     if board is None:
         raise ValueError(f"{SELECTION}: no 'leaderboard' key (keys: {sorted(selection)})")
     records = [{"method": m, **r} for m, r in board.items()] if isinstance(board, dict) else list(board)
     champion = selection.get("champion")
     rows = []
-    for record in records:
+    for rank, record in enumerate(records, 1):
         if not isinstance(record, dict):
             raise ValueError(f"{SELECTION}: leaderboard entry {record!r} is not a mapping")
-        row: dict[str, Any] = {}
-        _flatten("", record, row)
-        if champion is not None:
-            row = {"champion": "*" if row.get("method") == champion else "", **row}
-        rows.append(metrics_first(row))
+        role = "champion" if record.get("method") == champion else "control" if record.get("control") else ""
+        row = {"rank": rank, "method": record.get("method"), "role": role}
+        row.update({name: _cell(_get(record, path)) for name, path in COLUMNS})
+        row["seeds"] = len(record["seeds"]) if isinstance(record.get("seeds"), list) else ""
+        rows.append(row)
     return rows
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def metrics_first(row: dict[str, Any]) -> dict[str, Any]:
-    """``row`` reordered for a table that fits a screen: champion mark and method, then every
-    numeric column (the metrics) in file order, then other values, and long descriptive text
-    (``protocol``, wherever a metrics file still carries it) last."""
-    head = [k for k in ("champion", "method") if k in row]
-    rest = [k for k in row if k not in head]
-    last = [k for k in rest if k.rsplit(".", 1)[-1] == "protocol"]
-    numbers = [k for k in rest if k not in last and _is_number(row[k])]
-    other = [k for k in rest if k not in last and k not in numbers]
-    return {k: row[k] for k in head + numbers + other + last}
+def leaderboard_markdown(selection: dict[str, Any]) -> str:
+    """The leaderboard artifact: the champion named first, then the compact table with the
+    champion's row in bold."""
+    rows = leaderboard_rows(selection)
+    champion = next((r for r in rows if r["role"] == "champion"), None)
+    lines = [f"Champion: **{champion['method']}** (best validation RSUM"
+             + (f", {champion['val RSUM']}" if champion["val RSUM"] != "" else "") + "); test columns are "
+             "reported, never used to choose." if champion else "No champion.", ""]
+    heads = ["rank", "method", *(name for name, _ in COLUMNS), "seeds"]
+    lines += ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+    for r in rows:
+        name = f"**{r['method']}** (champion)" if r["role"] == "champion" else \
+            f"{r['method']} (control)" if r["role"] == "control" else str(r["method"])
+        cells = [str(r["rank"]), name, *(str(r[h]) for h in heads[2:])]
+        lines.append("| " + " | ".join(f"**{c}**" if r["role"] == "champion" and i != 1 and c else c
+                                      for i, c in enumerate(cells)) + " |")
+    lines += ["", f"Every metric, the gains with their CIs, the binding probe and the figures: {REPORT}."]
+    return "\n".join(lines)
 
 
 def summary_markdown(effective: dict[str, Any], stages: list[dict[str, Any]], failure: str | None,
@@ -99,8 +111,8 @@ def publish(root: Path, stages: list[dict[str, Any]], effective: dict[str, Any],
     path = root / SELECTION
     if path.exists() and not failure:
         selection = json.loads(path.read_text())
-        create_table_artifact(key="crossalign-leaderboard", table=leaderboard_rows(selection),
-                              description=f"Leaderboard from {SELECTION}; champion: {selection.get('champion')}")
+        create_markdown_artifact(key="crossalign-leaderboard", markdown=leaderboard_markdown(selection),
+                                 description=f"Leaderboard from {SELECTION}; champion: {selection.get('champion')}")
     create_table_artifact(key="crossalign-stages",
                           table=[{k: r[k] for k in ("stage", "outcome", "seconds", "gpu")} for r in stages],
                           description="DVC stages of this run: ran, skipped (up to date), failed or not run")

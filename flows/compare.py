@@ -29,7 +29,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import PrefectFuture
-from prefect.states import Cancelled, State
+from prefect.states import Cancelled, Completed, State
 from prefect.tasks import exponential_backoff
 from prefect.utilities.annotations import allow_failure, quote
 
@@ -55,7 +55,8 @@ def run_stage(name: str, node: StageNode, books: DvcBookkeeper, slots: SlotPool,
 
     ``branches``: for a stage gathering ``foreach`` branches, their (finished) futures; it runs
     when at least one branch completed, to report the missing ones, and is cancelled otherwise.
-    Returns ``{"stage", "outcome": "skipped" | "ran", "seconds", "gpu"}``; raises
+    Returns ``{"stage", "outcome": "ran", "seconds", "gpu"}``, or, when it was up to date, a
+    Completed state named "Skipped" holding the same row with ``"outcome": "skipped"``; raises
     :class:`StageFailed` with the command's last output lines when it fails.
     """
     log = get_run_logger()
@@ -64,7 +65,7 @@ def run_stage(name: str, node: StageNode, books: DvcBookkeeper, slots: SlotPool,
     status = books.status(node.target)
     if not status:
         log.info("%s is up to date (dvc status): skipped", name)
-        return {"stage": name, "outcome": "skipped", "seconds": 0.0, "gpu": None}
+        return skipped_state({"stage": name, "outcome": "skipped", "seconds": 0.0, "gpu": None})
     log.info("%s: %s", name, describe_status(status))
     gpu = slots.acquire()
     try:
@@ -78,6 +79,21 @@ def run_stage(name: str, node: StageNode, books: DvcBookkeeper, slots: SlotPool,
     books.commit(node.target)
     log.info("%s: done in %.1f s, committed to dvc.lock", name, result.seconds)
     return {"stage": name, "outcome": "ran", "seconds": round(result.seconds, 3), "gpu": gpu}
+
+
+SKIPPED = "Skipped"  # the name of a Completed state whose stage DVC found up to date
+
+
+def skipped_state(row: dict[str, Any]) -> State:
+    """The final state of a stage that did not run because it was up to date: Completed (its
+    dependents run), named "Skipped" and, in the flow-run graph, labelled "<stage> (up to date)",
+    so that it does not look like a stage that ran."""
+    from prefect.context import TaskRunContext
+
+    ctx = TaskRunContext.get()
+    if ctx is not None and ctx.task_run is not None:  # the engine reports the run's name with its final state
+        ctx.task_run.name = f"{row['stage']} (up to date)"
+    return Completed(data=row, name=SKIPPED, message=f"{row['stage']} is up to date (dvc status): not run")
 
 
 def _task_for(node: StageNode):

@@ -5,17 +5,20 @@ training curves are blank. This script writes an HTML template that inlines the 
 from the pinned PyPI package ``vl-convert-python`` (``vl_convert.javascript_bundle``, Vega-Lite
 5.x: DVC's plot specs are Vega-Lite v5) and runs ``dvc plots show --html-template`` with it.
 
-    python scripts/plots_offline.py                 # -> dvc_plots/index.html, opens with no network
+    .venv/bin/python scripts/plots_offline.py       # -> dvc_plots/index.html, opens with no network
     python scripts/plots_offline.py --check         # + render it in headless Chromium with every
                                                     #   host unresolvable; fails unless each Vega plot
                                                     #   drew; screenshot in dvc_plots/screenshot.png
     python scripts/plots_offline.py --check-only PAGE.html   # check any page the same way
 
 Extra arguments after ``--`` go to ``dvc plots show`` (e.g. ``-- plots/train/joint.csv``).
+Run by an interpreter that lacks the project's packages (``python3 scripts/plots_offline.py``),
+it runs itself again with the project's ``.venv/bin/python`` when there is one.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import subprocess
@@ -44,14 +47,30 @@ TEMPLATE = """<!DOCTYPE html>
 """
 CHROMIUM = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 NO_NETWORK = "--host-resolver-rules=MAP * ~NOTFOUND"  # every host name fails to resolve
+VENV = Path(__file__).resolve().parents[1] / ".venv"
+
+
+def in_project_python() -> None:
+    """Make sure the project's packages (vl-convert-python, DVC) are importable: if they are not,
+    run this script again with ``.venv/bin/python`` (``exec``, same arguments); without a venv,
+    exit naming the command that works. Then the offline, no-telemetry environment defaults."""
+    try:
+        import dvc  # noqa: F401
+        import vl_convert  # noqa: F401
+    except ImportError as err:
+        python = VENV / "bin" / "python"
+        if python.exists() and Path(sys.prefix).resolve() != VENV.resolve():
+            os.execv(python, [str(python), str(Path(__file__).resolve()), *sys.argv[1:]])
+        sys.exit(f"{err.name} is not importable by {sys.executable}: run `make install` in the project, "
+                 "then `.venv/bin/python scripts/plots_offline.py`")
+    from crossalign import offline_defaults
+
+    offline_defaults()
 
 
 def template() -> str:
     """The page template with the Vega libraries inlined (no ``{scripts}``: nothing from a CDN)."""
-    try:
-        import vl_convert
-    except ImportError:
-        sys.exit("vl-convert-python is not installed (pip install -e .): it ships the Vega libraries")
+    import vl_convert
     from importlib.metadata import version
 
     bundle = vl_convert.javascript_bundle(vl_version=VEGA_LITE)
@@ -99,6 +118,7 @@ def check(page: Path, screenshot: Path | None = None) -> tuple[int, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    in_project_python()
     argv = list(sys.argv[1:] if argv is None else argv)
     dvc_args = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[:argv.index("--")] if "--" in argv else argv

@@ -1,16 +1,15 @@
-"""What every stage entry point shares: ``--params`` parsing, offline/telemetry env, config load."""
+"""What every stage entry point shares: ``--params`` parsing and config load (the offline,
+no-telemetry environment is set by the ``tasks`` package, before any stage imports)."""
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Callable
 
 from crossalign import config
 
-OFFLINE_ENV = {"DO_NOT_TRACK": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1",
-               "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "TOKENIZERS_PARALLELISM": "false"}
+INTERRUPTED = 130  # the shell's code for a process ended by SIGINT (128 + 2)
 
 
 def stage_main(description: str, run: Callable[[argparse.Namespace, config.Config, Path], object],
@@ -18,9 +17,8 @@ def stage_main(description: str, run: Callable[[argparse.Namespace, config.Confi
                add_args: Callable[[argparse.ArgumentParser], None] | None = None) -> int:
     """Parse ``--params PATH`` (and a stage's own flags), load the typed config, call
     ``run(args, cfg, root)`` with ``root`` = the current directory. A bad config or bad input
-    exits 2 with the message alone (no traceback)."""
-    for key, value in OFFLINE_ENV.items():
-        os.environ.setdefault(key, value)
+    exits 2 with the message alone (no traceback); Ctrl-C exits 130 with one line (checkpoints
+    are written atomically after each epoch, so the last one stays whole)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     if add_args:
@@ -32,4 +30,17 @@ def stage_main(description: str, run: Callable[[argparse.Namespace, config.Confi
     except (config.ConfigError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"interrupted: {stage_name(run, args)} stopped by Ctrl-C; what it finished is kept (training "
+              "resumes from its last epoch checkpoint): run the pipeline again to go on", file=sys.stderr)
+        return INTERRUPTED
     return 0
+
+
+def stage_name(run: Callable, args: argparse.Namespace) -> str:
+    """``train@joint`` for ``tasks.train --method joint``: the stage's name in dvc.yaml."""
+    module = sys.modules.get(run.__module__)  # "__main__" under `python -m tasks.train`: its spec names it
+    spec = getattr(module, "__spec__", None)
+    name = (spec.name if spec is not None else run.__module__).rpartition(".")[2]
+    item = getattr(args, "method", None) or getattr(args, "control", None)
+    return f"{name}@{item}" if item else name

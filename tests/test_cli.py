@@ -175,6 +175,46 @@ def test_check_finds_a_key_dvc_reads_that_the_file_lacks(repo_root, tmp_path, ca
     assert "train.patience (read by tune@concat_mlp" in err and "train@joint)" in err and "invalid configuration" not in err
 
 
+def test_check_says_which_side_of_a_section_typo_to_fix(repo_root, tmp_path, capsys):
+    """A misspelt section key: the file has the typo, the stage's key is right."""
+    text = (repo_root / "params.yaml").read_text()
+    assert "\n  cross_attention:\n" in text
+    params = _write(tmp_path / "params.yaml", text.replace("\n  cross_attention:\n", "\n  cross_atention:\n"))
+    assert cli.main(["check", "--params", params, "--dvc-yaml", str(repo_root / "dvc.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "methods.cross_atention: unknown key" in err and "did you mean `cross_attention`?" in err
+    assert ("methods.cross_attention (read by tune@cross_attention, train@cross_attention); params.yaml has "
+            "`methods.cross_atention` instead: rename it to `methods.cross_attention`") in err
+    assert "did you mean `methods.cross_atention`" not in err
+
+
+def test_check_says_which_side_of_a_list_typo_to_fix(repo_root, tmp_path, capsys):
+    """A misspelt name in train.methods: the stage's key (built from it) is the typo, not the file's."""
+    text = (repo_root / "params.yaml").read_text()
+    line = next(ln for ln in text.splitlines() if ln.startswith("  methods: [") and "cross_attention" in ln)
+    params = _write(tmp_path / "params.yaml", text.replace(line, line.replace("cross_attention", "cross_atention")))
+    assert cli.main(["check", "--params", params, "--dvc-yaml", str(repo_root / "dvc.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "unknown methods ['cross_atention']" in err
+    assert ("methods.cross_atention (read by tune@cross_atention, train@cross_atention); `cross_atention` is not a "
+            "key of `methods` (did you mean `cross_attention`?): fix the list in params.yaml that names it") in err
+    assert "did you mean `methods.cross_atention`" not in err
+
+
+def test_check_fails_on_a_coco_folder_that_does_not_exist(repo_root, tmp_path, capsys):
+    text = (repo_root / "params.yaml").read_text()
+    dataset = next(ln for ln in text.splitlines() if ln.startswith("  dataset: synthetic"))
+    folder = next(ln for ln in text.splitlines() if ln.startswith("  folder: null"))
+    text = text.replace(dataset, "  dataset: coco-folder").replace(folder, "  folder: my-coco")
+    params = _write(tmp_path / "params.yaml", text)
+    argv = ["check", "--params", params, "--dvc-yaml", str(repo_root / "dvc.yaml")]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"data.folder = 'my-coco': {tmp_path / 'my-coco'} is not a folder" in err  # relative to the project
+    (tmp_path / "my-coco").mkdir()
+    assert cli.main(argv) == 0, capsys.readouterr().err
+
+
 def test_dvc_param_keys_expands_foreach_and_reports_unknown_vars(tmp_path):
     dvc_yaml = tmp_path / "dvc.yaml"
     dvc_yaml.write_text(
@@ -232,12 +272,41 @@ def test_query_features_equal_the_features_stage_for_the_same_image_and_caption(
     captions = read_json(root / "data" / "prepared" / "test" / "captions.json")
     cpu = torch.device("cpu")
     for i in (0, len(records) - 1):
-        tokens, pooled = cli.image_features(cfg, root / cli.image_path(cfg, records[i]["file_name"]), cpu)
+        tokens, pooled = search.image_features(cfg, root / search.image_path(cfg, records[i]["file_name"]), cpu)
         torch.testing.assert_close(tokens[0], torch.from_numpy(np.array(feats.image_tokens[i])).float(), atol=2e-3, rtol=1e-2)
         torch.testing.assert_close(pooled[0], torch.from_numpy(np.array(feats.image_pooled[i])).float(), atol=2e-3, rtol=1e-2)
     for j in (0, 3, len(captions) - 1):
-        tokens, mask, pooled = cli.text_features(cfg, captions[j], cpu)
+        tokens, mask, pooled = search.text_features(cfg, captions[j], cpu)
         stored, lengths = feats.text.gather([j])  # (1, L, Dt)
         assert int(mask.sum()) == int(lengths[0]), captions[j]
         torch.testing.assert_close(tokens[0], torch.from_numpy(stored[0]).float(), atol=2e-3, rtol=1e-2)
         torch.testing.assert_close(pooled[0], torch.from_numpy(np.array(feats.text_pooled[j])).float(), atol=2e-3, rtol=1e-2)
+
+
+def test_summary_names_the_report_the_runs_table_and_the_metrics(tmp_path):
+    from crossalign import summary
+    from crossalign.tracking import runs as tracking
+
+    cfg = tiny_config(tmp_path)
+    before = summary.lines(cfg, tmp_path, 5.4)
+    assert before[0] == "Finished in 5 s. Where to look:" and "no experiment 'crossalign' yet" in before[3]
+    assert not (tmp_path / "mlruns" / "mlflow.db").exists()  # the summary creates no store
+    exp_id = tracking.setup(cfg, tmp_path)
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "reports" / "comparison.md").write_text("# Method comparison\n")
+    (tmp_path / "reports" / "selection.json").write_text('{"champion": "joint"}')
+    text = "\n".join(summary.lines(cfg, tmp_path, 582))
+    assert text.startswith("Finished in 9 min 42 s. Where to look:")
+    assert "\nreport:  reports/comparison.md (champion: joint)\n" in text
+    assert (f"http://127.0.0.1:5000/#/experiments/{exp_id}/runs?workflowType=machine_learning"
+            f"&viewStateShareKey={tracking.SHARED_VIEW_KEY}") in text
+    assert f"\nMLflow:  .venv/bin/mlflow ui --backend-store-uri {cfg.tracking.tracking_uri}, then open\n" in text
+    assert text.endswith("\nmetrics: .venv/bin/dvc metrics show")
+    assert summary.elapsed_text(3725) == "1 h 02 min" and summary.elapsed_text(60) == "1 min 0 s"
+
+
+def test_make_run_ends_with_the_summary_and_its_time(repo_root):
+    recipe = (repo_root / "Makefile").read_text().split("\nrun:", 1)[1].split("\n\n", 1)[0]
+    steps = [step for step in ("crossalign check", "dvc repro", "crossalign summary --elapsed") if step in recipe]
+    assert steps == ["crossalign check", "dvc repro", "crossalign summary --elapsed"]
+    assert recipe.index("crossalign check") < recipe.index("dvc repro") < recipe.index("crossalign summary")

@@ -100,3 +100,32 @@ def test_closure_follows_from_imports_and_packages() -> None:
             "crossalign/config.py", "crossalign/evaluate/stage.py", "crossalign/retrieval/scoring.py"} <= files
     assert "crossalign/methods/joint.py" in files  # via crossalign.methods' __init__, which imports every method
     assert not any(f.startswith("flows/") for f in files)
+
+
+def test_every_dataset_folder_is_ignored_ahead_so_dvc_leaves_the_gitignore_alone() -> None:
+    """DVC appends a stage output's folder to the .gitignore beside it unless git already ignores
+    it: the tracked data/raw/.gitignore lists every dataset the data stage can write."""
+    import shutil
+    import subprocess
+
+    from crossalign import config
+    from crossalign.data import stage as data
+
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("needs git and the repository's work tree")
+    raw_dir = config.Config().data.raw_dir
+    for dataset in data._builders():
+        path = f"{raw_dir}/{dataset}"
+        ignored = subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT)
+        assert ignored.returncode == 0, f"{path} is not ignored yet: DVC would append it to {raw_dir}/.gitignore"
+
+
+def test_no_stage_depends_on_an_empty_file() -> None:
+    """DVC prints "WARNING: '<dep>' is empty." for an empty dependency file, on every run of the
+    stage: every file dvc.yaml lists as a dep (the packages' ``__init__.py`` included) has content."""
+    doc = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    deps = {d for stage in doc["stages"].values() for d in (stage.get("do", stage).get("deps") or [])
+            if isinstance(d, str) and "${" not in d}
+    files = [d for d in deps if (ROOT / d).is_file()]
+    assert "tasks/__init__.py" in files and "crossalign/__init__.py" in files
+    assert [d for d in files if (ROOT / d).stat().st_size == 0] == []

@@ -20,7 +20,7 @@ from prefect.testing.utilities import prefect_test_harness
 
 from crossalign import config
 from flows import compare
-from flows.artifacts import leaderboard_rows, summary_markdown
+from flows.artifacts import leaderboard_markdown, leaderboard_rows, summary_markdown
 from flows.dvc_dag import DvcBookkeeper, SlotPool, read_dag
 from flows.overrides import apply_overrides, overrides_from
 
@@ -140,16 +140,27 @@ def _hold(root: Path, order: list[str], told: list[str]) -> None:
         order.append("second holds")
 
 
-def test_leaderboard_rows_flatten_and_mark_champion():
+def test_leaderboard_rows_are_compact_and_mark_champion():
     selection = {"champion": "joint", "leaderboard": [
-        {"method": "joint", "val": {"rsum": 300.123456}, "test": {"rsum": 290.0}},
-        {"method": "concat_mlp", "val": {"rsum": 200.0}, "test": {"rsum": 190.0}, "seeds": [0, 1]}]}
+        {"method": "joint", "val_rsum": 300.123456, "seeds": [0], "protocol": "a long protocol text " * 5,
+         "test": {"rsum": 290.04, "i2t_r1": 40.0, "t2i_r1": 30.55, "i2t_medr": 2.0},
+         "test_std": {"rsum": 1.0}, "binding_probe": {"mean": 69.44, "ci95": {"mean": [60.0, 75.0]}}},
+        {"method": "contrastive+cross_attention", "control": True, "val_rsum": 200.0, "seeds": [0, 1],
+         "test": {"rsum": 190.0}}]}
     rows = leaderboard_rows(selection)
-    assert rows[0] == {"champion": "*", "method": "joint", "val.rsum": 300.1235, "test.rsum": 290.0}
-    assert rows[1]["champion"] == "" and rows[1]["seeds"] == "[0, 1]"
-    assert leaderboard_rows({"leaderboard": {"a": {"rsum": 1.0}}}) == [{"method": "a", "rsum": 1.0}]
+    assert rows[0] == {"rank": 1, "method": "joint", "role": "champion", "val RSUM": 300.1, "test RSUM": 290.0,
+                       "R@1 i2t": 40.0, "R@1 t2i": 30.6, "binding %": 69.4, "seeds": 1}
+    assert rows[1]["role"] == "control" and rows[1]["R@1 i2t"] == "" and rows[1]["seeds"] == 2
+    assert leaderboard_rows({"leaderboard": {"a": {"val_rsum": 1.0}}})[0]["method"] == "a"
     with pytest.raises(ValueError, match="no 'leaderboard' key"):
         leaderboard_rows({"champion": "a"})
+    md = leaderboard_markdown(selection)
+    assert md.startswith("Champion: **joint** (best validation RSUM, 300.1)")
+    table = [ln for ln in md.splitlines() if ln.startswith("|")]
+    assert table[0] == "| rank | method | val RSUM | test RSUM | R@1 i2t | R@1 t2i | binding % | seeds |"
+    assert table[2].startswith("| **1** | **joint** (champion) | **300.1** |")
+    assert table[3].startswith("| 2 | contrastive+cross_attention (control) | 200.0 | 190.0 |  |")
+    assert max(len(ln) for ln in table) < 100 and "protocol" not in md  # narrow: nothing cut off on the right
 
 
 def test_summary_markdown_states_failure_parameters_and_report():
@@ -169,7 +180,8 @@ def test_run_stage_task_runs_commits_then_skips(toy: Path, monkeypatch):
             compare.run_stage.fn("data", dag["data"], books, slots)
         first = compare.run_stage.fn("data", dag["data"], books, slots)
         again = compare.run_stage.fn("data", dag["data"], books, slots)
-    assert first["outcome"] == "ran" and again["outcome"] == "skipped"
+    assert first["outcome"] == "ran"
+    assert again.is_completed() and again.name == compare.SKIPPED and again.result()["outcome"] == "skipped"
     assert (toy / "raw" / "data.txt").read_text() == "synthetic"
     assert books.status(dag["data"].target) == {}
 
@@ -208,6 +220,13 @@ def test_flow_after_dvc_repro_skips_every_stage(toy: Path, prefect_harness):
     assert state.is_completed(), state.message
     assert {r["outcome"] for r in state.result()["stages"]} == {"skipped"}
     assert len(toy_log(toy)) == ran
+    # the flow-run graph tells them from stages that ran: state "Skipped", task run "<stage> (up to date)"
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+    assert sorted(r.name for r in runs) == sorted(f"{stage} (up to date)" for stage in read_dag(toy))
+    assert {r.state.type.value for r in runs} == {"COMPLETED"} and {r.state.name for r in runs} == {compare.SKIPPED}
 
 
 def test_failed_method_fails_its_branch_and_select_names_it(toy: Path, prefect_harness, monkeypatch):
@@ -254,17 +273,6 @@ def test_failed_data_stage_stops_everything_after_it(toy: Path, prefect_harness,
 
 
 # ------------------------------------------------------------------- params checked, bad input
-def test_leaderboard_puts_metrics_first_and_protocol_last():
-    selection = {"champion": "joint", "leaderboard": [
-        {"method": "joint", "protocol": "similarity shortlist of 16, re-ranked; ties count against the query",
-         "seeds": [0], "val_rsum": 300.0, "test": {"i2t_r1": 40.0, "rsum": 290.0}}]}
-    row = leaderboard_rows(selection)[0]
-    assert list(row) == ["champion", "method", "val_rsum", "test.i2t_r1", "test.rsum", "seeds", "protocol"]
-    # H3 moves `protocol` out of the metrics files: rows without it keep the same order
-    del selection["leaderboard"][0]["protocol"]
-    assert list(leaderboard_rows(selection)[0]) == ["champion", "method", "val_rsum", "test.i2t_r1", "test.rsum", "seeds"]
-
-
 def test_main_with_a_bad_method_prints_one_line_and_changes_nothing(toy: Path, prefect_harness, capsys):
     before = (toy / "params.yaml").read_text()
     assert compare.main(["--root", str(toy), "--methods", "foo"]) == 2
@@ -408,3 +416,27 @@ def test_overlapping_flow_runs_under_load_never_run_a_stage_without_its_input(tm
         assert {r["outcome"] for r in states["scheduled"].result()["stages"]} == {"skipped"}
         assert DvcBookkeeper(toy).status() == {}
     assert len(toy_log(toy)) == 2 + 3 * 7  # data and features once, then train/evaluate/select per round
+
+
+@pytest.mark.slow
+def test_compare_on_an_up_to_date_project_prints_no_traceback(toy: Path, tmp_path: Path):
+    """`python -m flows.compare` as a user runs it, in a shell without the Makefile's telemetry
+    settings and with no Prefect server (Prefect starts a temporary one): every stage skipped,
+    exit 0, and nothing on the terminal from telemetry (a failed send offline, SQLite locked by
+    the server's telemetry service) or MLflow warnings."""
+    import os
+    import subprocess
+    import sys
+
+    dvc(toy, "repro")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "DO_NOT_TRACK", "DVC_NO"))}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PYTHONPATH=str(Path(compare.__file__).parents[1]),
+               PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180",  # as prefect.toml: a loaded CPU
+               PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]))
+    done = subprocess.run([sys.executable, "-m", "flows.compare", "--root", str(toy)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-3000:]
+    for bad in ("Traceback", "telemetry", "database is locked", "UserWarning", "\x1b["):
+        assert bad not in out, f"{bad!r} in:\n{out[-3000:]}"
+    assert out.count("is up to date (dvc status): skipped") == len(read_dag(toy))

@@ -1,4 +1,5 @@
-"""Metrics files hold numbers only, and ``dvc metrics show`` of the default run fits 120 columns.
+"""Metrics files hold numbers only (and the champion's name), and ``dvc metrics show`` of the
+default run fits 140 columns.
 
 The metrics files are built by the stages' own writers (``evaluation.metrics_summary``,
 ``selection.selection_metrics``, ``io.write_json``) from fabricated results shaped like the
@@ -19,7 +20,7 @@ from crossalign.select import stage as selection
 from crossalign.config import METHOD_NAMES
 from crossalign.io import write_json
 
-WIDTH = 120
+WIDTH = 140  # 120 before the champion's name joined the table: "cross_attention" adds 17
 SWAPS = ("colour", "position", "size")  # the synthetic set's binding twins
 
 
@@ -57,7 +58,7 @@ def test_summary_is_flat_rounded_numbers_with_hand_values():
 
 
 @pytest.mark.skipif(shutil.which("git") is None, reason="dvc metrics show needs git here")
-def test_dvc_metrics_show_fits_120_columns(tmp_path):
+def test_dvc_metrics_show_fits_140_columns_and_names_the_champion(tmp_path):
     repo = tmp_path / "repo"
     repo.mkdir()
     subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
@@ -66,9 +67,12 @@ def test_dvc_metrics_show_fits_120_columns(tmp_path):
     (repo / "dvc.yaml").write_text("metrics:\n" + "".join(f"  - {f}\n" for f in files))
     for method in METHOD_NAMES:
         write_json(repo / "metrics" / f"{method}.json", evaluation.metrics_summary(fabricated_results(method)))
-    write_json(repo / "metrics" / "selection.json", selection.selection_metrics(fabricated_results("joint")))
-    for f in files:  # numbers only: no protocol, seeds, run ids or names
-        assert all(isinstance(v, (int, float)) for v in numeric_leaves(json.loads((repo / f).read_text()))), f
+    write_json(repo / "metrics" / "selection.json",
+               selection.selection_file("cross_attention", selection.selection_metrics(fabricated_results("joint"))))
+    for f in files:  # numbers only (the champion's name aside): no protocol, seeds, run ids
+        values = json.loads((repo / f).read_text())
+        values.pop("champion", None) if f.endswith("selection.json") else None
+        assert all(isinstance(v, (int, float)) for v in numeric_leaves(values)), f
 
     env = {"DVC_NO_ANALYTICS": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "COLUMNS": "400"}
     out = subprocess.run([sys.executable, "-m", "dvc", "metrics", "show"], cwd=repo, env=env,
@@ -76,4 +80,6 @@ def test_dvc_metrics_show_fits_120_columns(tmp_path):
     lines = out.splitlines()
     assert len(lines) == 1 + len(files), out  # header + one row per file: nothing wrapped
     assert all(f in out for f in files) and "599.85" in out
+    champion_column = lines[0].split().index("champion")  # the champion is named on the selection row
+    assert next(ln for ln in lines if ln.startswith("metrics/selection.json")).split()[champion_column] == "cross_attention"
     assert max(map(len, lines)) <= WIDTH, out

@@ -31,7 +31,8 @@ def test_experiment_is_marked_model_training_with_a_runs_view(tmp_path):
     # the MLflow 3 UI's ExperimentKind for classic ML (its genai_* kinds open the Traces overview)
     assert tags["mlflow.experimentKind"] == "custom_model_development"
     view = json.loads(tags["mlflow.sharedViewState.crossalign"])
-    assert view["orderByKey"] == "metrics.`best_val_rsum`" and view["orderByAsc"] is False
+    # newest first, by start time: the only order in which the UI nests tuning trials under their parent
+    assert view["orderByKey"] == "attributes.start_time" and view["orderByAsc"] is False
     assert "metrics.`eval_test_rsum`" in view["selectedColumns"]
     assert "epoch" in tags["mlflow.note.content"]
 

@@ -75,7 +75,8 @@ def test_dvc_repro_tiny_pipeline(tmp_path: Path) -> None:
         assert results["method"] == m and metrics["test_rsum"] == round(results["test"]["rsum"], 2)
     assert (repo / "reports" / "comparison.md").exists()
     shown = _run(["dvc", "metrics", "show"], repo).stdout.splitlines()
-    assert len(shown) == 6 and max(map(len, shown)) <= 120, shown  # header + 5 files, one table
+    assert len(shown) == 6 and max(map(len, shown)) <= 140, shown  # header + 5 files, one table
+    assert selection["champion"] in next(ln for ln in shown if ln.startswith("metrics/selection.json")).split()
 
     again = _run(["dvc", "repro"], repo)
     assert stages_run(again) == set()

@@ -172,3 +172,58 @@ def test_a_method_keeps_its_colour_across_figures():
     line_colour = {ln.get_label(): to_hex(ln.get_color()) for ln in lines.axes[0].get_lines()}
     assert bar_colour == line_colour and len(set(bar_colour.values())) == 2
     plt.close(bars), plt.close(lines)
+
+
+def _colour_by_label(fig) -> dict[str, str]:
+    """The colour each labelled bar group or line of a figure is drawn in (label's first word)."""
+    from matplotlib.colors import to_hex
+
+    out: dict[str, str] = {}
+    for ax in fig.axes:
+        for c in ax.containers:
+            if c.get_label() and not c.get_label().startswith("_"):
+                out.setdefault(c.get_label().split()[0], set()).add(to_hex(c.patches[0].get_facecolor()))
+        for ln in ax.get_lines():
+            if ln.get_label() and not ln.get_label().startswith("_") and not ln.get_label().startswith("chance"):
+                out.setdefault(ln.get_label().split()[0], set()).add(to_hex(ln.get_color()))
+    return {k: v.pop() if len(v) == 1 else sorted(v) for k, v in out.items()}
+
+
+def test_every_figure_draws_each_method_in_its_one_colour(repo_root):
+    """The colour map covers every method and control with distinct colours; the recall and
+    binding figures (control included) and the training curves (no control) each draw every
+    method in its METHOD_COLOURS colour, and so does dvc.yaml's training-curve template."""
+    import json
+
+    from crossalign import config
+
+    names = [*config.METHOD_NAMES, *config.CONTROL_PARTS]
+    assert set(report.METHOD_COLOURS) == set(names)
+    assert len(set(report.METHOD_COLOURS.values())) == len(names)
+    board = [_row(m, 60.0 - i, [0]) for i, m in enumerate(names)]
+    cell = {"i2t": 70.0, "t2i": 60.0, "mean": 65.0, "pairs": 12,
+            "ci95": {"i2t": [60.0, 80.0], "t2i": [50.0, 70.0], "mean": [55.0, 72.0]}}
+    probes = {m: {"overall": cell, "per_swap": {"colour": cell}} for m in names}
+    curves = {m: {"epoch": np.arange(1.0, 4.0), "seed": np.zeros(3), "train_loss": np.ones(3), "val_rsum": np.arange(3.0)}
+              for m in config.METHOD_NAMES}  # the control is never trained: no curve
+    for fig, shown in ((report.recall_figure(board), names), (report.binding_figure(probes), names),
+                       (report.curves_figure(curves), config.METHOD_NAMES)):
+        assert _colour_by_label(fig) == {m: report.METHOD_COLOURS[m] for m in shown}
+        plt.close(fig)
+    template = json.loads((repo_root / ".dvc" / "plots" / "training_curve.json").read_text())
+    scale = template["encoding"]["color"]["scale"]
+    assert dict(zip(scale["domain"], scale["range"])) == {f"plots/train/{m}.csv": report.METHOD_COLOURS[m]
+                                                          for m in config.METHOD_NAMES}
+    assert template["encoding"]["y"]["scale"]["domain"] == [0, 600]  # one y scale for every method's chart
+    dvc_yaml = (repo_root / "dvc.yaml").read_text()
+    assert "template: training_curve" in dvc_yaml
+
+
+def test_report_says_nothing_of_a_control_training_curve(evaluated):
+    cfg, root, sel = evaluated
+    sel["leaderboard"][1]["control"] = True  # as an evaluation-only control: it has no plots/train CSV
+    control = sel["leaderboard"][1]["method"]
+    _curves(root, sel["leaderboard"][0]["method"])
+    (root / "plots" / "train" / f"{control}.csv").unlink(missing_ok=True)
+    report.run(cfg, root, sel)
+    assert f"no training curve for {control}" not in (root / "reports" / "comparison.md").read_text()

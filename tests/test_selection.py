@@ -83,7 +83,7 @@ def test_select_picks_val_not_test_and_reports_gains(tmp_path):
     assert "## Leaderboard (test; mean ± std over 2 training seeds, std with ddof=1)" in md
     assert read_json(tmp_path / "reports" / "selection.json") == {k: v for k, v in out.items() if k != "registry"}
     champ = out["leaderboard"][0]
-    assert read_json(tmp_path / "metrics" / "selection.json") == {"val_rsum": 300.0,
+    assert read_json(tmp_path / "metrics" / "selection.json") == {"champion": "contrastive", "val_rsum": 300.0,
                                                                   "test_rsum": round(champ["test"]["rsum"], 2)}
     assert out["registry"]["versions"].keys() == set(cfg.train.methods)
     # measured costs: beside reports/ (a DVC out), never inside it; the deterministic part in the report

@@ -27,6 +27,7 @@ import json
 import math
 import multiprocessing
 import os
+import signal
 from collections import deque
 from dataclasses import asdict
 from pathlib import Path
@@ -64,6 +65,12 @@ def decode_chunk(task: tuple[str, int, list[str], int, str, int]) -> tuple[np.nd
             reasons[i] = f"decoder error ({type(err).__name__}: {err})"
     del rows
     return ok, reasons
+
+
+def ignore_interrupt() -> None:
+    """Pool worker initializer: Ctrl-C is the parent's to handle (it stops the pool); a worker
+    that took it too would print its own KeyboardInterrupt traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def pool_context() -> multiprocessing.context.BaseContext:
@@ -206,7 +213,7 @@ def run(cfg: Config, root: Path) -> Path:
     target = Path(root) / PREPARED
     full_list = Path(root) / BAD_LIST
     full_list.unlink(missing_ok=True)  # a list from an earlier failed run would mislead
-    pool = pool_context().Pool(workers) if workers > 1 else None
+    pool = pool_context().Pool(workers, ignore_interrupt) if workers > 1 else None
     try:
         tok = toklib.load_tokenizer(params.tokenizer)
         meta.update(toklib.tokenizer_meta(tok, params.tokenizer))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import textwrap
+import zlib
 from pathlib import Path
 
 import matplotlib
@@ -37,9 +38,22 @@ def _save(fig: plt.Figure, path: Path) -> Path:
     return path
 
 
+# One colour per method in every figure, fixed by name (a figure showing some methods only keeps
+# each one's colour): matplotlib's tab10 hues. The evaluation-only control is grey. dvc.yaml's
+# training-curve template (.dvc/plots/training_curve.json) maps the same colours to the CSV files.
+METHOD_COLOURS = {"concat_mlp": "#1f77b4", "contrastive": "#ff7f0e", "cross_attention": "#2ca02c",
+                  "joint": "#9467bd", "contrastive+cross_attention": "#7f7f7f"}
+OTHER_COLOURS = ("#d62728", "#8c564b", "#e377c2", "#bcbd22", "#17becf")  # a method not listed above
+
+
+def colour(method: str) -> str:
+    """The method's colour (:data:`METHOD_COLOURS`; another name: a fixed pick by its checksum)."""
+    return METHOD_COLOURS.get(method) or OTHER_COLOURS[zlib.crc32(method.encode()) % len(OTHER_COLOURS)]
+
+
 def colours(methods) -> dict[str, str]:
-    """One colour per method, the same in every figure (by the method's place in sorted order)."""
-    return {m: f"C{i % 10}" for i, m in enumerate(sorted(methods))}
+    """``{method: colour}`` for the methods of one figure."""
+    return {m: colour(m) for m in methods}
 
 
 def plot_recall(board: list[dict], path: Path) -> Path:
@@ -336,7 +350,9 @@ def run(cfg: Config, root: Path, selection: dict) -> list[Path]:
         files.append(_save(binding_figure(probes), out / BINDING_PNG))
     curves = {m: read_curve(root / "plots" / "train" / f"{m}.csv") for m in metrics
               if (root / "plots" / "train" / f"{m}.csv").exists()}
-    notes += [f"no training curve for {m} (plots/train/{m}.csv absent)" for m in metrics if m not in curves]
+    controls = {r["method"] for r in selection["leaderboard"] if r.get("control")}  # evaluated, never trained
+    notes += [f"no training curve for {m} (plots/train/{m}.csv absent)" for m in metrics
+              if m not in curves and m not in controls]
     files.append(plot_curves(curves, out / CURVES_PNG))
     prepared = root / "data" / "prepared" / "test"
     champ = selection["champion"]

@@ -4,7 +4,7 @@ seeds), serving costs, the registry versions and the ``champion`` alias.
 
 Reads each method's ``eval/<m>/results.json``. Writes ``reports/selection.json`` (champion,
 leaderboard, gains: a function of the evaluations) and ``metrics/selection.json`` (the champion's
-``val_rsum`` / ``test_rsum`` only, the same keys as ``metrics/<m>.json``). Registry facts (version
+name and its ``val_rsum`` / ``test_rsum``, the same keys as ``metrics/<m>.json``). Registry facts (version
 numbers, run ids) change with every run, so they live in MLflow only: the model versions, the
 alias and the ``select`` run's tags; :func:`run` returns them for the caller to print.
 
@@ -272,7 +272,7 @@ def run(cfg: Config, root: Path) -> dict:
     write_json(facts_path, selection)
     numbers = selection_metrics(metrics[champion])
     out_path = root / "metrics" / "selection.json"
-    write_json(out_path, numbers)
+    write_json(out_path, selection_file(champion, numbers))
 
     versions = registry.register_versions(cfg, root, candidates)
     if champion in versions:
@@ -305,11 +305,17 @@ def tuning_boards(root: Path, methods: list[str]) -> dict | None:
 
 
 def selection_metrics(champion_results: dict) -> dict[str, float]:
-    """``metrics/selection.json``: the champion's ``val_rsum`` and ``test_rsum`` under the keys of
-    ``metrics/<m>.json`` (so ``dvc metrics show`` adds no column for it); its name is in
-    ``reports/selection.json``."""
+    """The champion's ``val_rsum`` and ``test_rsum`` under the keys of ``metrics/<m>.json`` (so
+    ``dvc metrics show`` adds no column for them)."""
     summary = metrics_summary(champion_results)
     return {k: summary[k] for k in ("val_rsum", "test_rsum")}
+
+
+def selection_file(champion: str, numbers: dict[str, float]) -> dict[str, str | float]:
+    """``metrics/selection.json``: the champion's name (``dvc metrics show`` prints a string
+    metric in its own ``champion`` column) and its :func:`selection_metrics`. A function of the
+    evaluations: no run id, version or timing."""
+    return {"champion": champion, **numbers}
 
 
 def _candidate(cfg: Config, root: Path, method: str, m: dict) -> dict:

@@ -96,9 +96,35 @@ def artifact_root(cfg: Config, root: Path) -> Path:
 
 def shared_view() -> dict[str, Any]:
     """The runs-table view the experiment's ``viewStateShareKey`` link opens: run name, source and
-    the selection metrics as columns, best validation RSUM first (column keys as the UI spells them)."""
+    the selection metrics as columns (column keys as the UI spells them), newest run first. The
+    order is start time because the MLflow UI nests child runs (a tuning run's trials) under their
+    parent, collapsed, only in that order: sorted by a metric, every trial would be a row of its own."""
     return {"selectedColumns": ["attributes.`Source`", *(f"metrics.`{m}`" for m in VIEW_METRICS)],
-            "orderByKey": "metrics.`best_val_rsum`", "orderByAsc": False}
+            "orderByKey": "attributes.start_time", "orderByAsc": False}
+
+
+def runs_url(base: str, experiment_id: str) -> str:
+    """The address of the experiment's runs table with the shared view (``base``: the MLflow UI's
+    or server's address): ``workflowType=machine_learning`` opens the table, not MLflow's GenAI
+    overview, and ``viewStateShareKey`` applies :func:`shared_view`."""
+    return (f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+            f"&viewStateShareKey={SHARED_VIEW_KEY}")
+
+
+def experiment_id(cfg: Config, root: Path) -> str | None:
+    """The id of ``tracking.experiment`` in the store, or None when the store or experiment does
+    not exist yet (a SQLite store is only read: nothing is created)."""
+    uri = resolve_uri(cfg.tracking.tracking_uri, Path(root))
+    path = _sqlite_path(uri)
+    if path is not None:  # read the file directly: opening it through MLflow checks (and may migrate) its schema
+        if not path.exists():
+            return None
+        with contextlib.closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as db:
+            row = db.execute("SELECT experiment_id FROM experiments WHERE name = ? AND lifecycle_stage = 'active'",
+                             (cfg.tracking.experiment,)).fetchone()
+        return str(row[0]) if row else None
+    exp = MlflowClient(tracking_uri=uri).get_experiment_by_name(cfg.tracking.experiment)
+    return exp.experiment_id if exp is not None else None
 
 
 def setup(cfg: Config, root: str | Path = ".") -> str:
@@ -267,5 +293,3 @@ def dvc_feature_hashes(root: Path) -> dict[str, str]:
     stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
     return {f"dvc.md5.{o['path']}": o["md5"] for st in stages.values() for o in st.get("outs", [])
             if o.get("path") in FEATURE_PATHS and "md5" in o}
-
-

@@ -122,7 +122,10 @@ class MlflowTracker:
         return {}
 
     def abort(self) -> None:
+        """End the run as failed (training raised, or Ctrl-C), without MLflow's system-metrics
+        monitor announcing its stop: the stage's own one-line message says what happened."""
         if mlflow.active_run() is not None:
+            logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
             mlflow.end_run(status="FAILED")
 
 

@@ -15,6 +15,7 @@ Trials are logged as nested MLflow runs under the method's tuning run (:class:`M
 """
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -79,6 +80,22 @@ def suggest(trial: optuna.Trial, dim: Dim) -> float | int:
     if dim.integer:
         return trial.suggest_int(dim.key, int(dim.low), int(dim.high), log=dim.log)
     return trial.suggest_float(dim.key, dim.low, dim.high, log=dim.log)
+
+
+OPTUNA_TRIAL_LOG = logging.getLogger("optuna.study._optimize")  # its "Trial N failed ..." warnings
+
+
+class InterruptedTrial(logging.Filter):
+    """Once :attr:`interrupted` is set (a trial ended by Ctrl-C), drops Optuna's "Trial N failed"
+    warnings, one of them with the KeyboardInterrupt traceback: the stage reports the
+    interruption itself, in one line."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.interrupted = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self.interrupted
 
 
 # -------------------------------------------------------------------------------------- trials
@@ -151,6 +168,7 @@ def tune(cfg: config.Config, root: str | Path, method: str, mlflow_log: "MlflowT
         raise ValueError(f"method {method!r} declares no search_space (crossalign/methods/{method}.py)")
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    quiet = InterruptedTrial()
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=t.seed),
                                 pruner=optuna.pruners.MedianPruner(n_startup_trials=t.startup_trials,
                                                                    n_warmup_steps=t.warmup_epochs))
@@ -171,6 +189,9 @@ def tune(cfg: config.Config, root: str | Path, method: str, mlflow_log: "MlflowT
         except optuna.TrialPruned:
             state = "pruned"
             raise
+        except KeyboardInterrupt:
+            state, quiet.interrupted = "interrupted", True
+            raise
         finally:
             epochs_run[trial.number], last[trial.number] = tracker.epochs, tracker.last_rsum
             log(f"[tune {method}] trial {trial.number} {state} after {tracker.epochs} epoch(s): "
@@ -178,9 +199,11 @@ def tune(cfg: config.Config, root: str | Path, method: str, mlflow_log: "MlflowT
             if mlflow_log:
                 mlflow_log.trial_end(run, state, value)
 
+    OPTUNA_TRIAL_LOG.addFilter(quiet)
     try:
         study.optimize(objective, n_trials=t.trials, catch=(training.NonFiniteLossError,))
     finally:
+        OPTUNA_TRIAL_LOG.removeFilter(quiet)
         torch.set_num_threads(threads)
     trials = []
     for tr in sorted(study.trials, key=lambda x: x.number):
@@ -310,7 +333,8 @@ class MlflowTrialLog:
         self.client.set_tag(run, "state", state)
         if value is not None:
             self.client.log_metric(run, "best_val_rsum", value)
-        self.client.set_terminated(run, {"complete": "FINISHED", "pruned": "KILLED"}.get(state, "FAILED"))
+        self.client.set_terminated(run, {"complete": "FINISHED", "pruned": "KILLED",
+                                         "interrupted": "KILLED"}.get(state, "FAILED"))
 
     def end(self, record: dict[str, Any] | None) -> None:
         if record is None:

@@ -1,0 +1,84 @@
+"""Ctrl-C in a real stage process (``python -m tasks.<stage>`` on a tiny project): exit 130, one
+line on stderr and no traceback, the last epoch checkpoint still whole (training resumes from it)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import dump_params, make_tiny_features, tiny_config
+from crossalign.train import checkpoint
+from eval_helpers import IMAGE_DIM, TEXT_DIM, write_split_features
+
+ROOT = Path(__file__).resolve().parents[1]
+METHOD = "contrastive"
+
+
+def tiny_project(root: Path) -> Path:
+    """params.yaml (tiny, CPU, MLflow in the project, many epochs) and data/features/{train,val,test}."""
+    cfg = tiny_config(root, train={"epochs": 400, "patience": 400, "threads": 1},
+                      tune={"trials": 3, "epochs": 400, "threads": 1})
+    (root / "params.yaml").write_text(dump_params(cfg))
+    make_tiny_features(root / "data" / "features" / "train", n_images=48, image_dim=IMAGE_DIM, text_dim=TEXT_DIM)
+    write_split_features(root)
+    return root
+
+
+def wait_for(condition, proc: subprocess.Popen, what: str, seconds: float = 240) -> None:
+    deadline = time.time() + seconds
+    while not condition():
+        if proc.poll() is not None:
+            raise AssertionError(f"the stage exited ({proc.returncode}) before {what}")
+        if time.time() > deadline:
+            proc.kill()
+            raise AssertionError(f"no {what} after {seconds} s")
+        time.sleep(0.2)
+
+
+def interrupt(root: Path, stage: str, ready, what: str) -> tuple[int, str]:
+    """Start ``python -m tasks.<stage> --method METHOD`` in ``root``, send SIGINT once ``ready()``;
+    -> (exit code, what it wrote to stderr after the signal)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "TMPDIR": str(root / "tmp")}
+    (root / "tmp").mkdir()
+    err_path = root / "stderr.txt"
+    with open(err_path, "w") as err, open(root / "stdout.txt", "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", f"tasks.{stage}", "--method", METHOD], cwd=root, env=env,
+                                stdout=out, stderr=err)
+        wait_for(ready, proc, what)
+        time.sleep(0.5)  # inside the epoch loop, not between two checks
+        before = err_path.stat().st_size
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=120)
+    return code, err_path.read_bytes()[before:].decode()
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_training_exits_130_in_one_line_and_keeps_the_checkpoint(tmp_path: Path):
+    root = tiny_project(tmp_path)
+    ckpt = root / "models" / METHOD / "checkpoints" / "seed-0"
+    code, err = interrupt(root, "train", lambda: (ckpt / checkpoint.STATE).exists(), "epoch checkpoint")
+    assert code == 130, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"interrupted: train@{METHOD} stopped by Ctrl-C"), err
+    state = checkpoint.read_state(ckpt)  # still whole: the next run resumes from it
+    assert state is not None and state["epoch"] >= 1
+    assert json.loads((ckpt / checkpoint.STATE).read_text())["epoch"] == state["epoch"]
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_tuning_exits_130_in_one_line_and_writes_nothing(tmp_path: Path):
+    root = tiny_project(tmp_path)
+    trials = lambda: list((root / "tmp").glob(f"crossalign-tune-{METHOD}-*/data/features"))  # noqa: E731
+    code, err = interrupt(root, "tune", lambda: bool(trials()), "tuning trial")
+    assert code == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert len(err.strip().splitlines()) == 1 and err.startswith(f"interrupted: tune@{METHOD} stopped by Ctrl-C"), err
+    assert not (root / "tuned" / f"{METHOD}.json").exists()  # no tuning record from a cut-short search
+    assert not trials()  # the trial's temporary directory is gone
