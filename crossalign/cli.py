@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         print(" ".join(f"{args.flag} {o}" if args.flag else o for o in items))
         return 0
     if args.command == "summary":
-        from crossalign import summary
+        from crossalign.select import summary
 
         try:
             print("\n".join(summary.lines(config.load(args.params), Path.cwd(), args.elapsed)))

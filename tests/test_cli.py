@@ -284,7 +284,7 @@ def test_query_features_equal_the_features_stage_for_the_same_image_and_caption(
 
 
 def test_summary_names_the_report_the_runs_table_and_the_metrics(tmp_path):
-    from crossalign import summary
+    from crossalign.select import summary
     from crossalign.tracking import runs as tracking
 
     cfg = tiny_config(tmp_path)

@@ -1,27 +1,16 @@
-"""One typed, validated configuration tree, loaded from ``params.yaml``.
-
-Each top-level section belongs to one stage of the DAG (``dvc.yaml`` declares exactly the keys
-each stage reads). A wrong key or value fails at load with the dotted key, the value given and
-what is allowed: :class:`ConfigError`.
-"""
+"""The typed params tree: one section per stage of the DAG, each key with its type, range and
+meaning (``dvc.yaml`` declares exactly the keys each stage reads)."""
 from __future__ import annotations
 
-import difflib
-import re
-import urllib.parse
-from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from crossalign.config.uris import redact_uri, uri_userinfo
 
 METHOD_NAMES = ("concat_mlp", "cross_attention", "contrastive", "joint")
 # evaluation-only controls (crossalign.evaluate.ensemble): name -> (method that shortlists, method that re-ranks)
 CONTROL_PARTS = {"contrastive+cross_attention": ("contrastive", "cross_attention")}
-
-
-class ConfigError(ValueError):
-    """A params file that does not describe a valid configuration."""
 
 
 class Section(BaseModel):
@@ -328,157 +317,3 @@ class Config(Section):
 
         walk("", self.model_dump(mode="json"))
         return out
-
-
-def allowed_keys(loc: Iterable[Any]) -> list[str]:
-    """The keys the section at dotted path ``loc`` accepts (``()`` = the top level); ``[]`` when
-    ``loc`` does not lead to a section."""
-    model: Any = Config
-    for part in loc:
-        field = model.model_fields.get(str(part)) if isinstance(model, type) and issubclass(model, BaseModel) else None
-        if field is None:
-            return []
-        model = field.annotation
-    if isinstance(model, type) and issubclass(model, BaseModel):
-        return list(model.model_fields)
-    return []
-
-
-def suggest(key: str, candidates: Iterable[str]) -> str | None:
-    """The candidate closest in spelling to ``key`` (difflib ratio >= 0.6), or ``None``."""
-    close = difflib.get_close_matches(key, list(candidates), n=1, cutoff=0.6)
-    return close[0] if close else None
-
-
-def unknown_key_hint(loc: tuple[Any, ...]) -> str:
-    """"did you mean `epochs`?" (or the allowed keys) for an unknown key at dotted path ``loc``."""
-    allowed = allowed_keys(loc[:-1])
-    guess = suggest(str(loc[-1]), allowed)
-    if guess:
-        return f"did you mean `{guess}`?"
-    return f"allowed: {', '.join(allowed)}" if allowed else "check the spelling against params.yaml"
-
-
-def missing_keys(raw: dict[str, Any], keys: Iterable[str]) -> list[tuple[str, str | None]]:
-    """Which dotted ``keys`` (e.g. ``train.epochs``) the raw params mapping lacks, each with the
-    closest existing sibling key (a likely typo) or ``None``. DVC needs every key a stage lists
-    to be written out in the params file: a default from this module does not count."""
-    out = []
-    for key in keys:
-        node: Any = raw
-        parts = key.split(".")
-        for i, part in enumerate(parts):
-            if not isinstance(node, dict) or part not in node:
-                siblings = list(node) if isinstance(node, dict) else []
-                guess = suggest(part, siblings)
-                out.append((key, ".".join([*parts[:i], guess]) if guess else None))
-                break
-            node = node[part]
-    return out
-
-
-def _msg(e: Any) -> str:
-    """Pydantic's message without the "Value error, " it puts before our validators' own text."""
-    msg = str(e["msg"])
-    return msg[len("Value error, "):] if e["type"] == "value_error" and msg.startswith("Value error, ") else msg
-
-
-_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
-
-
-def _userinfo_span(text: str) -> tuple[int, int] | None:
-    """Where the userinfo of the URL ``text`` lies, as ``(start, end)`` indices: from after
-    ``scheme://`` to the LAST ``@`` (``None``: no ``scheme://`` or no ``@`` after it, or an empty
-    authority as in ``sqlite:////abs/path``). A password written unescaped may hold ``@``, ``/``,
-    ``:``, ``?`` or ``#``, so no earlier ``@`` or ``/`` can be taken for the end of it: an ``@`` in
-    a path or query counts as well, which errs on the side of hiding."""
-    found = _SCHEME.match(text)
-    if not found:
-        return None
-    try:  # urllib.parse agrees on the scheme where it can parse the text at all
-        if urllib.parse.urlsplit(text).scheme.lower() != found.group()[:-3].lower():
-            return None
-    except ValueError:  # e.g. an unbalanced '[' in a password: urllib gives up, the '@' rule still holds
-        pass
-    start, end = found.end(), text.rfind("@")
-    if end < start or text.startswith("/", start):
-        return None
-    return start, end
-
-
-def uri_userinfo(uri: str) -> str | None:
-    """The userinfo (``user`` or ``user:password``) of ``uri``, taken as :func:`_userinfo_span`
-    does; ``None`` when it has none."""
-    span = _userinfo_span(uri)
-    return uri[span[0]:span[1]] if span else None
-
-
-def uri_has_password(uri: str) -> bool:
-    """Whether ``uri`` carries a password: a ``:`` in its userinfo (``user:password@``) or a
-    ``password`` query parameter (libpq's ``?password=``)."""
-    info = uri_userinfo(uri)
-    if info is not None and ":" in info:
-        return True
-    query = uri.split("?", 1)[1] if "?" in uri else ""
-    return any(k.strip().lower() == "password" for k, _ in urllib.parse.parse_qsl(query, keep_blank_values=True))
-
-
-def redact_uri(text: str) -> str:
-    """``text`` with the whole userinfo of a URL replaced by ``<credentials>`` and any ``password``
-    query value by ``<password>``; other text unchanged."""
-    text = re.sub(r"(?i)([?&;]\s*password\s*=)[^&;]*", r"\1<password>", text)  # first: it may hold an '@'
-    span = _userinfo_span(text)
-    return text[:span[0]] + "<credentials>" + text[span[1]:] if span else text
-
-
-def _redacted(value: Any) -> Any:
-    if isinstance(value, str):
-        return redact_uri(value)
-    if isinstance(value, dict):
-        return {_redacted(k): _redacted(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, set)):
-        return type(value)(_redacted(v) for v in value)
-    return value
-
-
-def _shown(value: Any) -> str:
-    """``repr`` of a bad value for an error message, the userinfo of every URL in it (strings,
-    nested in mappings and lists) blanked: :func:`redact_uri`."""
-    return repr(_redacted(value))
-
-
-def _format_error(source: str, err: ValidationError) -> str:
-    lines = [f"{source}: invalid configuration"]
-    for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "<root>"
-        if e["type"] == "extra_forbidden":
-            lines.append(f"  {key}: unknown key (value {_shown(e['input'])}); {unknown_key_hint(tuple(e['loc']))}")
-        elif isinstance(e.get("input"), dict):  # a check across several keys of a section
-            lines.append(f"  {key}: {_msg(e)}")
-        else:
-            lines.append(f"  {key} = {_shown(e.get('input'))}: {_msg(e)}")
-    return "\n".join(lines)
-
-
-def from_dict(raw: dict[str, Any] | None, source: str = "<dict>") -> Config:
-    """Validate a nested dict into a :class:`Config`; raise :class:`ConfigError` naming the bad keys."""
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
-    try:
-        return Config.model_validate(raw)
-    except ValidationError as err:
-        raise ConfigError(_format_error(source, err)) from None
-
-
-def load(path: str | Path = "params.yaml") -> Config:
-    """Load and validate ``params.yaml``."""
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: params file not found") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    return from_dict(raw, str(path))
