@@ -2,7 +2,8 @@
 
 Reads ``data/prepared/<split>/`` and writes ``data/features/<split>/`` (formats: crossalign.io)
 plus ``eval/test_index.json`` (ids, captions and binding twins of the test split, in the row and
-column order of its features, for the evaluation report).
+column order of its features, for the evaluation report) and ``eval/val_index.json`` (the same for
+val: the binding probe on val is the one a recipe choice may read).
 
 Streaming: images are read from the memory-mapped uint8 array one batch at a time, outputs are
 written into ``np.lib.format.open_memmap`` files, and mapped pages are flushed and dropped from
@@ -275,7 +276,7 @@ def write_test_index(split_dir: Path, path: Path) -> dict:
 
 def run(cfg: Config, root: Path, progress: bool = True) -> Path:
     """Encode ``root/data/prepared/{train,val,test}`` into ``root/data/features/`` (atomically,
-    all splits or none) and write ``root/eval/test_index.json``. Returns the features directory."""
+    all splits or none) and write ``root/eval/test_index.json`` and ``root/eval/val_index.json``. Returns the features directory."""
     params = cfg.features
     root = Path(root)
     prepared = root / "data" / "prepared"
@@ -291,4 +292,5 @@ def run(cfg: Config, root: Path, progress: bool = True) -> Path:
         for split in SPLITS:
             encode_split(prepared / split, tmp / split, image_encoder, text_encoder, params, device, progress)
     write_test_index(prepared / "test", root / "eval" / "test_index.json")
+    write_test_index(prepared / "val", root / "eval" / "val_index.json")  # val's own twins: the probe choices read
     return out
