@@ -227,9 +227,17 @@ class TrainParams(Section):
 class TuneParams(Section):
     trials: int = Field(3, ge=0, description="Optuna trials per method, the same for every method "
                                               "(trial 0 = the params.yaml values); 0 = no tuning")
-    seed: int = Field(0, description="seed of the TPE sampler")
+    sampler: Literal["tpe", "random", "qmc"] = Field(
+        "tpe", description="how trials 1.. are drawn: tpe (Optuna TPESampler: tune.n_startup_trials random "
+                           "trials, then TPE's model of the finished ones) | random (RandomSampler) | qmc "
+                           "(QMCSampler, scrambled Sobol: spread over the space)")
+    n_startup_trials: int = Field(
+        10, ge=1, description="tpe only: finished trials (trial 0, the params.yaml values, counts) before TPE "
+                              "models; trials numbered below it are drawn at random (>= tune.trials: all random)")
+    seed: int = Field(0, description="seed of the sampler")
     epochs: int = Field(2, ge=1, description="maximum epochs of a trial (may be fewer than train.epochs)")
-    startup_trials: int = Field(2, ge=1, description="pruner: trials run to the end before any is pruned")
+    pruner_startup_trials: int = Field(2, ge=1, description="median pruner: trials run to the end before any "
+                                                            "is pruned")
     warmup_epochs: int = Field(1, ge=0, description="pruner: epochs a trial runs before it may be pruned")
     threads: int = Field(0, ge=0, description="CPU threads of a trial; 0 = all cores (CPU training is "
                                               "bit-identical run to run at a fixed thread count)")
