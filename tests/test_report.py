@@ -53,6 +53,9 @@ def test_report_writes_markdown_and_pngs(evaluated):
             assert f.read_bytes()[:8] == PNG_MAGIC and f.stat().st_size > 5_000
     md = (root / "reports" / "comparison.md").read_text()
     assert f"Champion: **{sel['champion']}**" in md
+    assert ("Every choice was made on train and validation only: the champion (validation RSUM), the tuned values "
+            "(`tune@<method>`: validation RSUM) and the recipe defaults in params.yaml" in md)
+    assert "The test split below is reported, never used to choose." in md
     assert "| joint |" in md and "| concat_mlp |" in md
     assert "Gain over concat_mlp" in md and sel["gain_over_baseline"]["joint"]["text"] in md
     assert "Binding probe" in md and "| mean [95% CI] |" in md
@@ -170,3 +173,17 @@ def test_a_method_keeps_its_colour_across_figures():
     line_colour = {ln.get_label(): to_hex(ln.get_color()) for ln in lines.axes[0].get_lines()}
     assert bar_colour == line_colour and len(set(bar_colour.values())) == 2
     plt.close(bars), plt.close(lines)
+
+
+def test_report_names_the_sampler_that_ran(evaluated):
+    cfg, root, sel = evaluated
+    budget = {"trials": 3, "epochs_per_trial": 2,
+              "sampler": "random search (Optuna RandomSampler, seed 0: trials 1-2 drawn at random)"}
+    rows = [{"method": m, "val_rsum": v} for m, v in (("joint", 210.0), ("concat_mlp", 150.0))]
+    sel = {**sel, "tuning": {"budget": budget, "defaults": rows, "tuned": rows, "ranking_changed": False}}
+    report.run(cfg, root, sel)
+    md = (root / "reports" / "comparison.md").read_text()
+    tuning = md.split("## Defaults vs tuned (equal budget, validation only)")[1].split("\n## ")[0]
+    assert ("(3 trials per method, at most 2 epochs each, trial 0 = params.yaml values; sampler: random search "
+            "(Optuna RandomSampler, seed 0: trials 1-2 drawn at random))." in tuning)
+    assert "TPE" not in md
