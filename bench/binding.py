@@ -35,6 +35,61 @@ def parse_value(text: str):
     return yaml.safe_load(text)
 
 
+def config_with(root: Path, sets: list[str], params: str = "params.yaml") -> config.Config:
+    """params.yaml with ``dotted.key=value`` overrides, on the CPU."""
+    raw = yaml.safe_load(Path(root, params).read_text())
+    for item in sets:
+        key, value = item.split("=", 1)
+        node = raw
+        *path, last = key.split(".")
+        for part in path:
+            node = node.setdefault(part, {})
+        node[last] = parse_value(value)
+    raw["train"]["device"] = "cpu"
+    return config.from_dict(raw, f"{params} + --set")
+
+
+def _probe_cells(probe: dict) -> dict:
+    return {k: [round(v["i2t"], 1), round(v["t2i"], 1), round(v["mean"], 1), [round(x, 1) for x in v["ci95"]["mean"]]]
+            for k, v in [("overall", probe["overall"]), *probe["per_swap"].items()]}
+
+
+def measure(root: Path, method: str, sets: list[str], split: str = "val", threads: int = 1,
+            max_steps: int | None = None, alphas: tuple[float, ...] = (0.75, 1.0), params: str = "params.yaml") -> dict:
+    """Train ``method`` (params.yaml + ``sets``, seed 0) and score ``split`` -> one result record:
+    RSUM and the binding probe ([i2t, t2i, mean, 95 % CI of the mean] overall and per kind); a
+    re-ranking method is also scored at each fusion alpha of ``alphas`` (an evaluation knob)."""
+    torch.set_num_threads(threads)
+    cfg = config_with(root, sets, params)
+    train = load_features(root / "data/features/train")
+    val = first_images(load_features(root / "data/features/val"), cfg.train.val_images)
+    scored = load_features(root / "data/features" / split)  # val (every choice) or test (--final)
+    index = read_json(index_path(root, split))
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        meta = train_seed(cfg, Path(tmp), method, 0, train, val, Path(tmp) / "final", log=lambda m: None,
+                          max_steps=max_steps)
+        seconds = time.perf_counter() - started
+        model, _ = load_aligner(Path(tmp) / "final")
+    i2t, t2i = score_matrices(model, scored, "cpu", progress=False)
+    metrics = retrieval_metrics(i2t, scored.caption_image_index, t2i)
+    probe = binding_probe(i2t, t2i, scored.caption_image_index, index["twins"])
+    out = {"method": method, "set": sets, "split": split, "params": meta["trainable_params"],
+           "best_epoch": meta["best_epoch"], "epochs": cfg.train.epochs, "train_seconds": round(seconds, 1),
+           "threads": threads, "early_stopping_val_rsum": round(meta["val_metrics"]["rsum"], 1),
+           f"{split}_rsum": round(metrics["rsum"], 1), "binding": _probe_cells(probe)}
+    if model.rerank is not None:  # the same model re-ranking with other fusion weights (an evaluation knob)
+        from dataclasses import replace
+        for alpha in alphas:
+            model.rerank = replace(model.rerank, alpha=alpha)
+            i2t, t2i = score_matrices(model, scored, "cpu", progress=False)
+            probe = binding_probe(i2t, t2i, scored.caption_image_index, index["twins"])
+            out[f"alpha_{alpha}"] = {
+                f"{split}_rsum": round(retrieval_metrics(i2t, scored.caption_image_index, t2i)["rsum"], 1),
+                **_probe_cells(probe)}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--method", required=True)
@@ -45,48 +100,7 @@ def main() -> None:
     add_final_flag(ap)
     a = ap.parse_args()
     split = scored_split(a.final)
-    torch.set_num_threads(a.threads)
-    raw = yaml.safe_load(Path(a.root, "params.yaml").read_text())
-    for item in a.set:
-        key, value = item.split("=", 1)
-        node = raw
-        *path, last = key.split(".")
-        for part in path:
-            node = node.setdefault(part, {})
-        node[last] = parse_value(value)
-    raw["train"]["device"] = "cpu"
-    cfg = config.from_dict(raw, "params.yaml + --set")
-    root = Path(a.root)
-    train = load_features(root / "data/features/train")
-    val = first_images(load_features(root / "data/features/val"), cfg.train.val_images)
-    scored = load_features(root / "data/features" / split)  # val (every choice) or test (--final)
-    index = read_json(index_path(root, split))
-    started = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        meta = train_seed(cfg, Path(tmp), a.method, 0, train, val, Path(tmp) / "final", log=lambda m: None,
-                          max_steps=a.max_steps)
-        seconds = time.perf_counter() - started
-        model, _ = load_aligner(Path(tmp) / "final")
-    i2t, t2i = score_matrices(model, scored, "cpu", progress=False)
-    metrics = retrieval_metrics(i2t, scored.caption_image_index, t2i)
-    probe = binding_probe(i2t, t2i, scored.caption_image_index, index["twins"])
-    out = {"method": a.method, "set": a.set, "split": split, "params": meta["trainable_params"],
-           "best_epoch": meta["best_epoch"], "train_seconds": round(seconds, 1), "threads": a.threads,
-           "early_stopping_val_rsum": round(meta["val_metrics"]["rsum"], 1),
-           f"{split}_rsum": round(metrics["rsum"], 1),
-           "binding": {k: [round(v["i2t"], 1), round(v["t2i"], 1), round(v["mean"], 1), [round(x, 1) for x in v["ci95"]["mean"]]]
-                       for k, v in [("overall", probe["overall"]), *probe["per_swap"].items()]}}
-    if model.rerank is not None:  # the same model re-ranking with other fusion weights (an evaluation knob)
-        from dataclasses import replace
-        for alpha in (0.75, 1.0):
-            model.rerank = replace(model.rerank, alpha=alpha)
-            i2t, t2i = score_matrices(model, scored, "cpu", progress=False)
-            probe = binding_probe(i2t, t2i, scored.caption_image_index, index["twins"])
-            out[f"alpha_{alpha}"] = {
-                f"{split}_rsum": round(retrieval_metrics(i2t, scored.caption_image_index, t2i)["rsum"], 1),
-                **{k: [round(v["i2t"], 1), round(v["t2i"], 1), round(v["mean"], 1), [round(x, 1) for x in v["ci95"]["mean"]]]
-                   for k, v in [("overall", probe["overall"]), *probe["per_swap"].items()]}}
-    print(json.dumps(out), flush=True)
+    print(json.dumps(measure(Path(a.root), a.method, a.set, split, a.threads, a.max_steps)), flush=True)
 
 
 if __name__ == "__main__":
