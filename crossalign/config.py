@@ -232,7 +232,7 @@ class TuneParams(Section):
                            "trials, then TPE's model of the finished ones) | random (RandomSampler) | qmc "
                            "(QMCSampler, scrambled Sobol: spread over the space)")
     n_startup_trials: int = Field(
-        10, ge=1, description="tpe only: finished trials (trial 0, the params.yaml values, counts) before TPE "
+        1, ge=1, description="tpe only: finished trials (trial 0, the params.yaml values, counts) before TPE "
                               "models; trials numbered below it are drawn at random (>= tune.trials: all random)")
     seed: int = Field(0, description="seed of the sampler")
     epochs: int = Field(2, ge=1, description="maximum epochs of a trial (may be fewer than train.epochs)")
