@@ -168,7 +168,7 @@ class JointParams(Section):
     hard_k: int = Field(16, ge=1, description="hard negatives sampled from the top-k similarities")
     random_negative_fraction: float = Field(0.5, ge=0, le=1, description="chance each matching negative is drawn at random instead of hard")
     shortlist_k: int = Field(16, ge=1, description="evaluation: similarity shortlist re-ranked by matching")
-    fusion_alpha: float = Field(1.0, ge=0, le=1, description="evaluation: score = a*match + (1-a)*similarity")
+    fusion_alpha: float = Field(0.75, ge=0, le=1, description="evaluation: score = a*match + (1-a)*similarity")
     matcher: Literal["cross", "late"] = Field("late", description="matching encoder: cross (cross-attention both "
                                               "ways, pooled) | late (token-wise max similarity over positioned cells)")
     shared_projections: bool = Field(False, description="the matcher reads the token projections the contrastive "

@@ -68,7 +68,7 @@ def test_report_writes_markdown_and_pngs(evaluated):
         assert row["binding_probe"] == {k: probe["overall"][k] for k in ("i2t", "t2i", "mean", "ci95")}
     assert "no training curve for concat_mlp" in md  # absent curve is said, not hidden
     assert f"![{report.T2I_PNG}]({report.T2I_PNG})" in md
-    assert "shortlist k=4 re-rank alpha=1.0" in md  # methods.joint.fusion_alpha default (issue 13)
+    assert "shortlist k=4 re-rank alpha=0.75" in md  # methods.joint.fusion_alpha default
     other = next(m for m in sel["champion_vs"])
     assert f"- {sel['champion']} vs **{other}**: {sel['champion_vs'][other]['text']}" in md
     assert "| concat_mlp | 1,234,567 | no: every pair |" in md and "(../costs/costs.md)" in md
