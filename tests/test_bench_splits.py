@@ -39,3 +39,11 @@ def test_ablation_table_prints_a_test_number_only_with_final(tmp_path, capsys):
     assert binding_ablation.main(["--out", str(out), "--table", "--final"]) == 0
     shown = capsys.readouterr().out
     assert shown.startswith("FINAL: test split") and "422.2" in shown and "411.1" not in shown
+
+
+def test_recipe_final_scores_only_the_shipped_recipe(capsys):
+    from bench import recipe_val
+
+    assert recipe_val.main(["--final", "--arms", "joint", "joint-dropout-0.1"]) == 2  # refused before training
+    captured = capsys.readouterr()
+    assert captured.out.startswith("FINAL: test split") and "chosen configuration only" in captured.err
