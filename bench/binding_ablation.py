@@ -11,14 +11,19 @@ Settings (``--grid``): ``steps`` (default) = all off, all on, then each ingredie
 all 8 combinations. Every run uses params.yaml otherwise (default epochs, early stopping on val),
 one seed (``train.seeds: [0]``), through the real code: ``crossalign.train.stage.run`` into a scratch
 root whose ``data/features`` links to the real one, then ``crossalign.evaluate.stage.evaluate_model`` on
-test and the binding probe (``crossalign.evaluate.binding``, 95 % CIs over twin pairs) on the test twins of
-``eval/test_index.json``.
+**val** and the binding probe (``crossalign.evaluate.binding``, 95 % CIs over twin pairs) on the val twins of
+``eval/val_index.json``: the ablation informs choices, so it reads train and val only. ``--final``
+scores test (``eval/test_index.json``) instead, for the configuration already chosen on val, and
+says so ("FINAL: test split").
 
     python -m bench.binding_ablation                       # all methods, steps grid, 1 thread
     python -m bench.binding_ablation --methods joint --grid full
+    python -m bench.binding_ablation --methods joint --final   # test numbers of the chosen recipe
 
 Writes ``bench/results/binding_ablation.json`` after every run (a run already there with the same
-settings and params is skipped, so an interrupted bench resumes) and prints the markdown table.
+split, settings and params is skipped, so an interrupted bench resumes) and prints the markdown
+table of the scored split (a run without a ``split`` key predates the val/test distinction and
+was scored on test).
 """
 from __future__ import annotations
 
@@ -37,6 +42,7 @@ from pathlib import Path
 import yaml
 
 from bench import entry
+from bench.splits import add_final_flag, index_path, scored_split
 
 OUT = Path(__file__).resolve().parent / "results" / "binding_ablation.json"
 INGREDIENTS = ("positions", "twin", "caption")
@@ -85,8 +91,14 @@ def probe_row(probe: dict) -> dict:
             for k, c in cells.items()}
 
 
-def run_one(raw: dict, method: str, root: Path, scratch: Path, log) -> dict:
-    """Train ``method`` with params ``raw`` on root's features; evaluate on test with the probe."""
+def run_split(run: dict) -> str:
+    """The split a stored run was scored on (runs from before the distinction: test)."""
+    return run.get("split", "test")
+
+
+def run_one(raw: dict, method: str, root: Path, scratch: Path, log, split: str = "val") -> dict:
+    """Train ``method`` with params ``raw`` on root's features; evaluate on ``split`` (val unless
+    the caller passed ``--final``) with the binding probe on that split's twins."""
     import numpy as np
     import torch
 
@@ -108,33 +120,38 @@ def run_one(raw: dict, method: str, root: Path, scratch: Path, log) -> dict:
     train_s = time.perf_counter() - start
     model, _ = load_aligner(work / "models" / method / "final" / "seed-0")
     device = resolve_device(cfg.evaluate.device, "evaluate.device")
-    test = load_features(root / "data" / "features" / "test")
-    twins = read_json(root / "eval" / "test_index.json").get("twins") or []
+    scored = load_features(root / "data" / "features" / split)
+    twins = read_json(index_path(root, split)).get("twins") or []
     start = time.perf_counter()
-    metrics, i2t, t2i, *_ = evaluate_model(model, test, cfg, device)
-    probe = binding_probe(i2t, t2i, np.asarray(test.caption_image_index), twins)
+    metrics, i2t, t2i, *_ = evaluate_model(model, scored, cfg, device)
+    probe = binding_probe(i2t, t2i, np.asarray(scored.caption_image_index), twins)
     eval_s = time.perf_counter() - start
     shutil.rmtree(work, ignore_errors=True)
     del model
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
-    return {"val_rsum": meta["val_metrics"].get("rsum"), "test_rsum": metrics["rsum"], "best_epoch": meta["best_epoch"],
+    return {"split": split, "early_stopping_val_rsum": meta["val_metrics"].get("rsum"), f"{split}_rsum": metrics["rsum"],
+            "best_epoch": meta["best_epoch"],
             "epochs_run": meta["epochs_run"], "params": meta["trainable_params"], "train_s": round(train_s, 1),
             "eval_s": round(eval_s, 1), "probe": probe_row(probe)}
 
 
 def table(runs: list[dict]) -> str:
     """Markdown: per method and setting, binding per kind and overall (mean of i2t and t2i, 95 % CI
-    over twin pairs), and test RSUM."""
+    over twin pairs), and RSUM, all on the split the runs were scored on (one split per table)."""
+    splits = {run_split(r) for r in runs} or {"val"}
+    if len(splits) > 1:
+        raise ValueError(f"one table per split: the runs were scored on {sorted(splits)}")
+    split = splits.pop()
     kinds = sorted({k for r in runs for k in r["probe"] if k != "overall"})
     lines = ["| method | positions / twin neg / caption neg | " + " | ".join(kinds)
-             + " | binding [95% CI] | test RSUM |", "|---" * (4 + len(kinds)) + "|"]
+             + f" | binding [95% CI] | {split} RSUM |", "|---" * (4 + len(kinds)) + "|"]
     for r in runs:
         s = r["setting"]
         what = f"{s['image_positions']} / {'on' if s['twin_negatives'] else 'off'} / {s['caption_negatives']}"
         per = [f"{r['probe'][k]['mean']:.1f}" if k in r["probe"] else "–" for k in kinds]
         o = r["probe"]["overall"]
         lines.append(f"| {r['method']} | {what} | " + " | ".join(per)
-                     + f" | {o['mean']:.1f} [{o['ci95'][0]:.1f}, {o['ci95'][1]:.1f}] | {r['test_rsum']:.1f} |")
+                     + f" | {o['mean']:.1f} [{o['ci95'][0]:.1f}, {o['ci95'][1]:.1f}] | {r[f'{split}_rsum']:.1f} |")
     return "\n".join(lines)
 
 
@@ -148,10 +165,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--table", action="store_true", help="print the table of --out and exit")
+    add_final_flag(ap)
     args = ap.parse_args(argv)
+    split = scored_split(args.final)
     done = json.loads(args.out.read_text()) if args.out.exists() else {"runs": []}
     if args.table:
-        print(table(done["runs"]))
+        print(table([r for r in done["runs"] if run_split(r) == split]))
         return 0
     import torch
 
@@ -162,8 +181,12 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(args.root)
     raw = yaml.safe_load(Path(args.params).read_text())
     on = on_values(raw)
-    for split in ("train", "test"):
-        hardneg.load(root / "data" / "features" / split)  # fails early, naming the file, on old features
+    for name in ("train", split):
+        hardneg.load(root / "data" / "features" / name)  # fails early, naming the file, on old features
+    if not index_path(root, split).exists():
+        print(f"error: {index_path(root, split)} absent: rerun the features stage (it writes the twins of val "
+              "and test)", file=sys.stderr)
+        return 2
     methods = args.methods or list(raw["train"]["methods"])
     plan = [(s, m) for s in settings(args.grid) for m in methods]
     try:
@@ -181,13 +204,13 @@ def main(argv: list[str] | None = None) -> int:
                        "twin_negatives": cfg_raw["train"]["twin_negatives"],
                        "caption_negatives": cfg_raw["train"]["caption_negatives"]}
             params = {k: v for k, v in cfg_raw.items() if k != "tracking"}
-            key = {"method": method, "setting": setting,
+            key = {"method": method, "setting": setting, "split": split,
                    "params_sha": hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]}
             if any(r["method"] == method and r["setting"] == setting and r.get("params_sha") == key["params_sha"]
-                   for r in runs):
+                   and run_split(r) == split for r in runs):
                 continue
             print(f"== {method} {label(s)} {setting}", flush=True)
-            result = run_one(cfg_raw, method, root, Path(scratch), log=lambda msg: print(msg, flush=True))
+            result = run_one(cfg_raw, method, root, Path(scratch), log=lambda msg: print(msg, flush=True), split=split)
             runs.append({**key, "label": label(s), **result})
             record = {"machine": f"{platform.machine()} {os.cpu_count()} cores", "device": args.device,
                       "threads": args.threads, "grid": args.grid, "runs": runs}
@@ -196,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
             tmp.write_text(json.dumps(record, indent=1) + "\n")
             tmp.replace(args.out)
             print(table([runs[-1]]).splitlines()[-1], flush=True)
-    print(table(runs))
+    print(table([r for r in runs if run_split(r) == split]))
     return 0
 
 

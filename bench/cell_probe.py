@@ -4,11 +4,12 @@ For every object of the synthetic scenes, the image encoder's grid cell under th
 (``data/features/<split>/image_tokens.npy``, row-major 7x7) is the input of a linear probe
 (multinomial logistic regression, standardised by the train statistics) that predicts the object's
 colour, shape and size (``data/raw/synthetic/annotations/captions_<split>.json``). Trained on the
-train objects, scored on the test objects, next to the majority-class rate. High accuracy means the
+train objects, scored on the val objects (the test objects only with ``--final``, which says so),
+next to the majority-class rate. High accuracy means the
 frozen features hold *which object sits where*, so a position or attribute twin is separable on the
 image side and a method that fails on it fails in fusion or on the text side.
 
-    python -m bench.cell_probe [--root .] [--out bench/results/cell_probe.json]
+    python -m bench.cell_probe [--root .] [--out bench/results/cell_probe.json] [--final]
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from bench import entry
+from bench.splits import add_final_flag, scored_split
 
 ATTRIBUTES = ("colour", "shape", "size")
 
@@ -51,20 +53,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--root", type=Path, default=Path("."))
     ap.add_argument("--out", type=Path, default=Path("bench/results/cell_probe.json"))
     ap.add_argument("--C", type=float, default=0.05, help="inverse L2 strength of the probe")
+    add_final_flag(ap)
     args = ap.parse_args(argv)
+    split = scored_split(args.final)
     from sklearn.linear_model import LogisticRegression
 
     x_train, y_train = cell_features(args.root, "train")
-    x_test, y_test = cell_features(args.root, "test")
+    x_test, y_test = cell_features(args.root, split)  # val, or test under --final
     mean, std = x_train.mean(0), x_train.std(0) + 1e-6
     x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
-    result = {"objects": {"train": len(x_train), "test": len(x_test)}, "C": args.C, "probe": {}}
+    result = {"split": split, "objects": {"train": len(x_train), split: len(x_test)}, "C": args.C, "probe": {}}
     for k in ATTRIBUTES:
         clf = LogisticRegression(max_iter=300, C=args.C).fit(x_train, y_train[k])
         majority = Counter(y_test[k]).most_common(1)[0][1] / len(y_test[k])
         result["probe"][k] = {"classes": len(set(y_train[k])), "train_acc": round(100 * clf.score(x_train, y_train[k]), 1),
-                              "test_acc": round(100 * clf.score(x_test, y_test[k]), 1),
-                              "test_majority": round(100 * majority, 1)}
+                              f"{split}_acc": round(100 * clf.score(x_test, y_test[k]), 1),
+                              f"{split}_majority": round(100 * majority, 1)}
         print(k, result["probe"][k], flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -19,7 +19,8 @@ IMAGE_DIM, TEXT_DIM = 12, 10
 
 
 def write_split_features(root: Path, n_val: int = 16, n_test: int = 16, captions_per_image: int = 2) -> None:
-    """data/features/{val,test} and eval/test_index.json (twins pair image 2k with 2k+1)."""
+    """data/features/{val,test}, eval/test_index.json (twins pair image 2k with 2k+1) and
+    eval/val_index.json (twins pair image 2k+1 with 2k+2, kinds size / colour)."""
     for i, (split, n) in enumerate((("val", n_val), ("test", n_test))):
         make_tiny_features(root / "data" / "features" / split, n_images=n, seed=i + 1,
                            captions_per_image=captions_per_image, image_dim=IMAGE_DIM, text_dim=TEXT_DIM)
@@ -31,6 +32,13 @@ def write_split_features(root: Path, n_val: int = 16, n_test: int = 16, captions
         "caption_image_ids": test.image_ids[test.caption_image_index].tolist(),
         "captions": [f"caption {j}" for j in range(test.n_captions)],
         "twins": twins})
+    val = load_features(root / "data" / "features" / "val")
+    write_json(root / "eval" / "val_index.json", {
+        "image_ids": val.image_ids.tolist(),
+        "caption_image_ids": val.image_ids[val.caption_image_index].tolist(),
+        "captions": [f"val caption {j}" for j in range(val.n_captions)],
+        "twins": [{"image": 2 * k + 1, "twin": 2 * k + 2, "swap": ("size", "colour")[k % 2]}
+                  for k in range((n_val - 1) // 2)]})
 
 
 def write_prepared_test(root: Path, size: int = 16) -> None:

@@ -1,6 +1,8 @@
 """bench/binding_ablation.py: the settings it runs, the params it overrides, the table it prints."""
 from __future__ import annotations
 
+import pytest
+
 from bench import binding_ablation as ab
 
 
@@ -33,6 +35,11 @@ def test_table_row_written_out():
     lines = ab.table([run]).splitlines()
     assert lines[0] == "| method | positions / twin neg / caption neg | colour | position | size | binding [95% CI] | test RSUM |"
     assert lines[2] == "| joint | sincos / on / 2 | 80.0 | 60.0 | 73.8 | 71.2 [64.5, 77.8] | 421.0 |"
+    val_run = {**{k: v for k, v in run.items() if k != "test_rsum"}, "split": "val", "val_rsum": 400.0}
+    assert ab.table([val_run]).splitlines()[0].endswith("| val RSUM |")
+    assert ab.table([val_run]).splitlines()[2].endswith("| 400.0 |")
+    with pytest.raises(ValueError, match="one table per split"):
+        ab.table([run, val_run])
 
 
 def test_one_run_trains_and_probes_through_the_real_code(tmp_path):
@@ -58,8 +65,13 @@ def test_one_run_trains_and_probes_through_the_real_code(tmp_path):
     all_on = ab.overrides(dict.fromkeys(ab.INGREDIENTS, True), {"positions": "sincos", "caption": 1}, 1, "cpu")
     raw = ab.merge(tiny_config(tmp_path, train={"epochs": 1}).model_dump(), all_on)
     result = ab.run_one(raw, "contrastive", tmp_path, tmp_path / "scratch", log=lambda msg: None)
-    assert result["epochs_run"] == 1 and result["test_rsum"] > 0
-    assert set(result["probe"]) == {"overall", "colour", "position"} and result["probe"]["overall"]["pairs"] == 8
+    # the default scores val with val's twins (eval/val_index.json: 7 pairs, size / colour); no test number
+    assert result["split"] == "val" and result["epochs_run"] == 1 and result["val_rsum"] > 0
+    assert not any("test" in key for key in result)
+    assert set(result["probe"]) == {"overall", "size", "colour"} and result["probe"]["overall"]["pairs"] == 7
     lo, hi = result["probe"]["overall"]["ci95"]
     assert lo <= result["probe"]["overall"]["mean"] <= hi
     assert not (tmp_path / "scratch" / "contrastive").exists()  # scratch models removed
+    final = ab.run_one(raw, "contrastive", tmp_path, tmp_path / "scratch", log=lambda msg: None, split="test")
+    assert final["split"] == "test" and final["test_rsum"] > 0 and final["probe"]["overall"]["pairs"] == 8
+    assert set(final["probe"]) == {"overall", "colour", "position"}  # the test twins of eval/test_index.json

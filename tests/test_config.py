@@ -45,6 +45,11 @@ def _keys(tree: dict, prefix: str = "") -> set[str]:
         ({"train": {"lr": "fast"}}, ["train.lr", "'fast'", "number"]),
         ({"methods": {"contrastive": {"temperature": -1}}}, ["methods.contrastive.temperature", "-1"]),
         ({"train": {"seeds": []}}, ["train.seeds", "at least 1"]),
+        ({"tune": {"sampler": "grid"}}, ["tune.sampler", "'grid'", "'tpe'", "'random'", "'qmc'"]),
+        ({"tune": {"sampler": "TPE"}}, ["tune.sampler", "'TPE'", "'tpe'"]),
+        ({"tune": {"n_startup_trials": 0}}, ["tune.n_startup_trials", "0", "greater than or equal to 1"]),
+        ({"tune": {"n_startup_trials": 2.5}}, ["tune.n_startup_trials", "2.5"]),
+        ({"tune": {"startup_trials": 2}}, ["tune.startup_trials", "unknown key"]),  # now pruner_startup_trials
     ],
 )
 def test_broken_params_name_key_value_and_allowed(tmp_path: Path, raw: dict, expected: list[str]) -> None:

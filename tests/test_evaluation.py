@@ -67,6 +67,16 @@ def test_evaluate_writes_metrics_scores_ranks(tmp_path, method, protocol):
     twins = read_json(tmp_path / "eval" / "test_index.json")["twins"]
     assert probe["overall"]["i2t"] == pytest.approx(_brute_probe(i2t_s, t2i_s, cap_img, twins)[0], abs=1e-9)
     assert probe["overall"]["t2i"] == pytest.approx(_brute_probe(i2t_s, t2i_s, cap_img, twins)[1], abs=1e-9)
+    # the probe on val: val's own twins, scored on the val split (what a recipe choice may read)
+    val = load_features(tmp_path / "data" / "features" / "val")
+    v_sim, v_match = _pairwise(model, val)
+    v_i2t_s, v_t2i_s = _brute_rank_scores(model, v_sim, v_match)
+    v_twins = read_json(tmp_path / "eval" / "val_index.json")["twins"]
+    v_probe = result["val"]["binding_probe"]
+    assert v_probe["overall"]["pairs"] == 7 and set(v_probe["per_swap"]) == {"size", "colour"}
+    want_val = _brute_probe(v_i2t_s, v_t2i_s, np.asarray(val.caption_image_index), v_twins)
+    assert (v_probe["overall"]["i2t"], v_probe["overall"]["t2i"]) == pytest.approx(want_val, abs=1e-9)
+    assert read_json(tmp_path / "metrics" / f"{method}.json")["val_bind"] == pytest.approx(sum(want_val) / 2, abs=0.006)
 
 
 def _pairwise(model, split):

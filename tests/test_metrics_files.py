@@ -36,7 +36,9 @@ def fabricated_results(method: str, rsum: float = 599.99, recall: float = 100.0,
         test["1k"] = dict(split)
     return {"method": method, "protocol": "embedding similarity; COCO full split; i2t hit when any caption is in "
                                           "the top K; ties count against the query",
-            "seeds": [0], "scores_seed": 0, "weights_sha256": {"0": "ab" * 32}, "val": dict(split), "test": test}
+            "seeds": [0], "scores_seed": 0, "weights_sha256": {"0": "ab" * 32},
+            "val": {**split, "binding_probe": {"chance": 50.0, "overall": dict(probe),
+                                               "per_swap": {k: dict(probe) for k in SWAPS}}}, "test": test}
 
 
 def numeric_leaves(obj) -> list:
@@ -48,8 +50,9 @@ def numeric_leaves(obj) -> list:
 def test_summary_is_flat_rounded_numbers_with_hand_values():
     results = fabricated_results("joint", rsum=421.0, recall=50.0)
     results["test"]["binding_probe"]["per_swap"]["size"] = {"i2t": 60.0, "t2i": 41.0}
+    results["val"]["binding_probe"]["overall"] = {"i2t": 70.0, "t2i": 61.5}
     summary = evaluation.metrics_summary(results)
-    assert summary == {"val_rsum": 420.86, "test_rsum": 420.86, "i2t_r1": 49.67, "t2i_r1": 49.33,
+    assert summary == {"val_rsum": 420.86, "val_bind": 65.75, "test_rsum": 420.86,
                        "bind": 99.76, "bind_lo": 99.33, "colour": 99.76, "position": 99.76,
                        "size": 50.5}
     assert all(type(v) is float for v in numeric_leaves(summary))

@@ -55,6 +55,9 @@ def test_report_writes_markdown_and_pngs(evaluated):
             assert f.read_bytes()[:8] == PNG_MAGIC and f.stat().st_size > 5_000
     md = (root / "reports" / "comparison.md").read_text()
     assert f"Champion: **{sel['champion']}**" in md
+    assert ("Every choice was made on train and validation only: the champion (validation RSUM), the tuned values "
+            "(`tune@<method>`: validation RSUM) and the recipe defaults in params.yaml" in md)
+    assert "The test split below is reported, never used to choose." in md
     assert "| joint |" in md and "| concat_mlp |" in md
     assert "Gain over concat_mlp" in md and sel["gain_over_baseline"]["joint"]["text"] in md
     assert "Binding probe" in md and "| mean [95% CI] |" in md
@@ -67,7 +70,7 @@ def test_report_writes_markdown_and_pngs(evaluated):
         assert row["binding_probe"] == {k: probe["overall"][k] for k in ("i2t", "t2i", "mean", "ci95")}
     assert "no training curve for concat_mlp" in md  # absent curve is said, not hidden
     assert f"![{report.T2I_PNG}]({report.T2I_PNG})" in md
-    assert "shortlist k=4 re-rank alpha=1.0" in md  # methods.joint.fusion_alpha's default
+    assert "shortlist k=4 re-rank alpha=0.75" in md  # methods.joint.fusion_alpha default
     other = next(m for m in sel["champion_vs"])
     assert f"- {sel['champion']} vs **{other}**: {sel['champion_vs'][other]['text']}" in md
     assert "| concat_mlp | 1,234,567 | no: every pair |" in md and "(../costs/costs.md)" in md
@@ -227,3 +230,17 @@ def test_report_says_nothing_of_a_control_training_curve(evaluated):
     (root / "plots" / "train" / f"{control}.csv").unlink(missing_ok=True)
     report.run(cfg, root, sel)
     assert f"no training curve for {control}" not in (root / "reports" / "comparison.md").read_text()
+
+
+def test_report_names_the_sampler_that_ran(evaluated):
+    cfg, root, sel = evaluated
+    budget = {"trials": 3, "epochs_per_trial": 2,
+              "sampler": "random search (Optuna RandomSampler, seed 0: trials 1-2 drawn at random)"}
+    rows = [{"method": m, "val_rsum": v} for m, v in (("joint", 210.0), ("concat_mlp", 150.0))]
+    sel = {**sel, "tuning": {"budget": budget, "defaults": rows, "tuned": rows, "ranking_changed": False}}
+    report.run(cfg, root, sel)
+    md = (root / "reports" / "comparison.md").read_text()
+    tuning = md.split("## Defaults vs tuned (equal budget, validation only)")[1].split("\n## ")[0]
+    assert ("(3 trials per method, at most 2 epochs each, trial 0 = params.yaml values; sampler: random search "
+            "(Optuna RandomSampler, seed 0: trials 1-2 drawn at random))." in tuning)
+    assert "TPE" not in md

@@ -27,7 +27,8 @@ def features(root: Path) -> Path:
 
 
 def tune_cfg(tmp_path: Path, **tune) -> config.Config:
-    return tiny_config(tmp_path, tune={"trials": 4, "epochs": 2, "startup_trials": 2, "warmup_epochs": 1, **tune})
+    return tiny_config(tmp_path, tune={"trials": 4, "epochs": 2, "pruner_startup_trials": 2, "warmup_epochs": 1,
+                                       "sampler": "tpe", "n_startup_trials": 10, **tune})
 
 
 def test_every_method_declares_a_space_that_holds_its_defaults():
@@ -52,6 +53,48 @@ def test_apply_overrides_sets_values_and_names_bad_keys():
         tuning.apply_overrides(cfg, {"methods.contrastive.dropuot": 0.2}, "t.json")
     with pytest.raises(config.ConfigError, match=r"(?s)t.json.*methods.contrastive.dropout = 1.5"):
         tuning.apply_overrides(cfg, {"methods.contrastive.dropout": 1.5}, "t.json")
+
+
+def test_the_sampler_is_named_for_what_it_does():
+    tune = lambda **kw: config.TuneParams(**{"trials": 3, **kw})  # noqa: E731
+    assert tuning.describe_sampler(tune(sampler="tpe", n_startup_trials=10)) == (
+        "TPE (Optuna TPESampler, seed 0, n_startup_trials 10, trial 0 counted: with 3 trials every trial after "
+        "trial 0 was random)")
+    assert tuning.describe_sampler(tune(sampler="tpe", n_startup_trials=1, seed=4)) == (
+        "TPE (Optuna TPESampler, seed 4, n_startup_trials 1, trial 0 counted: trials 1-2 drawn by TPE's model "
+        "of the finished trials)")
+    assert tuning.describe_sampler(tune(trials=6, sampler="tpe", n_startup_trials=3)) == (
+        "TPE (Optuna TPESampler, seed 0, n_startup_trials 3, trial 0 counted: trials 3-5 drawn by TPE's model "
+        "of the finished trials, trials 1-2 random)")
+    assert tuning.describe_sampler(tune(sampler="random")) == (
+        "random search (Optuna RandomSampler, seed 0: trials 1-2 drawn at random)")
+    assert tuning.describe_sampler(tune(sampler="qmc", trials=2)) == (
+        "quasi-random search (Optuna QMCSampler, scrambled Sobol, seed 0: trial 1 spread over the search space)")
+    assert type(tuning.build_sampler(tune(sampler="tpe"))) is optuna.samplers.TPESampler
+    assert type(tuning.build_sampler(tune(sampler="random"))) is optuna.samplers.RandomSampler
+    assert type(tuning.build_sampler(tune(sampler="qmc"))) is optuna.samplers.QMCSampler
+
+
+def _drawn(tune: config.TuneParams, method: str = "joint") -> list[dict]:
+    """The values the sampler draws for trials 1.. after the enqueued defaults (a stand-in score)."""
+    space = REGISTRY[method].search_space
+    study = optuna.create_study(direction="maximize", sampler=tuning.build_sampler(tune))
+    study.enqueue_trial(tuning.defaults(config.Config(), space))
+    study.optimize(lambda tr: sum(float(tuning.suggest(tr, d)) for d in space), n_trials=tune.trials)
+    return [t.params for t in study.trials[1:]]
+
+
+def test_tpe_within_its_start_up_trials_draws_what_random_search_draws():
+    """Why the wording matters: TPE with n_startup_trials >= trials is random search, draw for draw."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    random = _drawn(config.TuneParams(trials=3, sampler="random"))
+    assert _drawn(config.TuneParams(trials=3, sampler="tpe", n_startup_trials=10)) == random
+    assert _drawn(config.TuneParams(trials=3, sampler="tpe", n_startup_trials=1)) != random  # TPE's model drew
+    qmc = _drawn(config.TuneParams(trials=3, sampler="qmc"))
+    assert qmc != random and qmc == _drawn(config.TuneParams(trials=3, sampler="qmc"))  # seeded
+    for values in qmc:
+        for d in REGISTRY["joint"].search_space:
+            assert d.low <= values[d.key] <= d.high
 
 
 def test_tracker_prunes_a_hopeless_trial_only():
@@ -103,11 +146,16 @@ def test_tune_is_deterministic_scores_defaults_first_and_leaves_no_models(tmp_pa
     assert record["defaults"]["val_rsum"] == direct[0]["val_metrics"]["rsum"]
     assert record["trial_log"][0]["epochs"] == cfg.tune.epochs == direct[0]["epochs_run"]
 
+    assert record["budget"]["sampler"] == ("TPE (Optuna TPESampler, seed 0, n_startup_trials 10, trial 0 counted: "
+                                           "with 4 trials every trial after trial 0 was random)")
+    assert record["budget"]["sampler_name"] == "tpe" and record["budget"]["n_startup_trials"] == 10
     assert not (a / "models").exists() and not (b / "models").exists()  # trials train in a temp dir
     client = MlflowClient(resolve_uri(cfg_b.tracking.tracking_uri, b))
     runs = client.search_runs([client.get_experiment_by_name(cfg_b.tracking.experiment).experiment_id])
     parent = [r for r in runs if r.info.run_name == f"tune-{method}"]
     assert len(parent) == 1 and parent[0].info.status == "FINISHED"
+    assert parent[0].data.tags["sampler"] == "tpe" and parent[0].data.params["tune.n_startup_trials"] == "10"
+    assert parent[0].data.tags["sampler_description"] == record["budget"]["sampler"]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id]
     assert sorted(int(r.data.tags["trial"]) for r in children) == [0, 1, 2, 3]
     assert {r.data.tags["state"] for r in children} == {t["state"] for t in record["trial_log"]}
@@ -132,8 +180,11 @@ def test_zero_trials_keeps_params_and_train_applies_tuned_values(tmp_path):
         tuning.apply_tuned(cfg, tmp_path, "contrastive", tmp_path / "missing.json")
 
 
+SAMPLER = "quasi-random search (Optuna QMCSampler, scrambled Sobol, seed 0: trials 1-5 spread over the search space)"
+
+
 def _tuned(root: Path, method: str, default: float, best: float, trials: int = 6) -> None:
-    record = {"method": method, "tuned": True, "budget": {"trials": trials, "epochs_per_trial": 3},
+    record = {"method": method, "tuned": True, "budget": {"trials": trials, "epochs_per_trial": 3, "sampler": SAMPLER},
               "defaults": {"values": {}, "val_rsum": default}, "best": {"trial": 1, "values": {}, "val_rsum": best},
               "overrides": {}}
     (root / "tuned").mkdir(exist_ok=True)
@@ -151,6 +202,10 @@ def test_leaderboards_rank_defaults_and_tuned_and_flag_a_change(tmp_path):
     assert tuning.leaderboards(tmp_path, ["concat_mlp", "contrastive"])["ranking_changed"] is False
     md = "\n".join(tuning.leaderboards_markdown(out))
     assert "| 1 | contrastive | 300.0 | joint | 320.0 |" in md and "ranking **changed**" in md
+    assert md.startswith("Validation RSUM under the tuning protocol (6 trials per method, at most 3 epochs each, "
+                         "trial 0 = params.yaml values; sampler: quasi-random search (Optuna QMCSampler, scrambled "
+                         "Sobol, seed 0: trials 1-5 spread over the search space)).")
+    assert "TPE" not in md
 
     _tuned(tmp_path, "joint", 290.0, 320.0, trials=12)
     with pytest.raises(ValueError, match=r"unequal tuning budgets.*joint\.json"):

@@ -166,7 +166,7 @@ class JointParams(Section):
     hard_k: int = Field(16, ge=1, description="hard negatives sampled from the top-k similarities")
     random_negative_fraction: float = Field(0.5, ge=0, le=1, description="chance each matching negative is drawn at random instead of hard")
     shortlist_k: int = Field(16, ge=1, description="evaluation: similarity shortlist re-ranked by matching")
-    fusion_alpha: float = Field(1.0, ge=0, le=1, description="evaluation: score = a*match + (1-a)*similarity")
+    fusion_alpha: float = Field(0.75, ge=0, le=1, description="evaluation: score = a*match + (1-a)*similarity")
     matcher: Literal["cross", "late"] = Field("late", description="matching encoder: cross (cross-attention both "
                                               "ways, pooled) | late (token-wise max similarity over positioned cells)")
     shared_projections: bool = Field(False, description="the matcher reads the token projections the contrastive "
@@ -225,9 +225,17 @@ class TrainParams(Section):
 class TuneParams(Section):
     trials: int = Field(3, ge=0, description="Optuna trials per method, the same for every method "
                                               "(trial 0 = the params.yaml values); 0 = no tuning")
-    seed: int = Field(0, description="seed of the TPE sampler")
+    sampler: Literal["tpe", "random", "qmc"] = Field(
+        "tpe", description="how trials 1.. are drawn: tpe (Optuna TPESampler: tune.n_startup_trials random "
+                           "trials, then TPE's model of the finished ones) | random (RandomSampler) | qmc "
+                           "(QMCSampler, scrambled Sobol: spread over the space)")
+    n_startup_trials: int = Field(
+        1, ge=1, description="tpe only: finished trials (trial 0, the params.yaml values, counts) before TPE "
+                              "models; trials numbered below it are drawn at random (>= tune.trials: all random)")
+    seed: int = Field(0, description="seed of the sampler")
     epochs: int = Field(2, ge=1, description="maximum epochs of a trial (may be fewer than train.epochs)")
-    startup_trials: int = Field(2, ge=1, description="pruner: trials run to the end before any is pruned")
+    pruner_startup_trials: int = Field(2, ge=1, description="median pruner: trials run to the end before any "
+                                                            "is pruned")
     warmup_epochs: int = Field(1, ge=0, description="pruner: epochs a trial runs before it may be pruned")
     threads: int = Field(0, ge=0, description="CPU threads of a trial; 0 = all cores (CPU training is "
                                               "bit-identical run to run at a fixed thread count)")

@@ -1,7 +1,8 @@
 """``evaluate@<method>``: the COCO retrieval protocol on val and test for every trained seed.
 
-Reads ``models/<m>/final/seed-<s>/`` (one per ``train.seeds``), ``data/features/{val,test}`` and
-``eval/test_index.json``; writes
+Reads ``models/<m>/final/seed-<s>/`` (one per ``train.seeds``), ``data/features/{val,test}``,
+``eval/test_index.json`` and ``eval/val_index.json`` (the val split's own binding twins: the probe
+is recorded on val, where recipe choices may read it, as well as on test); writes
 
 - ``eval/<m>/`` (the stage's out): ``results.json`` (every metric, seed mean / std / per seed, the
   binding probe in full, the protocol, the seeds, the seed whose scores were kept and each seed's
@@ -48,13 +49,18 @@ def results_path(root: Path, method: str) -> Path:
 
 def metrics_summary(result: dict) -> dict[str, float]:
     """The numbers of ``metrics/<m>.json`` (seed means, rounded): ``val_rsum`` (what selection
-    ranks by), ``test_rsum``, test ``i2t_r1`` / ``t2i_r1``, ``test_rsum_1k`` at 5K, and the binding
-    probe as the mean of its two directions: ``bind`` overall with ``bind_lo``, the lower end of its
-    95 % pair-bootstrap CI, and one key per swap kind. The upper ends and the per-kind CIs are in
-    ``eval/<m>/results.json`` and the report: with them ``dvc metrics show`` would not fit 120
-    columns (tests/test_metrics_files.py)."""
+    ranks by), ``val_bind`` (the binding probe on the val twins, overall mean of both directions:
+    the binding number a choice may read), ``test_rsum``, ``test_rsum_1k`` at 5K, and the test
+    binding probe as the mean of its two directions: ``bind`` overall with ``bind_lo``, the lower
+    end of its 95 % pair-bootstrap CI, and one key per swap kind. The upper ends, the per-kind CIs,
+    the val probe per kind and each R@K (``i2t_r1`` ...) are in ``eval/<m>/results.json``, MLflow
+    and the report: with them ``dvc metrics show`` would not fit 120 columns
+    (tests/test_metrics_files.py)."""
     val, test = result["val"], result["test"]
-    out = {"val_rsum": val["rsum"], "test_rsum": test["rsum"], "i2t_r1": test["i2t_r1"], "t2i_r1": test["t2i_r1"]}
+    out = {"val_rsum": val["rsum"]}
+    if val.get("binding_probe"):
+        out["val_bind"] = (val["binding_probe"]["overall"]["i2t"] + val["binding_probe"]["overall"]["t2i"]) / 2
+    out["test_rsum"] = test["rsum"]
     if "1k" in test:
         out["test_rsum_1k"] = test["1k"]["rsum"]
     probe = test.get("binding_probe")
@@ -67,7 +73,8 @@ def metrics_summary(result: dict) -> dict[str, float]:
 
 
 def check_test_index(index: dict, split: FeatureSplit, path: Path) -> None:
-    """``eval/test_index.json`` must describe the test features' row and column order."""
+    """``eval/test_index.json`` (or ``eval/val_index.json``) must describe its split's features' row
+    and column order."""
     for key in ("image_ids", "caption_image_ids"):
         if key not in index:
             raise ValueError(f"{path}: missing key {key!r} (expected image_ids, caption_image_ids, captions, twins)")
@@ -78,7 +85,7 @@ def check_test_index(index: dict, split: FeatureSplit, path: Path) -> None:
                          f"({split.n_images}): the score rows would not follow the index")
     expected = np.asarray(split.image_ids)[np.asarray(split.caption_image_index)]
     if not np.array_equal(caption_image_ids, expected):
-        raise ValueError(f"{path}: caption_image_ids differ from the test features' caption order "
+        raise ValueError(f"{path}: caption_image_ids differ from the {split.root.name} features' caption order "
                          f"({caption_image_ids.size} vs {expected.size} captions)")
 
 
@@ -133,12 +140,21 @@ def run(cfg: Config, method: str, root: Path, loader: Loader | None = None, metr
     index = read_json(index_path)
     check_test_index(index, test, index_path)
     twins = index.get("twins") or []
+    val_index_path = root / "eval" / "val_index.json"
+    val_twins: list[dict] = []
+    if val_index_path.exists():  # written by the features stage beside test_index.json
+        val_index = read_json(val_index_path)
+        check_test_index(val_index, val, val_index_path)
+        val_twins = val_index.get("twins") or []
+    else:
+        log.warning("%s absent: no binding probe on val (rerun the features stage)", val_index_path)
 
     per_seed = {"val": {}, "test": {}}
     ranks: dict[int, dict[str, np.ndarray]] = {}
     hashes: dict[str, str] = {}
     protocol, best = None, None  # best: (val rsum, seed, test i2t scores, test t2i scores)
     kinds, tallies = [], {}  # binding probe: twin pair kinds, per seed (P, 4) win / comparison tallies
+    val_kinds, val_tallies = [], {}  # the same on the val twins
     for seed in cfg.train.seeds:
         path = model_dir(root, method, seed)
         if not own_loader and not (path / "model.json").exists():
@@ -150,7 +166,11 @@ def run(cfg: Config, method: str, root: Path, loader: Loader | None = None, metr
         protocol = describe_protocol(model, cfg.evaluate.block_images, cfg.evaluate.block_texts)
         if not own_loader:  # a control (crossalign.evaluate.ensemble) has no weights of its own, nor a training run
             hashes[str(seed)] = tracking.weights_sha256(path / WEIGHTS)
-        v_metrics, *_, v_i2t, v_t2i = evaluate_model(model, val, cfg, device)
+        v_metrics, v_s_i2t, v_s_t2i, v_i2t, v_t2i = evaluate_model(model, val, cfg, device)
+        if val_twins:
+            val_kinds, val_tallies[seed] = pair_tallies(v_s_i2t, v_s_t2i, val.caption_image_index, val_twins)
+            v_metrics["binding_probe"] = probe_from_tallies(val_kinds, val_tallies[seed])
+        del v_s_i2t, v_s_t2i
         t_metrics, s_i2t, s_t2i, t_i2t, t_t2i = evaluate_model(model, test, cfg, device)
         if twins:
             kinds, tallies[seed] = pair_tallies(s_i2t, s_t2i, test.caption_image_index, twins)  # (P, 4)
@@ -175,6 +195,8 @@ def run(cfg: Config, method: str, root: Path, loader: Loader | None = None, metr
     }
     if tallies:  # several seeds: one CI over the twin pairs, each pair's comparisons pooled over seeds
         result["test"]["binding_probe"] = probe_from_tallies(kinds, sum(tallies.values()))
+    if val_tallies:
+        result["val"]["binding_probe"] = probe_from_tallies(val_kinds, sum(val_tallies.values()))
     for seed, sha in hashes.items():
         flat = {f"eval_{split}_{k}": per_seed[split][int(seed)][k] for split in ("val", "test") for k in METRIC_KEYS}
         if not registry.log_to_seed_run(cfg, root, method, int(seed), sha, flat):

@@ -2,7 +2,8 @@
 
 Reads ``data/prepared/<split>/`` and writes ``data/features/<split>/`` (formats: crossalign.io)
 plus ``eval/test_index.json`` (ids, captions and binding twins of the test split, in the row and
-column order of its features, for the evaluation report).
+column order of its features, for the evaluation report) and ``eval/val_index.json`` (the same for
+val: the binding probe on val is the one a recipe choice may read).
 
 Streaming: images are read from the memory-mapped uint8 array one batch at a time, outputs are
 written into ``np.lib.format.open_memmap`` files, and mapped pages are flushed and dropped from
@@ -308,9 +309,10 @@ def write_test_index(split_dir: Path, path: Path) -> dict:
 
 def run(cfg: Config, root: Path, progress: bool = True) -> Path:
     """Encode ``root/data/prepared/{train,val,test}`` into ``root/data/features/`` (atomically,
-    all splits or none) and write ``root/eval/test_index.json``. Returns the features directory.
-    The splits' disjointness (:func:`check_disjoint`) and the test index are checked first: bad
-    input leaves both outputs as they were."""
+    all splits or none) and write ``root/eval/test_index.json`` and ``root/eval/val_index.json``
+    (each split's ids, captions and binding twins). Returns the features directory. The splits'
+    disjointness (:func:`check_disjoint`) and both indexes are checked first: bad input leaves every
+    output as it was."""
     params = cfg.features
     root = Path(root)
     prepared = root / "data" / "prepared"
@@ -319,6 +321,7 @@ def run(cfg: Config, root: Path, progress: bool = True) -> Path:
         raise FileNotFoundError(f"{prepared}: no prepared split(s) {missing} (run the preprocess stage first)")
     check_disjoint(prepared)  # before anything is replaced: a leaking split leaves the outputs as they were
     index = build_test_index(prepared / "test")
+    val_index = build_test_index(prepared / "val")
     device = resolve_device(params.device, "features.device")
     torch.set_num_threads(params.threads or os.cpu_count() or 1)
     image_encoder = build_image_encoder(params.image_encoder, device)
@@ -328,4 +331,5 @@ def run(cfg: Config, root: Path, progress: bool = True) -> Path:
         for split in SPLITS:
             encode_split(prepared / split, tmp / split, image_encoder, text_encoder, params, device, progress)
     write_json(root / "eval" / "test_index.json", index)
+    write_json(root / "eval" / "val_index.json", val_index)  # val's own twins: what recipe choices read
     return out

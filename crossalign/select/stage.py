@@ -8,7 +8,9 @@ name and its ``val_rsum`` / ``test_rsum``, the same keys as ``metrics/<m>.json``
 numbers, run ids) change with every run, so they live in MLflow only: the model versions, the
 alias and the ``select`` run's tags; :func:`run` returns them for the caller to print.
 
-The test split never chooses: it is only reported. A method of ``train.methods`` without its
+The test split never chooses: it is only reported (nor does it reach the tuned values, which
+``tune@<method>`` scores on val; tests/test_choices_ignore_test.py replaces the test split and finds
+the same tuned values, weights, ranking and champion). A method of ``train.methods`` without its
 results stops the stage before anything is written (no champion is picked among the rest), so
 the registry's previous champion and the previous selection files stay in place, consistent.
 

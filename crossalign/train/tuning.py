@@ -3,7 +3,12 @@
 Every method gets the same budget: ``tune.trials`` Optuna trials of at most ``tune.epochs`` epochs
 each, over the search space declared beside the method (``MethodSpec.search_space``). Trial 0 is
 the params.yaml values (enqueued), so the defaults are scored under the same protocol as the
-tuned values; the rest are drawn by a seeded TPE sampler. A trial trains on ``train`` (first seed
+tuned values; the rest are drawn by the seeded sampler ``tune.sampler`` names: ``tpe`` (Optuna's
+``TPESampler``, whose first ``tune.n_startup_trials`` finished trials, trial 0 included, come
+before its model: trials numbered below that are drawn at random), ``random`` (``RandomSampler``)
+or ``qmc`` (``QMCSampler``, scrambled Sobol). :func:`describe_sampler` says in words which one ran
+and how many of the trials were random; ``tuned/<m>.json``, the report and MLflow carry it. A
+trial trains on ``train`` (first seed
 of ``train.seeds``) in a temporary directory and is scored by its best **validation** RSUM (the
 split early stopping reads); a median pruner fed each epoch's val RSUM stops hopeless ones. CPU
 training is bit-identical run to run at a fixed thread count (``tests/test_determinism.py``), so
@@ -18,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -98,6 +104,43 @@ class InterruptedTrial(logging.Filter):
         return not self.interrupted
 
 
+# ------------------------------------------------------------------------------------- sampler
+def build_sampler(t: config.TuneParams) -> optuna.samplers.BaseSampler:
+    """The Optuna sampler ``tune.sampler`` names, seeded by ``tune.seed``."""
+    if t.sampler == "tpe":
+        return optuna.samplers.TPESampler(seed=t.seed, n_startup_trials=t.n_startup_trials)
+    if t.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=t.seed)
+    if t.sampler == "qmc":
+        with warnings.catch_warnings():  # QMCSampler is marked experimental in Optuna
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.samplers.QMCSampler(qmc_type="sobol", scramble=True, seed=t.seed)
+    raise ValueError(f"tune.sampler {t.sampler!r}: expected tpe, random or qmc")
+
+
+def describe_sampler(t: config.TuneParams) -> str:
+    """What drew the trials, in words: the sampler, its seed and, for TPE, which of the
+    ``tune.trials`` trials were random start-up trials (trial 0 is always the params.yaml values)."""
+    def span(a: int, b: int) -> str:
+        return f"trial {a}" if a == b else f"trials {a}-{b}"
+
+    name = {"tpe": f"TPE (Optuna TPESampler, seed {t.seed}, n_startup_trials {t.n_startup_trials}, trial 0 counted",
+            "random": f"random search (Optuna RandomSampler, seed {t.seed}",
+            "qmc": f"quasi-random search (Optuna QMCSampler, scrambled Sobol, seed {t.seed}"}[t.sampler]
+    if t.trials <= 1:
+        return f"{name}: only trial 0, the params.yaml values, ran)"
+    drawn = span(1, t.trials - 1)
+    if t.sampler == "random":
+        return f"{name}: {drawn} drawn at random)"
+    if t.sampler == "qmc":
+        return f"{name}: {drawn} spread over the search space)"
+    n = t.n_startup_trials
+    if n >= t.trials:
+        return f"{name}: with {t.trials} trials every trial after trial 0 was random)"
+    return (f"{name}: {span(n, t.trials - 1)} drawn by TPE's model of the finished trials"
+            + (f", {span(1, n - 1)} random)" if n > 1 else ")"))
+
+
 # -------------------------------------------------------------------------------------- trials
 class TrialTracker:
     """The training loop's tracker for one trial: reports each epoch's val RSUM to the trial
@@ -156,8 +199,10 @@ def tune(cfg: config.Config, root: str | Path, method: str, mlflow_log: "MlflowT
     record: dict[str, Any] = {
         "method": method,
         "budget": {"trials": t.trials, "epochs_per_trial": t.epochs, "seed_trained": cfg.train.seeds[0],
-                   "sampler": f"TPESampler(seed={t.seed})",
-                   "pruner": f"MedianPruner(n_startup_trials={t.startup_trials}, n_warmup_steps={t.warmup_epochs})",
+                   "sampler": describe_sampler(t),
+                   "sampler_name": t.sampler, **({"n_startup_trials": t.n_startup_trials} if t.sampler == "tpe" else {}),
+                   "pruner": f"MedianPruner(n_startup_trials={t.pruner_startup_trials}, "
+                             f"n_warmup_steps={t.warmup_epochs})",
                    "threads": t.threads, "score": "best validation RSUM over the trial's epochs"},
         "search_space": describe_space(space),
     }
@@ -169,8 +214,8 @@ def tune(cfg: config.Config, root: str | Path, method: str, mlflow_log: "MlflowT
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     quiet = InterruptedTrial()
-    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=t.seed),
-                                pruner=optuna.pruners.MedianPruner(n_startup_trials=t.startup_trials,
+    study = optuna.create_study(direction="maximize", sampler=build_sampler(t),
+                                pruner=optuna.pruners.MedianPruner(n_startup_trials=t.pruner_startup_trials,
                                                                    n_warmup_steps=t.warmup_epochs))
     study.enqueue_trial(base)  # trial 0: the params.yaml values, scored like every other trial
     epochs_run: dict[int, int] = {}
@@ -291,7 +336,8 @@ def leaderboards_markdown(boards: dict[str, Any]) -> list[str]:
     if boards["tuned"] is None:
         return [f"Tuning off (`tune.trials` {b['trials']}): every method trained with its params.yaml values."]
     lines = [f"Validation RSUM under the tuning protocol ({b['trials']} trials per method, at most "
-             f"{b['epochs_per_trial']} epochs each, {b.get('sampler', 'TPE')}, trial 0 = params.yaml values).", "",
+             f"{b['epochs_per_trial']} epochs each, trial 0 = params.yaml values; sampler: "
+             f"{b.get('sampler', 'not recorded')}).", "",
              "| rank | defaults | val RSUM | tuned, equal budget | val RSUM |", "|---|---|---|---|---|"]
     for i, (d, t) in enumerate(zip(boards["defaults"], boards["tuned"]), 1):
         dv = "failed" if d["val_rsum"] is None else f"{d['val_rsum']:.1f}"
@@ -314,7 +360,9 @@ class MlflowTrialLog:
         self.client = MlflowClient(resolve_uri(cfg.tracking.tracking_uri, Path(root)))
         self.origin = origin_tags()  # host and flow run, on the tuning run and each trial
         self.parent = self.client.create_run(self.experiment_id, run_name=f"tune-{method}",
-                                             tags={"method": method, "stage": "tune", **self.origin}).info.run_id
+                                             tags={"method": method, "stage": "tune", "sampler": cfg.tune.sampler,
+                                                   "sampler_description": describe_sampler(cfg.tune),
+                                                   **self.origin}).info.run_id
         self.client.log_batch(self.parent, params=[_param(f"tune.{k}", v) for k, v in cfg.tune.model_dump().items()])
 
     def trial_start(self, number: int, values: dict[str, Any]) -> str:
