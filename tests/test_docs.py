@@ -24,7 +24,7 @@ RUN_AS_WRITTEN = (
     ".venv/bin/dvc plots show",
     ".venv/bin/python scripts/plots_offline.py",
     '.venv/bin/crossalign search "a red circle left of a blue square" --top 5',
-    ".venv/bin/crossalign search --image path/to/photo.jpg --top 5",
+    '.venv/bin/crossalign search --image "$(ls data/raw/synthetic/images/test/*.png | head -1)" --top 5',
     ".venv/bin/python -m flows.compare",
 )
 # servers: test_dayone starts each as written, waits for it to answer, stops it
