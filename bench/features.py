@@ -120,7 +120,8 @@ def ours_texts(ids, encoder, batch: int, device, tmp: Path) -> None:
 
 
 def write_split(root: Path, n_images: int, captions_per_image: int = 5) -> Path:
-    """A prepared split on disk (crossalign.io contract), images written in chunks."""
+    """A prepared split on disk (crossalign.io contract, with the records and captions the
+    stage's binding negatives read), images written in chunks."""
     from numpy.lib.format import open_memmap
 
     images, ids, _ = sample_inputs(min(n_images, 256), n_images * captions_per_image)
@@ -138,6 +139,13 @@ def write_split(root: Path, n_images: int, captions_per_image: int = 5) -> Path:
     np.save(split / "caption_image_index.npy", np.repeat(np.arange(n_images, dtype=np.int64), captions_per_image))
     np.save(split / "caption_ids.npy", np.arange(m, dtype=np.int64))
     (split / "meta.json").write_text(json.dumps({"tokenizer": "offline", "max_length": 128}))
+    # the records and caption texts the stage reads for the binding negatives (no twins; the
+    # perturbed captions come from the texts, as in the features stage)
+    (split / "images.json").write_text(json.dumps([{"id": i, "file_name": f"{i:012d}.jpg"} for i in range(n_images)]))
+    from crossalign.preprocess.tokenize import load_tokenizer
+
+    texts = load_tokenizer("offline").batch_decode(ids, skip_special_tokens=True)
+    (split / "captions.json").write_text(json.dumps(texts))
     return split
 
 

@@ -4,10 +4,10 @@ that read pooled features only skip the tokens). Default set's shapes (bench/tra
 model per variant from the same seed; old and new steps alternate so load drift on a shared
 machine hits both alike. Median seconds per step after one warm-up step.
 
-    python -m bench.placement_speed [steps]
+    python -m bench.placement_speed [steps] [--n-train 2000] [--params params.yaml]
 """
+import argparse
 import json
-import sys
 import time
 
 import numpy as np
@@ -34,10 +34,15 @@ class Old:  # the old SplitTensors.of + .batch, same logic
                      text_mask=torch.arange(w)[None, :] < l[:, None], text_pooled=s.tp[c], image_index=img)
 
 
-def main() -> int:
-    cfg = config.load("params.yaml")
-    train = synthetic_split(2000, 5, 49, 1280, 384, 0)
-    steps = int(sys.argv[1]) if len(sys.argv) > 1 else 20
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("steps", nargs="?", type=int, default=20, help="timed steps per variant")
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--n-train", type=int, default=2000, help="train images (5 captions each)")
+    args = ap.parse_args(argv)
+    cfg = config.load(args.params)
+    train = synthetic_split(args.n_train, 5, 49, 1280, 384, 0)
+    steps = args.steps
     out = {}
     for method in ("concat_mlp", "cross_attention", "contrastive", "joint"):
         spec = get_method(method)

@@ -14,7 +14,7 @@ test split (5K + the 1K folds) and for ``cross_attention`` on one 1K fold, whose
 sampled every 0.1 s), pairs/s; per split: disk used.
 
     python -m bench.scale --fraction 0.05            # quick check
-    python -m bench.scale --cache /work/scale-cache  # full Karpathy size (~22 GB of disk)
+    python -m bench.scale --cache /big/disk/scale-cache  # full Karpathy size (~22 GB of disk)
 
 Writes ``bench/results/scale.json`` (or ``--out``); deletes the cache unless ``--keep``.
 """
@@ -27,6 +27,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -34,6 +35,7 @@ import numpy as np
 import psutil
 
 from bench import coco_sample, entry, need
+from crossalign.features.perturb import KINDS
 
 KARPATHY = {"train": (113_287, 566_747), "val": (5_000, 25_010), "test": (5_000, 25_010)}  # images, captions
 REGIONS, IMAGE_DIM, TEXT_DIM = 49, 1280, 384  # EfficientNet-Lite0 7x7 grid, MiniLM-L6
@@ -96,11 +98,31 @@ def build(root: Path, fraction: float, seed: int, sample: Path = SAMPLE, eval_fr
                 w.write_texts(rows, states, random_fp16(rng, (len(rows), TEXT_DIM)))
             w.close(np.arange(n) + 1, cap_img, np.arange(m) + 1,
                     {"split": split, "n_images": n, "n_captions": m, "image_dim": IMAGE_DIM, "text_dim": TEXT_DIM,
-                     "regions": REGIONS, "synthetic": "bench/scale.py random fp16", "text_layout": "packed"})
+                     "regions": REGIONS, "synthetic": "bench/scale.py random fp16", "text_layout": "packed",
+                     "perturbations": {"kinds": list(KINDS), "per_caption": 1, "count": m}})
+            write_negatives(tmp, n, lengths, rng)
         sizes[split] = {"images": n, "captions": int(m), "text_tokens": int(lengths.sum()),
                         "disk_mb": round(disk_bytes(root / "data" / "features" / split) / 2**20, 1)}
         log(f"built {split}: {sizes[split]}")
     return sizes
+
+
+def write_negatives(split_dir: Path, n: int, lengths: np.ndarray, rng: np.random.Generator) -> None:
+    """The binding negatives the features stage writes beside the features (crossalign.features.hardneg),
+    so training with params.yaml's twin and caption negatives reads what it would at COCO size:
+    images 2k and 2k+1 are twins, one perturbed caption per caption (features.perturbations 1),
+    as long as its source, random fp16 states, a random kind."""
+    from crossalign.features.hardneg import NegTextWriter
+
+    twin_row = np.arange(n) ^ 1  # 0<->1, 2<->3, ...
+    twin_row[twin_row >= n] = -1
+    m = len(lengths)
+    w = NegTextWriter(split_dir, lengths, TEXT_DIM)
+    for j in range(0, m, 4096):
+        rows = np.arange(j, min(m, j + 4096))
+        w.write_texts(rows, random_fp16(rng, (len(rows), int(lengths[rows].max()), TEXT_DIM)),
+                      random_fp16(rng, (len(rows), TEXT_DIM)))
+    w.close(np.arange(m), rng.integers(0, len(KINDS), size=m).astype(np.int8), twin_row)
 
 
 def disk_bytes(path: Path) -> int:
@@ -212,7 +234,9 @@ def run_child(argv: list[str], log_path: Path, time_limit: float | None = None) 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fraction", type=float, default=1.0, help="share of Karpathy's train images")
-    parser.add_argument("--cache", type=Path, default=Path("/work/scale-cache"), help="feature cache (not in the repo)")
+    parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "crossalign-scale-cache",
+                        help="feature cache, outside the repo (default: crossalign-scale-cache in the system's "
+                             "temporary folder; ~22 GB at full size)")
     parser.add_argument("--eval-fraction", type=float, help="share of the 5,000 val/test images "
                         "(default: 20x --fraction, at most 1)")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))

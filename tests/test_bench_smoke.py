@@ -1,0 +1,309 @@
+"""Every bench/ script runs end to end at a tiny size, so no benchmark silently breaks.
+
+Each test runs ``python -m bench.<name>`` in a subprocess (the real exit code, the real argument
+parsing) on a tiny project under tmp, with every output file redirected there, and checks the
+numbers it promises: the result JSON's keys and finite values, or the JSON line it prints.
+Scripts and the test that runs them:
+
+    bench.preprocess        test_preprocess (needs ../shared/coco-sample: real JPEGs)
+    bench.features          test_features (random images: runs without the sample)
+    bench.train             test_train
+    bench.evaluate          test_evaluate
+    bench.placement_speed   test_placement_speed
+    bench.binding           test_binding
+    bench.binding_ablation  test_binding_ablation (tests/test_binding_ablation.py runs one setting in-process)
+    bench.cell_probe        test_cell_probe
+    bench.recipe_val        test_recipe_val (tests/test_bench_splits.py: --final refuses other arms)
+    bench.sampler           test_sampler
+    bench.scale             test_scale (its caption lengths from a fabricated COCO captions file)
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import REPO, dump_params, make_tiny_features, tiny_config
+
+pytestmark = pytest.mark.slow
+
+RESULTS = REPO / "bench" / "results"
+
+
+def run_bench(module: str, args: list[str], cwd: Path, shared: Path | None = None,
+              timeout: int = 300) -> subprocess.CompletedProcess:
+    """``python -m bench.<module> args`` from ``cwd``; asserts exit 0 (showing the output if not)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+           "CROSSALIGN_SHARED": str(shared if shared is not None else cwd / "no-shared"),
+           "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", f"bench.{module}", *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, \
+        f"bench.{module} exited {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done
+
+
+def finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def positive(x) -> bool:
+    return finite(x) and x > 0
+
+
+@pytest.fixture(scope="module", autouse=True)
+def results_untouched():
+    """No script writes into the repo's bench/results/ while these tests run."""
+    def snapshot():
+        return {p.name: p.stat().st_mtime_ns for p in RESULTS.iterdir()} if RESULTS.exists() else {}
+    before = snapshot()
+    yield
+    assert snapshot() == before, "a bench script wrote into bench/results/ during the tests"
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """A tiny project: params.yaml (CPU, 1 epoch, a 2-trial tune), data/features/{train,val,test}
+    with binding negatives (train: one perturbed caption per caption) and eval/{val,test}_index.json."""
+    from crossalign.features import hardneg
+    from crossalign.io import load_features
+    from eval_helpers import IMAGE_DIM, TEXT_DIM, write_split_features
+
+    root = tmp_path_factory.mktemp("project")
+    write_split_features(root)
+    train = make_tiny_features(root / "data" / "features" / "train", n_images=32, image_dim=IMAGE_DIM,
+                               text_dim=TEXT_DIM)
+    feats = load_features(train)
+    m = feats.n_captions
+    tokens, lengths = feats.text.gather()  # perturbed = the real states reversed
+    hardneg.write(train, twin_row=np.arange(32) ^ 1,
+                  tokens=np.concatenate([t[:n][::-1] for t, n in zip(tokens, lengths)]),
+                  offsets=feats.text.offsets(), pooled=np.asarray(feats.text_pooled), source=np.arange(m),
+                  kind=np.zeros(m, np.int8), per_caption=1)
+    cfg = tiny_config(root, train={"epochs": 1, "val_images": 16},
+                      tune={"trials": 2, "epochs": 1, "pruner_startup_trials": 1, "threads": 1})
+    (root / "params.yaml").write_text(dump_params(cfg))
+    return root
+
+
+# ------------------------------------------------------------------ stage benchmarks
+def test_preprocess(tmp_path: Path, coco_sample: Path):
+    out = tmp_path / "preprocess.json"
+    done = run_bench("preprocess", ["--repeat", 1, "--trials", 1, "--workers", 1, "--out", out], tmp_path,
+                     shared=coco_sample.parent)
+    r = json.loads(out.read_text())
+    assert r["images"] == 80 and r["captions"] == 400 and r["trials"] == 1
+    assert set(r["rows"]) == {"article", "article_1thread", "article_pool", "ours", "ours_stage_end_to_end"}
+    assert all(positive(row["images_per_s"]) for row in r["rows"].values())
+    assert positive(r["rows"]["ours"]["captions_per_s"]) and positive(r["rows"]["article"]["captions_per_s"])
+    assert positive(r["speedup_images"]) and positive(r["speedup_captions"])
+    c = r["content"]
+    assert c["images"] == 80
+    assert 0 <= c["mad_vs_full_decode"] <= c["mad_vs_full_decode_worst_image"] <= 255
+    assert c["mad_vs_full_decode"] <= 2.0  # the draft decode stays within 2 grey levels of a full decode
+    assert finite(c["mad_vs_article_pixels"]) and isinstance(r["target"]["met"], bool)
+    assert "speed-up vs article" in done.stdout and f"wrote {out}" in done.stdout
+
+
+def test_features(tmp_path: Path):
+    out = tmp_path / "features.json"
+    done = run_bench("features", ["--images", 2, "--captions", 3, "--batch-sizes", 2, "--text-batch", 2,
+                                  "--naive-images", 1, "--naive-captions", 1, "--rss-sizes", 2, "--trials", 1,
+                                  "--threads", 1, "--out", out], tmp_path)
+    r = json.loads(out.read_text())
+    assert r["inputs"] == "random images (coco-sample absent)" and r["image_size"] == 224
+    assert set(r["images"]) == {"naive_per_image_fp32", "ours_batch2"}
+    assert set(r["captions"]) == {"naive_per_caption_fp32", "ours_batch2"}
+    assert r["images"]["ours_batch2"]["n"] == 2 and r["captions"]["ours_batch2"]["n"] == 3
+    for row in [*r["images"].values(), *r["captions"].values()]:
+        assert positive(row["seconds"]) and positive(row["per_s"]) and positive(row["speedup_vs_naive"])
+    (rss,) = r["peak_rss"]  # one --rss-sizes value: one child encoding a 2-image split from disk
+    assert (rss["images"], rss["captions"], rss["batch"]) == (2, 10, 2)
+    assert 0 < rss["rss_after_models_mb"] <= rss["peak_rss_mb"]
+    assert f"wrote {out}" in done.stdout
+
+
+def test_train(tmp_path: Path):
+    from crossalign.config import METHOD_NAMES
+
+    params, out = tmp_path / "params.yaml", tmp_path / "train.json"
+    params.write_text(dump_params(tiny_config(tmp_path, train={"val_images": 4})))
+    run_bench("train", ["--params", params, "--max-steps", 1, "--n-train", 4, "--n-val", 4, "--threads", 1,
+                        "--out", out], tmp_path)
+    r = json.loads(out.read_text())
+    assert r["n_train_pairs"] == 20 and r["n_val"] == [4, 20] and r["batch_size"] == 16
+    assert [row["method"] for row in r["methods"]] == list(METHOD_NAMES)
+    for row in r["methods"]:
+        assert row["steps_timed"] == 1 and row["params"] > 0
+        assert positive(row["pairs_per_s"]) and finite(row["val_scoring_s"]) and row["val_scoring_s"] >= 0
+        assert abs(row["epoch_train_s"] - 16 / row["pairs_per_s"]) <= 0.006  # an epoch (1 step of 16) at that rate
+        assert abs(row["epoch_total_s"] - row["epoch_train_s"] - row["val_scoring_s"]) <= 0.011
+
+
+def test_evaluate(tmp_path: Path):
+    out = tmp_path / "evaluate.json"
+    # blocks smaller than the gallery: all_pairs tiles it, and the script asserts every loop ranks alike
+    run_bench("evaluate", ["--images", 4, "--captions-per-image", 2, "--block-images", 3, "--block-texts", 5,
+                           "--trials", 1, "--pair-loop-images", 1, "--threads", 1, "--out", out], tmp_path)
+    r = json.loads(out.read_text())
+    assert (r["images"], r["captions"], r["pairs"], r["blocks"]) == (4, 8, 32, [3, 5])
+    assert r["rankings_equal"] is True
+    assert set(r["results"]) == {"all_pairs", "query_loop", "albef_loop", "pair_loop"}
+    for name, row in r["results"].items():
+        assert positive(row["seconds"]) and positive(row["pairs_per_s"])
+        assert 0 <= row["max_abs_diff_vs_all_pairs"] < 1e-3
+        assert name == "all_pairs" or positive(row["all_pairs_speedup"])
+
+
+def test_placement_speed(tmp_path: Path):
+    params = tmp_path / "params.yaml"
+    params.write_text(dump_params(tiny_config(tmp_path)))
+    done = run_bench("placement_speed", [1, "--n-train", 32, "--params", params], tmp_path)
+    r = json.loads(done.stdout.strip().splitlines()[-1])
+    assert set(r) == {"concat_mlp", "cross_attention", "contrastive", "joint"}
+    for row in r.values():
+        assert positive(row["old_step_s"]) and positive(row["new_step_s"]) and positive(row["new/old"])
+
+
+# ------------------------------------------------------------------ binding and recipe benchmarks
+def probe_cells_ok(cells: dict, kinds: set[str]) -> None:
+    """``bench.binding``'s probe cells: kind -> [i2t, t2i, mean, [lo, hi]], percentages."""
+    assert set(cells) == {"overall", *kinds}
+    for i2t, t2i, mean, (lo, hi) in cells.values():
+        assert all(0 <= v <= 100 for v in (i2t, t2i, mean, lo, hi)) and lo <= mean <= hi
+
+
+def test_binding(project: Path):
+    done = run_bench("binding", ["--method", "contrastive", "--root", project, "--max-steps", 2], project)
+    r = json.loads(done.stdout.strip().splitlines()[-1])
+    assert (r["method"], r["split"], r["epochs"], r["threads"]) == ("contrastive", "val", 1, 1)
+    assert not any("test" in key for key in r)  # val only without --final
+    assert 0 < r["val_rsum"] <= 600 and 0 < r["early_stopping_val_rsum"] <= 600 and r["params"] > 0
+    probe_cells_ok(r["binding"], {"size", "colour"})  # the twin kinds of the tiny eval/val_index.json
+
+
+def test_binding_ablation(project: Path, tmp_path: Path):
+    out = tmp_path / "ablation.json"
+    done = run_bench("binding_ablation", ["--params", project / "params.yaml", "--root", project,
+                                          "--methods", "contrastive", "--grid", "steps", "--out", out], project)
+    runs = json.loads(out.read_text())["runs"]
+    assert [run["label"] for run in runs] == ["none", "all", "+positions", "+twin", "+caption"]
+    for run in runs:
+        assert run["method"] == "contrastive" and run["split"] == "val" and 0 < run["val_rsum"] <= 600
+        assert run["probe"]["overall"]["pairs"] == 7 and finite(run["probe"]["overall"]["mean"])
+    all_on = runs[1]["setting"]
+    assert all_on == {"image_positions": "sincos", "twin_negatives": True, "caption_negatives": 1}
+    table = done.stdout.strip().splitlines()[-7:]  # the final table: header, rule, five rows
+    assert table[0].endswith("| val RSUM |") and len([line for line in table if "| contrastive |" in line]) == 5
+
+
+def test_cell_probe(tmp_path: Path):
+    """Objects whose grid cell holds their colour (one-hot) and noise otherwise: the probe reads
+    colour from the cell (shape and size are noise there)."""
+    rng = np.random.default_rng(0)
+    colours, shapes, sizes = ("red", "green", "blue", "yellow"), ("circle", "square"), ("small", "large")
+    for split, n in (("train", 48), ("val", 16)):
+        feat = tmp_path / "data" / "features" / split
+        feat.mkdir(parents=True)
+        tokens = rng.normal(scale=0.1, size=(n, 4, 8)).astype(np.float16)  # 2x2 grid, 8 dims
+        images = []
+        for i in range(n):
+            objects = []
+            for cell in rng.choice(4, size=2, replace=False):
+                c = int(rng.integers(4))
+                tokens[i, cell, c] += 1.0
+                row, col = divmod(int(cell), 2)
+                objects.append({"bbox": [col * 32 + 8, row * 32 + 8, 16, 16], "colour": colours[c],
+                                "shape": str(rng.choice(shapes)), "size": str(rng.choice(sizes))})
+            images.append({"id": 100 + i, "file_name": f"{i}.png", "objects": objects})
+        np.save(feat / "image_tokens.npy", tokens)
+        np.save(feat / "image_ids.npy", np.arange(100, 100 + n))
+        (feat / "meta.json").write_text(json.dumps({"image_encoder": {"grid": [2, 2]}, "image_size": 64}))
+        ann = tmp_path / "data" / "raw" / "synthetic" / "annotations" / f"captions_{split}.json"
+        ann.parent.mkdir(parents=True, exist_ok=True)
+        ann.write_text(json.dumps({"images": images, "annotations": []}))
+    out = tmp_path / "cell_probe.json"
+    run_bench("cell_probe", ["--root", tmp_path, "--out", out], tmp_path)
+    r = json.loads(out.read_text())
+    assert r["split"] == "val" and r["objects"] == {"train": 96, "val": 32}
+    assert set(r["probe"]) == {"colour", "shape", "size"}
+    for k, n_classes in (("colour", 4), ("shape", 2), ("size", 2)):
+        p = r["probe"][k]
+        assert p["classes"] == n_classes and set(p) == {"classes", "train_acc", "val_acc", "val_majority"}
+        assert all(0 <= p[key] <= 100 for key in ("train_acc", "val_acc", "val_majority"))
+    assert r["probe"]["colour"]["val_acc"] >= 90 > r["probe"]["colour"]["val_majority"] + 20
+
+
+def test_recipe_val(project: Path, tmp_path: Path):
+    out = tmp_path / "recipe.json"
+    done = run_bench("recipe_val", ["--arms", "joint", "--epochs", 1, "--root", project, "--threads", 1,
+                                    "--out", out], project)
+    r = json.loads(out.read_text())
+    assert r["split"] == "val"
+    (run,) = r["runs"]
+    assert (run["arm"], run["method"], run["set"], run["split"]) == ("joint", "joint", ["train.epochs=1"], "val")
+    assert 0 < run["val_rsum"] <= 600 and run["best_epoch"] == 1
+    probe_cells_ok(run["binding"], {"size", "colour"})
+    for alpha in ("alpha_0.75", "alpha_1.0"):  # joint re-ranks: the fusion knob scored on the same weights
+        assert 0 < run[alpha]["val_rsum"] <= 600
+        probe_cells_ok({k: v for k, v in run[alpha].items() if k != "val_rsum"}, {"size", "colour"})
+    assert done.stdout.startswith("joint") and "val RSUM" in done.stdout
+    again = run_bench("recipe_val", ["--arms", "joint", "--epochs", 1, "--root", project, "--threads", 1,
+                                     "--out", out], project)
+    assert again.stdout == "" and json.loads(out.read_text())["runs"] == r["runs"]  # resumes: arm already done
+
+
+def test_sampler(project: Path, tmp_path: Path):
+    out = tmp_path / "sampler.json"
+    run_bench("sampler", ["--methods", "contrastive", "--samplers", "tpe-1", "--seeds", 0, 1, "--root", project,
+                          "--params", project / "params.yaml", "--threads", 1, "--out", out], project)
+    r = json.loads(out.read_text())
+    assert r["split"] == "val" and r["budget"] == {"trials": 2, "epochs": 1}
+    studies = r["studies"]
+    assert [(s["method"], s["sampler"], s["seed"]) for s in studies] == [("contrastive", "tpe-1", 0),
+                                                                         ("contrastive", "tpe-1", 1)]
+    for s in studies:
+        assert len(s["trials"]) == 2 and 0 < s["defaults_val_rsum"] <= s["tuned_val_rsum"] <= 600
+    assert studies[0]["defaults_val_rsum"] == studies[1]["defaults_val_rsum"]  # trial 0 replayed
+    summary = r["summary"]["contrastive"]["tpe-1"]
+    tuned = [s["tuned_val_rsum"] for s in studies]
+    assert summary["min"] == round(min(tuned), 1) and summary["max"] == round(max(tuned), 1)
+    assert finite(summary["mean"]) and finite(summary["std"]) and finite(summary["gain_over_defaults_mean"])
+
+
+# ------------------------------------------------------------------ scale
+def test_scale(tmp_path: Path):
+    """The smallest Karpathy-shaped cache (11 train, 10 val/test images), trained with params.yaml's
+    binding negatives on, so the cache must carry them as the features stage writes them."""
+    captions = [{"id": j, "image_id": 1, "caption": "a dog " + "and a cat " * (j % 7)} for j in range(30)]
+    sample = tmp_path / "captions.json"
+    sample.write_text(json.dumps({"images": [{"id": 1}], "annotations": captions}))
+    params, out, cache = tmp_path / "params.yaml", tmp_path / "scale.json", tmp_path / "cache"
+    params.write_text(dump_params(tiny_config(tmp_path, train={"twin_negatives": True, "caption_negatives": 1})))
+    done = run_bench("scale", ["--fraction", 0.0001, "--eval-fraction", 0.002, "--cache", cache, "--sample", sample,
+                               "--params", params, "--methods", "contrastive", "cross_attention", "--steps", 1,
+                               "--val-images", 4, "--pair-images", 4, "--out", out], tmp_path)
+    r = json.loads(out.read_text())
+    assert r["sizes"]["train"]["images"] == 11 and r["sizes"]["train"]["captions"] == 55
+    assert r["sizes"]["test"]["images"] == 10 and r["sizes"]["test"]["captions"] == 50
+    assert all(positive(s["disk_mb"]) for s in r["sizes"].values())
+    stages = {row["stage"]: row for row in r["stages"]}
+    assert list(stages) == ["build cache", "train contrastive", "train cross_attention", "evaluate contrastive (test)",
+                            "evaluate cross_attention (first 4 test images)"]
+    for row in stages.values():
+        assert positive(row["wall_s"]) and positive(row["peak_rss_mb"])
+    for method in ("contrastive", "cross_attention"):
+        row = stages[f"train {method}"]
+        assert row["steps"] == 1 and row["pairs"] == 16 and positive(row["pairs_per_s"])
+    assert stages["evaluate contrastive (test)"]["ranked_pairs"] == 10 * 50
+    pair = stages["evaluate cross_attention (first 4 test images)"]
+    assert pair["images"] == 4 and positive(pair["ranked_pairs_per_s"])
+    assert positive(pair["extrapolated_full_test_all_pairs_s"])
+    assert not (cache / "data").exists() and not (cache / "models").exists()  # removed without --keep
+    assert "build cache" in done.stdout
