@@ -195,9 +195,11 @@ def test_other_vocabulary_retokenises_captions(prepared, tmp_path):
 def test_bad_inputs_fail_naming_the_file(prepared, tmp_path):
     cfg = tiny_config(tmp_path)
     src = prepared / "data" / "prepared" / "val"
+    good = np.load(src / "caption_image_index.npy")
     np.save(src / "caption_image_index.npy", np.full(8, 99, dtype=np.int64))
     with pytest.raises(ValueError, match=r"val/caption_image_index\.npy: rows must lie in \[0, 4\)"):
         features.run(cfg, prepared, progress=False)
+    np.save(src / "caption_image_index.npy", good)  # one bad input at a time
     np.save(src / "images.npy", np.zeros((4, 3, 32, 32), np.float32))
     with pytest.raises(ValueError, match=r"val/images\.npy: expected uint8"):
         features.run(cfg, prepared, progress=False)

@@ -285,6 +285,9 @@ def build_test_index(split_dir: Path) -> dict:
         raise ValueError(f"{split_dir / 'images.json'}: {len(records)} records for {len(image_ids)} image ids")
     if len(captions) != len(cap_index):
         raise ValueError(f"{split_dir / 'captions.json'}: {len(captions)} captions for {len(cap_index)} index rows")
+    if len(cap_index) and (cap_index.min() < 0 or cap_index.max() >= len(image_ids)):
+        raise ValueError(f"{split_dir / 'caption_image_index.npy'}: rows must lie in [0, {len(image_ids)}), "
+                         f"got [{cap_index.min()}, {cap_index.max()}]")
     for r, record in enumerate(records):
         if "id" in record and int(record["id"]) != int(image_ids[r]):
             raise ValueError(f"{split_dir / 'images.json'}: record {r} has id {record['id']}, "
