@@ -242,7 +242,11 @@ def tune(cfg: config.Config, root: str | Path, method: str, mlflow_log: "MlflowT
             log(f"[tune {method}] trial {trial.number} {state} after {tracker.epochs} epoch(s): "
                 f"val RSUM {value if value is not None else tracker.last_rsum} {values}")
             if mlflow_log:
-                mlflow_log.trial_end(run, state, value)
+                try:
+                    mlflow_log.trial_end(run, state, value)
+                except Exception:  # noqa: BLE001
+                    if state != "interrupted":
+                        raise  # after Ctrl-C inside a store write SQLite may stay locked: the interrupt is the news
 
     OPTUNA_TRIAL_LOG.addFilter(quiet)
     try:
@@ -385,8 +389,11 @@ class MlflowTrialLog:
                                          "interrupted": "KILLED"}.get(state, "FAILED"))
 
     def end(self, record: dict[str, Any] | None) -> None:
-        if record is None:
-            self.client.set_terminated(self.parent, "FAILED")
+        if record is None:  # tuning raised (or Ctrl-C): its own error is the news, not the store's
+            try:
+                self.client.set_terminated(self.parent, "FAILED")
+            except Exception:  # noqa: BLE001
+                pass
             return
         if record.get("tuned"):
             self.client.log_metric(self.parent, "defaults_val_rsum", record["defaults"]["val_rsum"] or 0.0)
