@@ -29,14 +29,20 @@ def same_scene(a: tuple[tuple, np.ndarray] | None, b: tuple[tuple, np.ndarray] |
     return bool((dist.min(axis=1) < tol).all() and (dist.min(axis=0) < tol).all())
 
 
+def scene_index(records: list[dict]) -> dict[tuple, list]:
+    """The records' scene keys grouped by (colours, shapes), the part :func:`same_scene` needs equal."""
+    scenes: dict[tuple, list] = {}
+    for key in map(scene_key, records):
+        if key is not None:
+            scenes.setdefault(key[0], []).append(key)
+    return scenes
+
+
 def twin_leaks(test_records: list[dict], twins: list[dict], train_records: list[dict]) -> list[str]:
     """Every test twin pair (``twins``: rows into ``test_records``) whose image id, or whose scene
     (:func:`same_scene`), is also in ``train_records``, described; empty when the probe is clean."""
     train_ids = {int(r["id"]) for r in train_records}
-    train_scenes: dict[tuple, list] = {}
-    for key in map(scene_key, train_records):
-        if key is not None:
-            train_scenes.setdefault(key[0], []).append(key)
+    train_scenes = scene_index(train_records)
     leaks, seen = [], set()
     for twin in twins:
         pair = frozenset((int(twin["image"]), int(twin["twin"])))
@@ -86,10 +92,7 @@ def split_leaks(records: dict[str, list[dict]], twins: dict[str, list[dict]]) ->
 def _scene_leaks(name: str, records: list[dict], twins: list[dict], other: str, other_records: list[dict]) -> list[str]:
     """The twin-pair images of split ``name`` whose scene is an image of split ``other`` under another id."""
     ids = {int(r["id"]) for r in other_records}
-    scenes: dict[tuple, list] = {}
-    for key in map(scene_key, other_records):
-        if key is not None:
-            scenes.setdefault(key[0], []).append(key)
+    scenes = scene_index(other_records)
     if not scenes:
         return []
     leaks, seen = [], set()
