@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 KARPATHY_SPLITS = {"train": "train", "restval": "train", "val": "val", "test": "test"}
 
 
-def _fetch(url: str, coco: CocoParams, root: Path) -> Path:
+def fetch(url: str, coco: CocoParams, root: Path) -> Path:
     """Download one archive (checksum from the registry, by file name) and extract it once;
     returns the extraction folder."""
     name = url.rstrip("/").rsplit("/", 1)[-1]
@@ -56,8 +56,8 @@ def _with_folder(images: list[dict], folder: str) -> list[dict]:
 def build_coco2017(data: DataParams, root: Path, out: Path) -> None:
     """``data`` stage builder for ``coco2017``."""
     coco, base = data.coco, data.coco.base_url.rstrip("/")
-    ann_dir = _fetch(f"{base}/annotations/annotations_trainval2017.zip", coco, root)
-    sources = {folder: _fetch(f"{base}/zips/{folder}.zip", coco, root) for folder in ("train2017", "val2017")}
+    ann_dir = fetch(f"{base}/annotations/annotations_trainval2017.zip", coco, root)
+    sources = {folder: fetch(f"{base}/zips/{folder}.zip", coco, root) for folder in ("train2017", "val2017")}
     parts: dict[str, dict] = {}
     for folder in ("train2017", "val2017"):
         loaded = cocofmt.load_coco(ann_dir / "annotations" / f"captions_{folder}.json").dataset
@@ -97,7 +97,7 @@ def read_karpathy(path: Path) -> list[dict]:
     return images
 
 
-def _image_size(path: Path) -> tuple[int | None, int | None]:
+def image_size(path: Path) -> tuple[int | None, int | None]:
     """(width, height) from the file header, or (None, None) for a missing/unreadable file (the
     preprocess stage reports those)."""
     try:
@@ -110,8 +110,8 @@ def _image_size(path: Path) -> tuple[int | None, int | None]:
 def build_karpathy(data: DataParams, root: Path, out: Path) -> None:
     """``data`` stage builder for ``coco-karpathy``."""
     coco, base = data.coco, data.coco.base_url.rstrip("/")
-    split_dir = _fetch(coco.karpathy_url, coco, root)
-    sources = {folder: _fetch(f"{base}/zips/{folder}.zip", coco, root) for folder in ("train2014", "val2014")}
+    split_dir = fetch(coco.karpathy_url, coco, root)
+    sources = {folder: fetch(f"{base}/zips/{folder}.zip", coco, root) for folder in ("train2014", "val2014")}
     info = {"description": "COCO 2014 captions, Karpathy split (dataset_coco.json)",
             "url": "https://cs.stanford.edu/people/karpathy/deepimagesent/", "version": "1.0", "year": 2015,
             "contributor": "COCO Consortium; split by A. Karpathy", "date_created": ""}
@@ -124,7 +124,7 @@ def build_karpathy(data: DataParams, root: Path, out: Path) -> None:
                              f"expected one of {sorted(sources)}")
         file_name = f"{folder}/{img['filename']}"
         rel = cocofmt.safe_relative(file_name)
-        width, height = _image_size(sources[folder] / rel) if rel is not None else (None, None)
+        width, height = image_size(sources[folder] / rel) if rel is not None else (None, None)
         record = {"id": img["cocoid"], "file_name": file_name, "width": width, "height": height,
                   "license": 0, "coco_url": f"http://images.cocodataset.org/{file_name}"}
         part = parts[KARPATHY_SPLITS[img["split"]]]

@@ -16,7 +16,7 @@ at no image, an empty caption.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from crossalign.config import DataParams
 from crossalign.data import cocofmt
@@ -45,6 +45,11 @@ def image_dirs(folder: Path) -> list[Path]:
     return [d for d in dirs if d.is_dir()]
 
 
+def find_image(rel: PurePosixPath, dirs: list[Path]) -> Path | None:
+    """The first ``<dir>/<rel>`` that is a file, in the order of ``dirs``; None when none is."""
+    return next((d / rel for d in dirs if (d / rel).is_file()), None)
+
+
 def place_images(images: list[dict], dirs: list[Path], out: Path) -> dict[str, int]:
     """Link every record's image to ``out/images/<file_name>``; counts of link/copy/missing
     (missing includes a file_name that would leave the images folder: never looked up)."""
@@ -57,7 +62,7 @@ def place_images(images: list[dict], dirs: list[Path], out: Path) -> dict[str, i
         dst = out / "images" / rel
         if dst.exists():
             continue
-        src = next((d / rel for d in dirs if (d / rel).is_file()), None)
+        src = find_image(rel, dirs)
         if src is None:
             counts["missing"] += 1
             continue
