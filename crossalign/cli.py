@@ -141,14 +141,17 @@ def missing_hint(key: str, guess: str | None, params_name: str) -> str:
 
 def input_problems(cfg: config.Config, root: Path) -> list[str]:
     """Inputs the config names that do not exist, found before any stage runs: ``data.folder``
-    of a ``coco-folder`` dataset (relative to the project root, as the data stage reads it)."""
+    of a ``coco-folder``, ``flickr8k`` or ``flickr30k`` dataset (relative to the project root, as
+    the data stage reads it)."""
     problems = []
-    if cfg.data.dataset == "coco-folder" and cfg.data.folder:
+    reads = {"coco-folder": "its COCO caption files and images"}
+    reads |= {name: f"the {title} images" for name, title in config.FLICKR_DATASETS.items()}
+    if cfg.data.dataset in reads and cfg.data.folder:
         folder = Path(cfg.data.folder)
         where = folder if folder.is_absolute() else root / folder
         if not where.is_dir():
             problems.append(f"data.folder = {cfg.data.folder!r}: {where} is not a folder "
-                            "(data.dataset coco-folder reads its COCO caption files and images there)")
+                            f"(data.dataset {cfg.data.dataset} reads {reads[cfg.data.dataset]} there)")
     return problems
 
 

@@ -74,9 +74,15 @@ class CocoParams(Section):
     retry_wait_s: float = Field(2.0, ge=0, description="download: first wait before a retry (doubles each time)")
 
 
+# datasets whose images the user brings in data.folder (captions from Karpathy's caption_datasets.zip)
+FLICKR_DATASETS = {"flickr8k": "Flickr8k", "flickr30k": "Flickr30k"}
+
+
 class DataParams(Section):
-    dataset: str = Field("synthetic", description="synthetic | coco2017 | coco-karpathy | coco-folder")
-    folder: str | None = Field(None, description="coco-folder: a folder in COCO caption format")
+    dataset: str = Field("synthetic",
+                         description="synthetic | coco2017 | coco-karpathy | coco-folder | flickr8k | flickr30k")
+    folder: str | None = Field(None, description="coco-folder: a folder in COCO caption format; flickr8k / "
+                               "flickr30k: the folder holding the Flickr images")
     raw_dir: str = Field("data/raw", description="raw datasets land in <raw_dir>/<dataset>/")
     seed: int = Field(0, description="seed of generation and of any split carved by the stage")
     val_fraction: float = Field(0.1, gt=0, lt=1, description="coco-folder with one caption file: share to val")
@@ -87,7 +93,7 @@ class DataParams(Section):
     @field_validator("dataset")
     @classmethod
     def _dataset_known(cls, value: str) -> str:
-        allowed = ("synthetic", "coco2017", "coco-karpathy", "coco-folder")
+        allowed = ("synthetic", "coco2017", "coco-karpathy", "coco-folder", "flickr8k", "flickr30k")
         if value not in allowed:
             raise ValueError(f"allowed: {', '.join(allowed)}")
         return value
@@ -104,6 +110,10 @@ class DataParams(Section):
     def _folder_given(self) -> "DataParams":
         if self.dataset == "coco-folder" and not self.folder:
             raise ValueError("data.dataset 'coco-folder' needs data.folder: a folder in COCO caption format")
+        if self.dataset in FLICKR_DATASETS and not self.folder:
+            raise ValueError(f"data.dataset {self.dataset!r} needs data.folder: the folder holding the "
+                             f"{FLICKR_DATASETS[self.dataset]} images (they come with a licence form, so you "
+                             "bring them; the captions and splits are downloaded)")
         return self
 
 

@@ -20,10 +20,11 @@ Builder = Callable[[DataParams, Path, Path], None]
 
 
 def _builders() -> dict[str, Builder]:
-    from crossalign.data import coco, folder, synthetic
+    from crossalign.data import coco, flickr, folder, synthetic
 
     return {"synthetic": synthetic.build, "coco2017": coco.build_coco2017,
-            "coco-karpathy": coco.build_karpathy, "coco-folder": folder.build}
+            "coco-karpathy": coco.build_karpathy, "coco-folder": folder.build,
+            "flickr8k": flickr.build, "flickr30k": flickr.build}
 
 
 def dataset_dir(cfg: Config, root: Path) -> Path:
