@@ -36,6 +36,7 @@ SERVED = (
 ELSEWHERE = {
     ".venv/bin/dvc exp run -n coco-gpu": "downloads COCO and wants a GPU (tests/test_overlay.py applies the overlay)",
     ".venv/bin/dvc exp show": "follows the COCO experiment above",
+    ".venv/bin/dvc exp run -n verdict": "hours of training on the 2-core CPU (tests/test_overlay.py applies the overlay)",
     "export ": "sets a variable for the commands after it",
     "curl ": "talks to a tracking server on another host (tests/test_tracking_server.py does it on loopback)",
     "-H 'Content-Type": "continuation of the curl line",

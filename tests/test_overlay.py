@@ -70,3 +70,27 @@ def test_coco_gpu_overlay_applied_by_dvc_set_param_loads_and_reaches_stages(tmp_
     for key in changed:
         parts = key.split(".")
         assert any(".".join(parts[:i]) in declared for i in range(1, len(parts) + 1)), f"{key}: no stage reads it"
+
+
+def test_verdict_overlay_gives_three_seeds_and_a_real_tuning_budget(tmp_path):
+    """params-verdict.yaml through DVC's --set-param: 3 seeds, 20 trials as long as the final
+    training (tune.epochs = train.epochs), nothing else moved, and each key is a param of a stage
+    (select's included: the report's first table names the seeds and the budget)."""
+    from dvc.utils.hydra import apply_overrides
+
+    params = tmp_path / "params.yaml"
+    shutil.copy(REPO / "params.yaml", params)
+    items = overrides(yaml.safe_load((REPO / "params-verdict.yaml").read_text()))
+    apply_overrides(params, items)
+    cfg = config.load(params)
+    base = config.load(REPO / "params.yaml")
+    assert cfg.train.seeds == [0, 1, 2] and cfg.tune.trials == 20
+    assert cfg.tune.epochs == cfg.train.epochs == base.train.epochs == 8
+    assert sorted(item.partition("=")[0] for item in items) == ["train.seeds", "tune.epochs", "tune.trials"]
+    before, after = base.model_dump(mode="json"), cfg.model_dump(mode="json")
+    for section in before:
+        for key in before[section]:
+            if f"{section}.{key}" not in {"train.seeds", "tune.epochs", "tune.trials"}:
+                assert after[section][key] == before[section][key], f"{section}.{key}"
+    select = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["select"]
+    assert {"train.seeds", "tune.trials", "tune.epochs"} <= set(select["params"])

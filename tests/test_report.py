@@ -244,3 +244,124 @@ def test_report_names_the_sampler_that_ran(evaluated):
     assert ("(3 trials per method, at most 2 epochs each, trial 0 = params.yaml values; sampler: random search "
             "(Optuna RandomSampler, seed 0: trials 1-2 drawn at random))." in tuning)
     assert "TPE" not in md
+
+
+# --------------------------------------------------------------- the top: what it was run on, which method for which need
+def _meta(root, split, images, captions, **extra):
+    from crossalign.io import write_json
+
+    write_json(root / "data" / "features" / split / "meta.json",
+               {"split": split, "n_images": images, "n_captions": captions, "n_text_tokens": 12 * captions, **extra})
+
+
+def test_header_names_the_dataset_and_split_sizes_and_no_machine_path(evaluated, tmp_path_factory):
+    cfg, root, sel = evaluated
+    facts_root = tmp_path_factory.mktemp("facts")
+    folder = facts_root / "datasets" / "my-photos"  # an absolute path on this machine
+    _meta(facts_root, "train", 40, 200)
+    _meta(facts_root, "val", 8, 40)
+    _meta(facts_root, "test", 6, 30, image_encoder={"name": f"timm:{facts_root}/weights/vit_tiny", "dim": 192,
+                                                    "grid": [14, 14], "tokens": 196},
+          text_encoder={"name": f"hf:{facts_root}/weights/bert-tiny/", "dim": 128})
+    run_cfg = tiny_config(facts_root, data={"dataset": "coco-folder", "folder": str(folder) + "/"},
+                          train={"seeds": [3], "epochs": 4}, tune={"trials": 5, "epochs": 2, "sampler": "random"})
+    report.run(cfg, root, {**sel, "run": selection.run_facts(run_cfg, facts_root)})
+    md = (root / "reports" / "comparison.md").read_text()
+    top = md.split("## Leaderboard")[0]
+    for line in ("| dataset | coco-folder (my-photos) |",
+                 "| images (train / val / test) | 40 / 8 / 6 |",
+                 "| captions (train / val / test) | 200 / 40 / 30 |",
+                 "| captions per image | 5 (every split) |",
+                 "| image encoder (frozen) | timm:vit_tiny (192-d; 14×14 grid, 196 tokens per image) |",
+                 "| text encoder (frozen) | hf:bert-tiny (128-d token states) |",
+                 "| seeds | 3 (one training seed per method) |",
+                 "| tuning budget (equal per method) | 5 trials per method, at most 2 epochs each, random search sampler |",
+                 "| training | at most 4 epochs (early stopping on val) |"):
+        assert line in top, line
+    assert top.index("## What it was run on") < top.index("Champion: **")
+    assert str(facts_root) not in md and str(root) not in md and "/weights/" not in md
+    _meta(facts_root, "test", 6, 31)  # 31 captions on 6 images: the mean per split
+    _meta(facts_root, "val", 8, 40)
+    (facts_root / "data" / "features" / "train" / "meta.json").unlink()
+    facts = selection.run_facts(run_cfg, facts_root)
+    assert "| captions per image | – / 5 / 5.17 |" in "\n".join(report.run_lines(facts))
+    assert "| images (train / val / test) | – / 8 / 6 |" in "\n".join(report.run_lines(facts))
+    _meta(facts_root, "val", 8, "forty")
+    with pytest.raises(ValueError, match=r"val/meta.json: n_captions = 'forty', expected a count"):
+        selection.run_facts(run_cfg, facts_root)
+
+
+def test_public_names_drop_the_machine_path():
+    assert selection.public_name("efficientnet_lite0") == "efficientnet_lite0"
+    assert selection.public_name("hf:bert-base-uncased") == "hf:bert-base-uncased"
+    assert selection.public_name("hf:sentence-transformers/all-MiniLM-L6-v2") == "hf:sentence-transformers/all-MiniLM-L6-v2"
+    assert selection.public_name("hf:/srv/models/minilm/") == "hf:minilm"
+    assert selection.public_name("/srv/models/minilm") == "minilm"
+    assert selection.public_name("~/models/minilm") == "minilm"
+    assert selection.public_name("C:\\models\\minilm") == "minilm"
+
+
+COST = {"joint": {"params": 300_000, "index": "shortlist: index top-16", "pairs": 16, "macs": 3_046_272},
+        "contrastive": {"params": 115_200, "index": "yes: embedding index", "pairs": 0, "macs": 44_672}}
+
+
+def _decision(tie: bool, seeds: int = 1) -> dict:
+    gain = {"delta": 4.0, "ci95": [-3.0, 11.0] if tie else [1.0, 7.0], "significant": not tie}
+    return {"recommendable": ["joint", "contrastive"],
+            "quality": {"method": "joint", "val_rsum": 480.0, "runner_up": "contrastive", "runner_up_val_rsum": 470.0,
+                        "rsum": gain, "tie": tie, "pick": "contrastive" if tie else "joint"},
+            "index": {"method": "contrastive", "val_rsum": 470.0, "is_champion": False, "gap": gain},
+            "binding": {"probe": "twin", "method": "joint", "mean": 70.0, "ci95": [66.0, 74.0], "above_chance": True,
+                        "next": {"method": "contrastive", "mean": 52.0, "ci95": [49.0, 55.0]}, "apart": True},
+            "cost": {"method": "contrastive" if tie else "joint", "within_noise": ["joint", "contrastive"] if tie else ["joint"]},
+            "controls": [{"method": "contrastive+cross_attention", "val_rsum": 490.0,
+                          "vs_champion": {"delta": -1.7, "ci95": [-17.5, 13.3], "significant": False}}],
+            "single_seed": ["joint", "contrastive"] if seeds == 1 else []}
+
+
+def test_decision_table_says_tie_and_names_the_cheaper():
+    md = "\n".join(report.decision_lines(_decision(tie=True), COST))
+    assert "| best retrieval quality | **contrastive** (tie with joint) |" in md
+    assert ("joint − contrastive = +4.0 RSUM [95% CI -3.0, +11.0]: not distinguishable from noise (CI contains 0); "
+            "a **tie**: take the cheaper, contrastive (0 pair-scorer calls, 44.7 K MACs per query, 115,200 params) "
+            "over joint (16 pair-scorer calls, 3.05 M MACs per query, 300,000 params)") in md
+    assert "| large galleries (embedding index) | **contrastive** |" in md
+    assert "| lowest cost per query, quality within noise of the champion | **contrastive** | within noise of joint" in md
+    assert "| binding / compositional sensitivity | **joint** | twin probe: true beats its binding twin 70.0 % " \
+           "[95% CI 66.0, 74.0] (chance 50 %; above chance); next contrastive 52.0 % [49.0, 55.0]: CIs apart |" in md
+
+
+def test_decision_table_keeps_a_clear_leader_and_never_recommends_a_control():
+    lines = report.decision_lines(_decision(tie=False), COST)
+    table = [line for line in lines if line.startswith("| ")]
+    assert table[1].startswith("| best retrieval quality | **joint** | ") and table[1].endswith("; a clear lead |")
+    assert "tie" not in "\n".join(table)
+    assert all("contrastive+cross_attention" not in line for line in table)
+    control = next(line for line in lines if line.startswith("Controls"))
+    assert "never recommended" in control and "contrastive+cross_attention, val RSUM 490.0" in control
+
+
+def test_one_seed_lists_what_it_cannot_settle_and_points_to_the_overlay():
+    md = "\n".join(report.decision_lines(_decision(tie=False), COST))
+    seeds = md.split("### What one training seed cannot settle")[1]
+    assert "resample test images (and twin pairs), not training runs" in seeds
+    assert "- best quality: joint vs contrastive, +4.0 RSUM [95% CI +1.0, +7.0] — a lead" in seeds
+    assert "- binding: joint 70.0 % vs contrastive 52.0 % (CIs apart)" in seeds
+    assert report.VERDICT_COMMAND in seeds and "params-verdict.yaml" in report.VERDICT_COMMAND
+    several = "\n".join(report.decision_lines(_decision(tie=False, seeds=3), COST))
+    assert "cannot settle" not in several and "include training variance" in several
+
+
+def test_measured_times_go_to_the_costs_rendering_only(evaluated):
+    cfg, root, sel = evaluated
+    lat = {"1": {"queries": 1, "gallery_images": 16, "ms": 1.234, "repeats": 3},
+           "1000": {"queries": 32, "gallery_images": 16, "ms": 56.78, "repeats": 3}}
+    measured = ({"joint": {"params": 89, "serving": "shortlist", "train": {"s_per_epoch": 9.87}, "query_latency": lat}},
+                "Test CPU, load 1.0")
+    files = report.run(cfg, root, sel, measured=measured)
+    assert (root / "costs" / report.MEASURED_REPORT) in files
+    md = (root / "reports" / "comparison.md").read_text()
+    with_times = (root / "costs" / report.MEASURED_REPORT).read_text()
+    for text in ("Test CPU", "9.9", "1.23", "56.8 (32 queries)"):
+        assert text not in md and text in with_times, text
+    assert "| joint | 9.9 | 1.23 | 56.8 (32 queries) |" in with_times

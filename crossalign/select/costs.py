@@ -2,9 +2,10 @@
 
 Two kinds of numbers, kept apart on purpose:
 
-- **deterministic** (a function of the trained model): trainable parameters and how the method
-  is served (from an embedding index, an index shortlist re-ranked by a matcher, or scoring every
-  pair). These go into the report, a DVC out.
+- **deterministic** (a function of the trained model and the test split's shapes): trainable
+  parameters, how the method is served (from an embedding index, an index shortlist re-ranked by
+  a matcher, or scoring every pair), the pair-scorer calls and the multiply-accumulates one text
+  query costs against the test gallery (:func:`query_costs`). These go into the report, a DVC out.
 - **measured** (depend on the machine and its load): training seconds per epoch, read from the
   MLflow runs that trained the models, and query latency, timed here with the evaluation's own
   ranking code. These go to ``costs/costs.{json,md}`` (git-ignored, no DVC out: two clones must
@@ -13,10 +14,12 @@ Two kinds of numbers, kept apart on purpose:
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +31,14 @@ from crossalign.tracking import runs as tracking
 from crossalign.config import Config
 from crossalign.io import FeatureSplit, atomic_file
 from crossalign.methods import load_aligner
+from crossalign.evaluate.ensemble import Ensemble
 from crossalign.methods.base import Aligner, State, index_state
+from crossalign.methods.common import CrossEncoder, EmbeddingHead
+from crossalign.methods.concat_mlp import ConcatMlp
+from crossalign.methods.contrastive import Contrastive
+from crossalign.methods.cross_attention import CrossAttention
+from crossalign.methods.joint import Joint
+from crossalign.methods.late import LateEncoder
 from crossalign.retrieval.scoring import encode_images, encode_texts, score_states
 
 COSTS_DIR = "costs"  # beside reports/, not inside it: reports/ is select's DVC out
@@ -50,6 +60,126 @@ def serving(model: Aligner) -> str:
     if model.embeds:
         return f"shortlist: index top-{model.rerank.k}, then {model.rerank.k} matcher calls per query"
     return "no: the matcher scores every (query, image) pair"
+
+
+def serving_kind(model: Aligner) -> str:
+    """``index`` (embedding similarity only), ``shortlist`` (index top-k re-ranked by a matcher)
+    or ``pairs`` (a matcher scores every gallery image): what :func:`serving` says in words."""
+    if model.embeds:
+        return "index" if model.rerank is None else "shortlist"
+    return "pairs"
+
+
+# ------------------------------------------------------------------ what one text query costs
+@dataclass(frozen=True)
+class QueryShape:
+    """The shapes one text query is costed at: the gallery it ranks (``gallery`` images of
+    ``regions`` tokens each, already encoded: the index) and the query caption's ``tokens``."""
+
+    gallery: int
+    regions: int
+    tokens: int
+
+    def text(self) -> str:
+        return (f"{self.gallery:,} gallery images of {self.regions} image tokens, a query caption of "
+                f"{self.tokens} tokens")
+
+
+def query_shape(split: FeatureSplit) -> QueryShape:
+    """The test split's shapes: every image is the gallery; the query caption has the split's mean
+    caption length (token states kept per caption, rounded; at least 1)."""
+    lengths = np.asarray(split.text_lengths)
+    mean = float(lengths.mean()) if lengths.size else 1.0
+    return QueryShape(gallery=split.n_images, regions=int(split.image_tokens.shape[1]),
+                      tokens=max(1, math.floor(mean + 0.5)))
+
+
+def _lin(layer: torch.nn.Linear) -> int:
+    """Multiply-accumulates of one row through a linear layer."""
+    return int(layer.in_features * layer.out_features)
+
+
+def _head(head: EmbeddingHead) -> int:
+    return _lin(head.proj.linear) + _lin(head.mlp[1])
+
+
+def _embed_dim(model: Aligner) -> int:
+    """Width of the similarity dot product (the embedding heads' output)."""
+    return int(model.text_head.mlp[1].out_features)
+
+
+def _encoder_text(enc: torch.nn.Module, length: int) -> int:
+    """MACs of a matching encoder's caption side (``text_state``), once per query of ``length`` tokens."""
+    if isinstance(enc, LateEncoder):
+        blk, dim = enc.text, enc.text.out.out_features
+        per_token = _lin(blk.qkv) + _lin(blk.out) + _lin(blk.mlp[0]) + _lin(blk.mlp[2]) + _lin(enc.weight)
+        return length * per_token + 2 * length * length * dim  # + scores q.k and the weighted sum of values
+    if isinstance(enc, CrossEncoder):
+        return length * (_lin(enc.t2i[0].q) + sum(_lin(b.k) + _lin(b.v) for b in enc.i2t))
+    raise TypeError(type(enc).__name__)
+
+
+def _encoder_pair(enc: torch.nn.Module, length: int, regions: int) -> int:
+    """MACs of scoring one (query, image) pair with a matching encoder (image side precomputed)."""
+    if isinstance(enc, LateEncoder):
+        return length * regions * enc.weight.in_features  # every token against every cell
+    if isinstance(enc, CrossEncoder):
+        macs = 0
+        for side, (q_len, k_len) in ((enc.t2i, (length, regions)), (enc.i2t, (regions, length))):
+            for layer, blk in enumerate(side):
+                dim = blk.o.out_features
+                macs += (q_len * _lin(blk.q) if layer else 0) + 2 * q_len * k_len * dim + q_len * _lin(blk.o)
+        return macs + _lin(enc.head[0]) + _lin(enc.head[3])
+    raise TypeError(type(enc).__name__)
+
+
+def _text_side(model: Aligner, length: int) -> int:
+    """MACs of encoding one query caption of ``length`` tokens with the method's text side."""
+    if isinstance(model, Ensemble):
+        return _text_side(model.embedder, length) + _text_side(model.matcher, length)
+    if isinstance(model, Contrastive):
+        return _head(model.text_head)  # the pooled feature only
+    if isinstance(model, ConcatMlp):
+        return _lin(model.text_proj.linear) + model.dim * model.hidden.out_features  # + the text half of the MLP's first layer
+    if isinstance(model, CrossAttention):
+        return length * _lin(model.text_proj.linear) + _encoder_text(model.encoder, length)
+    if isinstance(model, Joint):
+        own = 0 if model.shared else length * _lin(model.match_text_proj[1])
+        return length * _lin(model.text_proj.linear) + _head(model.text_head) + own + _encoder_text(model.encoder, length)
+    raise TypeError(type(model).__name__)
+
+
+def _pair(model: Aligner, length: int, regions: int) -> int:
+    """MACs of one pair-scorer call (the gallery image's side precomputed in the index)."""
+    if isinstance(model, Ensemble):
+        return _pair(model.matcher, length, regions)
+    if isinstance(model, ConcatMlp):
+        return _lin(model.out[2])  # the image and text halves of the first layer are per image / per query
+    return _encoder_pair(model.encoder, length, regions)
+
+
+def _similarity(model: Aligner) -> int:
+    return _embed_dim(model.embedder if isinstance(model, Ensemble) else model)
+
+
+def query_costs(model: Aligner, shape: QueryShape) -> dict[str, int | None]:
+    """What one text query costs against an already encoded gallery, from the module shapes:
+    ``pairs`` (pair-scorer calls: 0 for an embedding index, the shortlist ``k`` for a re-ranker,
+    every gallery image for a matcher) and ``macs`` (multiply-accumulates of the matrix products:
+    linear layers, attention scores and values, similarities; element-wise work, norms, softmax,
+    top-k and the image side, computed once per gallery image, are not counted; attention heads
+    split the width and do not change the count). ``macs`` is None for a model of an unknown kind.
+    """
+    n, length, regions = shape.gallery, shape.tokens, shape.regions
+    kind = serving_kind(model)
+    pairs = {"index": 0, "pairs": n}.get(kind) if kind != "shortlist" else min(model.rerank.k, n)
+    try:
+        macs = _text_side(model, length)
+        macs += n * _similarity(model) if kind != "pairs" else 0
+        macs += pairs * _pair(model, length, regions) if pairs else 0
+    except TypeError:  # a method this count does not know: said as unknown, never guessed
+        macs = None
+    return {"pairs": pairs, "macs": macs}
 
 
 @torch.inference_mode()

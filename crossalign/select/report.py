@@ -276,16 +276,239 @@ CHOSEN_ON_VAL = ("Every choice was made on train and validation only: the champi
                  "already chosen). The test split below is reported, never used to choose.")
 
 
-def markdown(cfg: Config, selection: dict, metrics: dict[str, dict], figures: list[str], notes: list[str]) -> str:
+MEASURED_REPORT = "comparison_with_measured_costs.md"  # the rendering with timings: costs/ and MLflow, never reports/
+VERDICT_COMMAND = ".venv/bin/dvc exp run -n verdict $(.venv/bin/crossalign overlay params-verdict.yaml --flag=-S)"
+
+
+def _count(n: float | None) -> str:
+    """A count for a reader: exact below 10,000, else 3 significant digits with K / M / G."""
+    if n is None:
+        return "–"
+    if n < 10_000:
+        return f"{n:,.0f}"
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n:,.0f}"
+
+
+def _per_image(captions: int | None, images: int | None) -> str:
+    if not captions or not images:
+        return "?"
+    ratio = captions / images
+    return f"{ratio:.0f}" if ratio == int(ratio) else f"{ratio:.2f}"
+
+
+def run_lines(facts: dict | None) -> list[str]:
+    """The report's first table: what the comparison was run on (``selection['run']``)."""
+    if not facts:
+        return []
+    splits = {name: f for name, f in facts["splits"].items()}
+    names = " / ".join(splits)
+
+    def counts(key: str) -> str:
+        return " / ".join("–" if f is None else "?" if f.get(key) is None else f"{f[key]:,}" for f in splits.values())
+
+    ratios = {_per_image((f or {}).get("captions"), (f or {}).get("images")) for f in splits.values() if f}
+    per_image = (f"{ratios.pop()} (every split)" if len(ratios) == 1 else " / ".join(
+        "–" if f is None else _per_image(f.get("captions"), f.get("images")) for f in splits.values()))
+    img, txt, tune = facts["image_encoder"], facts["text_encoder"], facts["tuning"]
+    grid = img.get("grid")
+    shape = f"{grid[0]}×{grid[1]} grid, " if isinstance(grid, list) and len(grid) == 2 else ""
+    img_text = img["name"] + (f" ({img['dim']:,}-d; {shape}{img['tokens']} tokens per image)"
+                              if img.get("dim") and img.get("tokens") else "")
+    txt_text = txt["name"] + (f" ({txt['dim']:,}-d token states)" if txt.get("dim") else "")
+    seeds = facts["seeds"]
+    seed_text = ", ".join(map(str, seeds)) + (" (one training seed per method)" if len(seeds) == 1 else
+                                              f" ({len(seeds)} training seeds per method)")
+    budget = (f"{tune['trials']} trials per method, at most {tune['epochs']} epochs each, {tune['sampler']} sampler"
+              if tune["trials"] else "none (tune.trials 0: params.yaml values)")
+    return ["## What it was run on", "", "| | |", "|---|---|", f"| dataset | {facts['dataset']} |",
+            f"| images ({names}) | {counts('images')} |", f"| captions ({names}) | {counts('captions')} |",
+            f"| captions per image | {per_image} |", f"| image encoder (frozen) | {img_text} |",
+            f"| text encoder (frozen) | {txt_text} |", f"| seeds | {seed_text} |",
+            f"| tuning budget (equal per method) | {budget} |",
+            f"| training | at most {facts['train_epochs']} epochs (early stopping on val) |"]
+
+
+def _diff(gain: dict) -> str:
+    lo, hi = gain["ci95"]
+    return f"{gain['delta']:+.1f} RSUM [95% CI {lo:+.1f}, {hi:+.1f}]"
+
+
+def _noise(gain: dict) -> str:
+    return "distinguishable from noise" if gain["significant"] else "not distinguishable from noise (CI contains 0)"
+
+
+def _cost_text(entry: dict | None) -> str:
+    entry = entry or {}
+    pairs = "?" if entry.get("pairs") is None else f"{entry['pairs']:,}"
+    params = "?" if entry.get("params") is None else f"{entry['params']:,}"
+    return f"{pairs} pair-scorer calls, {_count(entry.get('macs'))} MACs per query, {params} params"
+
+
+def decision_lines(decision: dict | None, serving: dict) -> list[str]:
+    """The decision table by need (``selection['decision']``, :func:`crossalign.select.stage.decide`),
+    each row with its evidence, and the controls beside it, never recommended."""
+    if not decision:
+        return []
+    q, champ = decision["quality"], decision["quality"]["method"]
+    rows = []
+    if q["runner_up"] is None:
+        rows.append(("best retrieval quality", f"**{champ}**", f"the only method that may be recommended "
+                                                              f"(val RSUM {q['val_rsum']:.1f})"))
+    elif q["rsum"] is None:
+        rows.append(("best retrieval quality", f"**{champ}**", f"best val RSUM {q['val_rsum']:.1f} (runner-up "
+                                                              f"{q['runner_up']}: no test comparison)"))
+    else:
+        runner = q["runner_up"]
+        evidence = (f"champion by val RSUM {q['val_rsum']:.1f} vs {runner} {q['runner_up_val_rsum']:.1f}; on test "
+                    f"{champ} − {runner} = {_diff(q['rsum'])}: {_noise(q['rsum'])}")
+        if q["tie"]:
+            other = runner if q["pick"] == champ else champ
+            evidence += (f"; a **tie**: take the cheaper, {q['pick']} ({_cost_text(serving.get(q['pick']))}) over "
+                         f"{other} ({_cost_text(serving.get(other))})")
+            rows.append(("best retrieval quality", f"**{q['pick']}** (tie with {other})", evidence))
+        else:
+            rows.append(("best retrieval quality", f"**{champ}**", evidence + "; a clear lead"))
+    ix = decision["index"]
+    if ix is None:
+        rows.append(("large galleries (embedding index)", "none", "no method that may be recommended ranks from an "
+                                                                 "embedding index"))
+    elif ix["is_champion"]:
+        rows.append(("large galleries (embedding index)", f"**{ix['method']}**", "the champion itself ranks from an "
+                                                                                "embedding index"))
+    else:
+        gap = (f"gap to {champ} on test: {champ} − {ix['method']} = {_diff(ix['gap'])}: {_noise(ix['gap'])}"
+               if ix["gap"] else "no test comparison with the champion")
+        rows.append(("large galleries (embedding index)", f"**{ix['method']}**",
+                     f"best index-able method by val RSUM ({ix['val_rsum']:.1f}); {gap}"))
+    b = decision["binding"]
+    if b is None:
+        rows.append(("binding / compositional sensitivity", "no evidence", "the test split has no binding twins"))
+    else:
+        ci = f" [95% CI {b['ci95'][0]:.1f}, {b['ci95'][1]:.1f}]" if b["ci95"] else ""
+        text = (f"{b['probe']} probe: true beats its binding twin {b['mean']:.1f} %{ci} (chance 50 %"
+                f"{'; above chance' if b['above_chance'] else '; not shown above chance'})")
+        if b["next"]:
+            n = b["next"]
+            nci = f" [{n['ci95'][0]:.1f}, {n['ci95'][1]:.1f}]" if n["ci95"] else ""
+            text += (f"; next {n['method']} {n['mean']:.1f} %{nci}: "
+                     + ("CIs apart" if b.get("apart") else "CIs overlap, not shown to bind better"))
+        rows.append(("binding / compositional sensitivity", f"**{b['method']}**", text))
+    c = decision["cost"]
+    near = [m for m in c["within_noise"] if m != champ]
+    text = (f"within noise of {champ} (test RSUM CI contains 0): {', '.join(near)}; cheapest per query: "
+            if near else f"no other method is within noise of {champ}: ")
+    rows.append(("lowest cost per query, quality within noise of the champion", f"**{c['method']}**",
+                 text + _cost_text(serving.get(c["method"]))))
+    lines = ["## Which method for which need", "",
+             "Rankings are by validation RSUM; whether a difference is distinguishable from noise is read from the "
+             "test split's paired bootstrap CIs, reported below (a tie is the reader's call to take the cheaper "
+             "method: the registry's `champion` stays the validation choice).", "",
+             "| need | method | evidence |", "|---|---|---|"]
+    lines += [f"| {need} | {pick} | {why} |" for need, pick, why in rows]
+    if decision["controls"]:
+        lines += ["", "Controls (evaluation-only: shown, never recommended): " + "; ".join(
+            f"{x['method']}, val RSUM {x['val_rsum']:.1f}"
+            + (f", {champ} − it on test = {_diff(x['vs_champion'])}" if x["vs_champion"] else "")
+            for x in decision["controls"]) + "."]
+    return lines + seed_lines(decision)
+
+
+def seed_lines(decision: dict) -> list[str]:
+    """Which of the decision's comparisons one training seed cannot settle, and the overlay that does."""
+    single = decision["single_seed"]
+    if not single:
+        return ["", "Every method was trained with several seeds: the CIs resample each method's seeds before the "
+                "test images, so they include training variance."]
+    q, ix, b, c = decision["quality"], decision["index"], decision["binding"], decision["cost"]
+    champ = q["method"]
+    rest = []
+    if q["rsum"] is not None:
+        rest.append(f"best quality: {champ} vs {q['runner_up']}, {_diff(q['rsum'])} — "
+                    + ("a tie" if q["tie"] else "a lead"))
+    if ix and ix["gap"]:
+        rest.append(f"index-able: {ix['method']}'s gap to {champ}, {_diff(ix['gap'])}")
+    if b and b["next"]:
+        rest.append(f"binding: {b['method']} {b['mean']:.1f} % vs {b['next']['method']} {b['next']['mean']:.1f} % "
+                    f"({'CIs apart' if b.get('apart') else 'CIs overlap'})")
+    if q["rsum"] is not None:
+        near = [m for m in c["within_noise"] if m != champ]
+        rest.append(f"cost: which methods are within noise of {champ} ({', '.join(near) if near else 'none'})")
+    who = "every method" if set(single) == set(decision["recommendable"]) else ", ".join(single)
+    head = (f"{who[0].upper() + who[1:]} was trained with one seed: the 95 % CIs above resample test images (and "
+            "twin pairs), not training runs, so they hold test sampling noise but no training variance. A lead here "
+            "is a lead of one training run over another; a tie may hide a difference that more runs would show. "
+            "These comparisons rest on a single training seed per method:")
+    tail = ("Settle them with the verdict overlay (3 seeds per method and a real tuning budget: 20 trials of up to "
+            "`train.epochs` epochs; its cost: [docs/evaluation.md](../docs/evaluation.md#the-verdict-overlay)):")
+    return (["", "### What one training seed cannot settle", "", head, ""] + [f"- {r}" for r in rest]
+            + ["", tail, "", f"    {VERDICT_COMMAND}"])
+
+
+def cost_lines(selection: dict, measured: tuple[dict, str] | None = None) -> list[str]:
+    """The cost section: per method the costs that are functions of the inputs (params, how it
+    serves, pair-scorer calls and MACs per text query at the run's shapes); with ``measured``
+    ``(costs.measure output, machine)`` also the measured times, labelled with the machine
+    (only in the rendering kept out of reports/)."""
+    serving = selection.get("serving") or {}
+    if not serving:
+        return []
+    shape = next((c["shape"] for c in serving.values() if c.get("shape")), None)
+    lines = ["## Cost", "",
+             "| method | trainable params | ranks a text query by | pair-scorer calls per query | MACs per query |",
+             "|---|---|---|---|---|"]
+    for m, c in serving.items():
+        pairs = "–" if c.get("pairs") is None else f"{c['pairs']:,}"
+        macs = "–" if c.get("macs") is None else f"{c['macs']:,}"
+        lines.append(f"| {m} | {c['params']:,} | {c['index']} | {pairs} | {macs} |")
+    lines += ["", "Per text query against the test gallery" + (f" ({shape})" if shape else "") + ": the query "
+              "caption through the method's text side, then its similarity to every gallery image (embedding "
+              "methods: no pair-scorer call) and the pair-scorer calls (a matcher: every gallery image; a re-ranker: "
+              "its shortlist). MACs: multiply-accumulates of the matrix products (linear layers, attention, "
+              "similarities), counted from the module shapes; the gallery is encoded once (the index) and is not "
+              "counted, nor is element-wise work (norms, activations, softmax, top-k). A control counts both of "
+              "its models."]
+    if measured is None:
+        lines += ["", "Measured times (training seconds per epoch, milliseconds per query) depend on the machine, so "
+                  "they are kept out of this report (a DVC out): see [costs/costs.md](../costs/costs.md), written by "
+                  f"`select` beside `reports/`, and `{MEASURED_REPORT}`, this report with them, logged to MLflow's "
+                  "`select` run."]
+        return lines
+    costs, machine = measured
+    lines += ["", f"Measured on {machine} (training time from the MLflow runs that trained each model; latency: median "
+              "of timed calls, text queries ranked against every test image, the frozen text encoder not timed):", "",
+              "| method | train s/epoch | 1 query (ms) | 1,000 queries (ms) |", "|---|---|---|---|"]
+    for m, c in costs.items():
+        train = f"{c['train']['s_per_epoch']:.1f}" if c.get("train") else "not logged"
+        lat = c["query_latency"]
+        many = lat["1000"]
+        n = "" if many["queries"] == 1000 else f" ({many['queries']} queries)"
+        lines.append(f"| {m} | {train} | {lat['1']['ms']:.2f} | {many['ms']:.1f}{n} |")
+    return lines
+
+
+def markdown(cfg: Config, selection: dict, metrics: dict[str, dict], figures: list[str], notes: list[str],
+             measured: tuple[dict, str] | None = None) -> str:
+    """``reports/comparison.md``; with ``measured`` (``(costs, machine)``) the rendering that adds the
+    measured times (:data:`MEASURED_REPORT`, logged to MLflow, never a DVC out)."""
     board = selection["leaderboard"]
     champ = selection["champion"]
     several = any(len(r["seeds"]) > 1 for r in board)
     how = (f"test images resampled with their captions{', seeds resampled first' if several else ''}; "
            f"{cfg.select.bootstrap} resamples")
-    lines = ["# Method comparison", "",
-             f"Champion: **{champ}** — best validation RSUM "
-             f"({next(r for r in board if r['method'] == champ)['val_rsum']:.1f}). {CHOSEN_ON_VAL}", "",
-             f"## Leaderboard ({seeds_heading(board)})", "",
+    lines = ["# Method comparison", ""]
+    if measured is not None:
+        lines += [f"This rendering adds the times measured on {measured[1]} to the cost section; "
+                  "`reports/comparison.md` (a DVC out) leaves them out.", ""]
+    run = run_lines(selection.get("run"))
+    lines += run + ([""] if run else [])
+    lines += [f"Champion: **{champ}** — best validation RSUM "
+              f"({next(r for r in board if r['method'] == champ)['val_rsum']:.1f}). {CHOSEN_ON_VAL}", ""]
+    decision = decision_lines(selection.get("decision"), selection.get("serving") or {})
+    lines += decision + ([""] if decision else [])
+    lines += [f"## Leaderboard ({seeds_heading(board)})", "",
              "| method | params | val RSUM | " + " | ".join(METRIC_KEYS) + " | medr i2t/t2i | seeds |",
              "|---" * (len(METRIC_KEYS) + 5) + "|"]
     for row in board:
@@ -317,15 +540,8 @@ def markdown(cfg: Config, selection: dict, metrics: dict[str, dict], figures: li
         from crossalign.train.tuning import leaderboards_markdown
 
         lines += leaderboards_markdown(selection["tuning"])
-    serving = selection.get("serving") or {}
-    if serving:
-        lines += ["", "## Cost", "",
-                  "Training seconds per epoch and query latency (1 and 1,000 text queries against the test "
-                  "gallery) depend on the machine, so they are kept out of this report: see "
-                  "[costs/costs.md](../costs/costs.md), written by `select` beside `reports/` and logged to "
-                  "MLflow's `select` run.", "",
-                  "| method | trainable params | index-able |", "|---|---|---|"]
-        lines += [f"| {m} | {c['params']:,} | {c['index']} |" for m, c in serving.items()]
+    cost = cost_lines(selection, measured)
+    lines += [""] + cost if cost else []
     lines += ["", "## Binding probe (true vs binding twin, chance 50%)", ""]
     probes = {m: x["test"]["binding_probe"] for m, x in metrics.items() if x["test"].get("binding_probe")}
     if probes:
@@ -344,8 +560,10 @@ def markdown(cfg: Config, selection: dict, metrics: dict[str, dict], figures: li
     return "\n".join(lines) + "\n"
 
 
-def run(cfg: Config, root: Path, selection: dict) -> list[Path]:
-    """Write ``reports/comparison.md`` and its PNGs; returns the files written."""
+def run(cfg: Config, root: Path, selection: dict, measured: tuple[dict, str] | None = None) -> list[Path]:
+    """Write ``reports/comparison.md`` and its PNGs; with ``measured`` (``(costs, machine)``) also
+    ``costs/`` :data:`MEASURED_REPORT`, the same report with the measured times (not a DVC out).
+    Returns the files written."""
     root = Path(root)
     out = root / "reports"
     out.mkdir(parents=True, exist_ok=True)
@@ -382,4 +600,13 @@ def run(cfg: Config, root: Path, selection: dict) -> list[Path]:
     text = markdown(cfg, selection, metrics, [f.name for f in files], notes)
     with atomic_file(out / "comparison.md") as fh:
         fh.write(text)
-    return [*files, out / "comparison.md"]
+    files.append(out / "comparison.md")
+    if measured is not None:
+        from crossalign.select.costs import COSTS_DIR
+
+        path = root / COSTS_DIR / MEASURED_REPORT  # beside costs/costs.md, never in reports/
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_file(path) as fh:
+            fh.write(markdown(cfg, selection, metrics, [f.name for f in files if f.suffix == ".png"], notes, measured))
+        files.append(path)
+    return files

@@ -1,6 +1,8 @@
 """``select``: the champion by validation RSUM, a leaderboard of test metrics, each method's gain
 over the baseline and the champion's over every other method (bootstrap CIs over test images and
-seeds), serving costs, the registry versions and the ``champion`` alias.
+seeds), what the run was run on (:func:`run_facts`), the decision by need (:func:`decide`), serving
+costs (parameters, pair-scorer calls and MACs per query: :func:`serving_costs`), the registry
+versions and the ``champion`` alias.
 
 Reads each method's ``eval/<m>/results.json``. Writes ``reports/selection.json`` (champion,
 leaderboard, gains: a function of the evaluations) and ``metrics/selection.json`` (the champion's
@@ -23,7 +25,9 @@ ensembling the two separately trained models.
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -264,12 +268,16 @@ def run(cfg: Config, root: Path) -> dict:
                                                        "control": control}
     selection["tuning"] = tuning_boards(root, cfg.train.methods)
     models = costs.load_models(root, {m: x for m, x in metrics.items() if m not in ensemble.CONTROLS})
-    selection["serving"] = {m: {"params": costs.trainable_params(x), "index": costs.serving(x)} for m, x in models.items()}
+    test = load_features(root / "data" / "features" / "test")
+    selection["serving"] = serving_costs(cfg, models, costs.query_shape(test), [r["method"] for r in board])
     for row in board:  # trainable parameters: a control counts both of its separately trained models
-        parts = ensemble.CONTROLS.get(row["method"], (row["method"],))
-        row["params"] = sum(selection["serving"][p]["params"] for p in parts) if all(
-            p in selection["serving"] for p in parts) else None
-    files = report.run(cfg, root, selection)
+        row["params"] = (selection["serving"].get(row["method"]) or {}).get("params")
+    selection["run"] = run_facts(cfg, root)
+    selection["decision"] = decide(cfg, selection)
+    device = resolve_device(cfg.evaluate.device, "evaluate.device")
+    measured = costs.measure(cfg, root, models, metrics, test, device)  # timings: never in reports/
+    machine = costs.machine(device)
+    files = report.run(cfg, root, selection, measured=(measured, machine))
     facts_path = root / "reports" / "selection.json"
     write_json(facts_path, selection)
     numbers = selection_metrics(metrics[champion])
@@ -284,9 +292,7 @@ def run(cfg: Config, root: Path) -> dict:
     facts = {"name": cfg.tracking.registered_model, "versions": versions, "alias": registry.CHAMPION,
              "champion_version": versions.get(champion), "uri": registry.champion_uri(cfg),
              "run_ids": {m: c["run_id"] for m, c in candidates.items()}}
-    device = resolve_device(cfg.evaluate.device, "evaluate.device")
-    measured = costs.measure(cfg, root, models, metrics, load_features(root / "data" / "features" / "test"), device)
-    cost_files = costs.write(root, measured, costs.machine(device))  # not a DVC out: timings vary
+    cost_files = costs.write(root, measured, machine)  # not a DVC out: timings vary
     registry.log_selection(cfg, root, [out_path, facts_path, *files, *cost_files],
                            {**{f"champion_{k}": v for k, v in numbers.items()}, **costs.mlflow_metrics(measured)},
                            tags={"champion": champion, "champion_version": str(versions.get(champion)),
@@ -294,6 +300,174 @@ def run(cfg: Config, root: Path) -> dict:
     best = next(r for r in board if r["method"] == champion)
     log.info("champion: %s (val RSUM %.1f), version %s", champion, best["val_rsum"], versions.get(champion))
     return {**selection, "registry": facts}
+
+
+# ------------------------------------------------------------------ what the run was run on
+SPLITS = ("train", "val", "test")
+SAMPLER_NAMES = {"tpe": "TPE", "random": "random search", "qmc": "quasi-random (Sobol)"}
+
+
+def split_facts(root: Path, split: str) -> dict | None:
+    """Images, captions and caption token states of one feature split, from its ``meta.json``
+    (written by the features stage); None when the split has no features. A count the file lacks
+    is None (said as unknown in the report); a count that is not a whole number is an error."""
+    path = Path(root) / "data" / "features" / split / "meta.json"
+    if not path.exists():
+        return None
+    meta = read_json(path)
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: expected a JSON object (the features stage's split meta)")
+    out = {}
+    for key, name in (("n_images", "images"), ("n_captions", "captions"), ("n_text_tokens", "text_tokens")):
+        value = meta.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise ValueError(f"{path}: {key} = {value!r}, expected a count (a whole number >= 0)")
+        out[name] = value
+    return out
+
+
+def base_name(path: str) -> str:
+    """The last part of a path (either separator), without a trailing separator."""
+    return path.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+
+
+def public_name(name: Any) -> str | None:
+    """An encoder name without the machine's path: an absolute, home-relative or drive path (after
+    an optional ``kind:`` prefix such as ``hf:``) keeps only its last part."""
+    if name is None:
+        return None
+    text = str(name)
+    prefix, sep, rest = text.partition(":")
+    if not sep or len(prefix) == 1 or any(c in prefix for c in "/\\"):  # no kind prefix (or a drive letter)
+        prefix, rest = "", text
+    if rest.startswith(("/", "~", "\\")) or re.match(r"[A-Za-z]:[\\/]", rest):
+        rest = base_name(rest)
+    return f"{prefix}:{rest}" if prefix else rest
+
+
+def _encoder(meta: dict, key: str, configured: str) -> dict:
+    """The encoder the features were made with (their meta.json), else the configured name."""
+    enc = meta.get(key) if isinstance(meta.get(key), dict) else {}
+    out = {"name": public_name(enc.get("name") or configured), "dim": enc.get("dim")}
+    if key == "image_encoder":
+        out["tokens"] = enc.get("tokens", meta.get("regions"))
+        out["grid"] = enc.get("grid")
+    return out
+
+
+def run_facts(cfg: Config, root: Path) -> dict:
+    """What the comparison was run on, for the top of the report: dataset (for a folder dataset
+    its base name, never its path), images / captions / tokens per split, the encoders, the seeds,
+    the tuning budget and the training epochs. Read from params and ``data/features/<split>/meta.json``
+    (select's deps in dvc.yaml); a function of them, no machine path."""
+    root = Path(root)
+    dataset = cfg.data.dataset
+    if dataset == "coco-folder" and cfg.data.folder:
+        dataset = f"{dataset} ({base_name(cfg.data.folder)})"  # its base name: never the machine's path
+    test_meta = root / "data" / "features" / "test" / "meta.json"
+    meta = read_json(test_meta) if test_meta.exists() else {}
+    meta = meta if isinstance(meta, dict) else {}
+    t = cfg.tune
+    return {"dataset": dataset, "splits": {s: split_facts(root, s) for s in SPLITS},
+            "image_encoder": _encoder(meta, "image_encoder", cfg.features.image_encoder),
+            "text_encoder": _encoder(meta, "text_encoder", cfg.features.text_encoder),
+            "seeds": list(cfg.train.seeds), "train_epochs": cfg.train.epochs,
+            "tuning": {"trials": t.trials, "epochs": t.epochs, "sampler": SAMPLER_NAMES.get(t.sampler, t.sampler)}}
+
+
+# ------------------------------------------------------------------ costs that are functions of the inputs
+def serving_costs(cfg: Config, models: dict[str, Any], shape: costs.QueryShape, methods: list[str]) -> dict[str, dict]:
+    """method -> trainable params, how it serves (``index`` words and ``kind``), pair-scorer calls
+    and MACs per text query at the test split's ``shape``; a control (``ensemble.CONTROLS``) is
+    costed as the composite it is evaluated as (params: both of its trained models)."""
+    out = {}
+    for method in methods:
+        if method in models:
+            model = models[method]
+        elif method in ensemble.CONTROLS and all(p in models for p in ensemble.CONTROLS[method]):
+            model = ensemble.build(cfg, *(models[p] for p in ensemble.CONTROLS[method]))
+        else:
+            continue
+        out[method] = {"params": costs.trainable_params(model), "index": costs.serving(model),
+                       "kind": costs.serving_kind(model), **costs.query_costs(model, shape)}
+    shape_text = shape.text()
+    for entry in out.values():
+        entry["shape"] = shape_text
+    return out
+
+
+# ------------------------------------------------------------------ the decision, by need
+def cost_key(entry: dict | None) -> tuple[float, float, float]:
+    """Cheaper first: fewer pair-scorer calls per query, then fewer MACs per query, then fewer
+    trainable parameters (an unknown count sorts last)."""
+    entry = entry or {}
+    return tuple(float("inf") if entry.get(k) is None else float(entry[k]) for k in ("pairs", "macs", "params"))
+
+
+def _rsum(gain: dict | None) -> dict | None:
+    return None if gain is None else {k: gain["rsum"][k] for k in ("delta", "ci95", "significant")}
+
+
+def binding_need(board: list[dict], allowed: list[str]) -> dict | None:
+    """The *binding / compositional sensitivity* row: the method of ``allowed`` with the best
+    binding probe mean, its 95 % CI, the next best and whether their CIs are apart.
+
+    Reads the twin probe (the leaderboard's ``binding_probe``: true scene vs its binding twin).
+    The caption-swap probe (its results key is still to be named) is the second evidence meant
+    for this row: extend this function, not the report, when it lands. None when no method of
+    ``allowed`` has a probe (a dataset without twins)."""
+    rows = sorted((r for r in board if r["method"] in allowed and r.get("binding_probe", {}).get("mean") is not None),
+                  key=lambda r: -r["binding_probe"]["mean"])
+    if not rows:
+        return None
+
+    def cell(row: dict) -> dict:
+        p = row["binding_probe"]
+        ci = (p.get("ci95") or {}).get("mean")
+        return {"method": row["method"], "mean": p["mean"], "ci95": list(ci) if ci else None}
+
+    best = cell(rows[0])
+    out = {"probe": "twin", **best, "above_chance": bool(best["ci95"] and best["ci95"][0] > 50.0), "next": None}
+    if len(rows) > 1:
+        nxt = cell(rows[1])
+        out["next"] = nxt
+        out["apart"] = bool(best["ci95"] and nxt["ci95"] and best["ci95"][0] > nxt["ci95"][1])
+    return out
+
+
+def decide(cfg: Config, selection: dict) -> dict:
+    """Which method for which need, each with its evidence (the report's decision table).
+
+    Only methods that may be recommended compete (evaluation-only controls do not, unless
+    ``select.controls_compete``); controls are listed apart. Rows: best retrieval quality (the
+    champion; a tie when the champion's test RSUM lead over the runner-up, by val RSUM, has a CI
+    containing 0, and then the cheaper of the two by :func:`cost_key`), the best method servable
+    from an embedding index and its gap to the champion, the best binding probe
+    (:func:`binding_need`), and the cheapest method per query among those within noise of the
+    champion (the champion and every method whose RSUM difference to it has a CI containing 0)."""
+    board, champ = selection["leaderboard"], selection["champion"]
+    vs, serving = selection.get("champion_vs") or {}, selection.get("serving") or {}
+    allowed = [r["method"] for r in board if cfg.select.controls_compete or not r.get("control")]
+    val = {r["method"]: r["val_rsum"] for r in board}
+    quality = {"method": champ, "val_rsum": val[champ], "runner_up": None, "rsum": None, "tie": False, "pick": champ}
+    others = [m for m in allowed if m != champ]
+    if others:
+        runner = others[0]  # the board is sorted by val RSUM
+        gain = _rsum(vs.get(runner))
+        tie = gain is not None and not gain["significant"]
+        pick = min((champ, runner), key=lambda m: cost_key(serving.get(m))) if tie else champ
+        quality.update(runner_up=runner, runner_up_val_rsum=val[runner], rsum=gain, tie=tie, pick=pick)
+    index = [m for m in allowed if (serving.get(m) or {}).get("kind") == "index"]
+    best_index = {"method": index[0], "val_rsum": val[index[0]], "is_champion": index[0] == champ,
+                  "gap": None if index[0] == champ else _rsum(vs.get(index[0]))} if index else None
+    near = [champ] + [m for m in others if vs.get(m) and not vs[m]["rsum"]["significant"]]
+    cheapest = min(near, key=lambda m: cost_key(serving.get(m)))
+    controls = [{"method": r["method"], "val_rsum": r["val_rsum"], "vs_champion": _rsum(vs.get(r["method"]))}
+                for r in board if r.get("control") and r["method"] not in allowed]
+    single = [r["method"] for r in board if r["method"] in allowed and len(r.get("seeds") or []) <= 1]
+    return {"recommendable": allowed, "quality": quality, "index": best_index,
+            "binding": binding_need(board, allowed),
+            "cost": {"method": cheapest, "within_noise": near}, "controls": controls, "single_seed": single}
 
 
 def tuning_boards(root: Path, methods: list[str]) -> dict | None:
