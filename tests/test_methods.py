@@ -202,3 +202,24 @@ def test_joint_aligns_before_it_fuses(tmp_path):
                                             "cross_attention": {"matcher": "cross"}}}, "defaults")
     counts = {m: trainable_params(build_aligner(shipped, m, 1280, 384)) for m in ("cross_attention", "joint")}
     assert counts == {"cross_attention": 152_833, "joint": 169_729}  # sincos positions have no parameters
+
+
+def test_joint_itc_input_pooled_embeds_the_pooled_features_only(tmp_path):
+    """itc_input: pooled -> the shortlist embedding reads image_pooled / text_pooled (as contrastive)
+    and no token; tokens (the default) -> it moves with the tokens and ignores the pooled vectors."""
+    embeds = {}
+    for itc in ("tokens", "pooled"):
+        cfg = tiny_config(tmp_path, methods={"embed_dim": 16, "joint": {"itc_input": itc, "heads": 2}})
+        torch.manual_seed(0)
+        model = build_aligner(cfg, "joint", DI, DT).eval()
+        a, b = make_batch(seed=0), make_batch(seed=1)
+        tokens_swapped = Batch(b.image_tokens, a.image_pooled, b.text_tokens, b.text_mask, a.text_pooled, a.image_index)
+        pooled_swapped = Batch(a.image_tokens, b.image_pooled, a.text_tokens, a.text_mask, b.text_pooled, a.image_index)
+        with torch.no_grad():
+            embeds[itc] = [tuple(s["embed"] for s in encode(model, x)) for x in (a, tokens_swapped, pooled_swapped)]
+    (im, tx), (im_t, tx_t), (im_p, tx_p) = embeds["pooled"]
+    torch.testing.assert_close(im, im_t) and torch.testing.assert_close(tx, tx_t)  # tokens changed: same embedding
+    assert not torch.allclose(im, im_p) and not torch.allclose(tx, tx_p)
+    (im, tx), (im_t, tx_t), (im_p, tx_p) = embeds["tokens"]
+    torch.testing.assert_close(im, im_p) and torch.testing.assert_close(tx, tx_p)  # pooled changed: same embedding
+    assert not torch.allclose(im, im_t) and not torch.allclose(tx, tx_t)

@@ -181,6 +181,8 @@ class JointParams(Section):
                                               "ways, pooled) | late (token-wise max similarity over positioned cells)")
     shared_projections: bool = Field(False, description="the matcher reads the token projections the contrastive "
                                      "embedding pools (ALBEF) | its own")
+    itc_input: Literal["tokens", "pooled"] = Field("tokens", description="the contrastive embedding reads the mean of "
+                                                   "the projected tokens (ALBEF) | the encoders' pooled features")
 
 
 class MethodsParams(Section):

@@ -49,12 +49,13 @@ class Joint(CrossMatcher):
     def __init__(self, image_dim: int, text_dim: int, dim: int, dropout: float, temperature: float,
                  learnable_temperature: bool, heads: int, layers: int, negatives: int,
                  random_negative_fraction: float, hard_k: int, rerank: Rerank, matcher: str = "cross",
-                 positions: str = "none", shared: bool = True):
+                 positions: str = "none", shared: bool = True, itc_input: str = "tokens"):
         super().__init__()
+        self.itc_pooled = itc_input == "pooled"
         self.image_proj = Projection(image_dim, dim, dropout)  # ITC, and ITM when shared
         self.text_proj = Projection(text_dim, dim, dropout)  # ITC, and ITM when shared
-        self.image_head = EmbeddingHead(dim, dim, dropout)  # ITC only
-        self.text_head = EmbeddingHead(dim, dim, dropout)  # ITC only
+        self.image_head = EmbeddingHead(image_dim if self.itc_pooled else dim, dim, dropout)  # ITC only
+        self.text_head = EmbeddingHead(text_dim if self.itc_pooled else dim, dim, dropout)  # ITC only
         self.logit_scale = logit_scale_param(temperature, learnable_temperature)
         self.shared = shared
         if not shared:  # the matcher reads its own projections of the tokens (ITM only): LayerNorm
@@ -71,13 +72,15 @@ class Joint(CrossMatcher):
     def encode_images(self, tokens: Tensor, pooled: Tensor) -> State:
         x = self.image_proj(tokens)  # (B, R, D): what both objectives read
         m = x if self.shared else self.match_image_proj(tokens)
-        return {"embed": F.normalize(self.image_head(x.mean(1)), dim=-1),  # (B, D)
+        itc = pooled if self.itc_pooled else x.mean(1)
+        return {"embed": F.normalize(self.image_head(itc), dim=-1),  # (B, D)
                 **self.encoder.image_state(self.positions(m))}  # (B, R, D) tensors
 
     def encode_texts(self, tokens: Tensor, mask: Tensor, pooled: Tensor) -> State:
         x = self.text_proj(tokens)  # (B, L, D): what both objectives read
         m = x if self.shared else self.match_text_proj(tokens)
-        return {"embed": F.normalize(self.text_head(masked_mean(x, mask)), dim=-1),  # (B, D)
+        itc = pooled if self.itc_pooled else masked_mean(x, mask)
+        return {"embed": F.normalize(self.text_head(itc), dim=-1),  # (B, D)
                 **self.encoder.text_state(m, mask)}  # (B, L, D) tensors
 
     def similarity(self, images: State, texts: State) -> Tensor:
@@ -103,7 +106,7 @@ def _build(cfg, image_dim: int, text_dim: int) -> Joint:
     return Joint(image_dim, text_dim, cfg.methods.embed_dim, p.dropout, p.temperature, p.learnable_temperature,
                  p.heads, p.layers, p.negatives, p.random_negative_fraction, p.hard_k,
                  Rerank(p.shortlist_k, p.fusion_alpha), p.matcher, cfg.methods.image_positions,
-                 p.shared_projections)
+                 p.shared_projections, p.itc_input)
 
 
 SPEC = register(MethodSpec("joint", _build, lambda cfg: JointLoss(cfg.methods.joint.itc_weight, cfg.methods.joint.itm_weight,
