@@ -164,7 +164,34 @@ def run_check(params: Path, dvc_yaml: Path | None) -> int:
         return 2
     where = f"; all {n_keys} param keys that {dvc_yaml} reads are present" if n_keys else ""
     print(f"{params}: valid{where}")
+    note = profile_note(params, params.resolve().parent / REAL_PROFILE)
+    if note:
+        print(note)
     return 0
+
+
+REAL_PROFILE = "params-real.yaml"
+
+
+def profile_note(params: Path, profile: Path) -> str | None:
+    """A note when ``params`` runs a dataset of real photos without the keys of the real-photo
+    profile (``params-real.yaml``: the recipe chosen on real captions) -> the keys that differ."""
+    raw = yaml.safe_load(params.read_text())
+    if not profile.is_file() or not isinstance(raw, dict) or raw.get("data", {}).get("dataset") == "synthetic":
+        return None
+    differ = []
+    for item in overrides(load_overlay(profile)):
+        key, value = item.split("=", 1)
+        node: Any = raw
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is None or _override_value(node) != value:
+            differ.append(f"{key} ({_override_value(node) if node is not None else 'unset'} -> {value})")
+    if not differ:
+        return None
+    return (f"note: data.dataset {raw['data']['dataset']} holds real photos, but {params} keeps the synthetic "
+            f"recipe where {profile.name} (chosen on real captions, docs/real-data.md) differs: "
+            + ", ".join(differ) + f". Apply it: dvc exp run $(crossalign overlay {profile.name} --flag=-S)")
 
 
 # -------------------------------------------------------------------------------------- overlay

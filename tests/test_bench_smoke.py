@@ -16,6 +16,7 @@ Scripts and the test that runs them:
     bench.recipe_val        test_recipe_val (tests/test_bench_splits.py: --final refuses other arms)
     bench.sampler           test_sampler
     bench.scale             test_scale (its caption lengths from a fabricated COCO captions file)
+    bench.real_val          test_real_val (a tiny folder of generated photos in COCO caption format)
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from conftest import REPO, dump_params, make_tiny_features, tiny_config
 
@@ -307,3 +309,51 @@ def test_scale(tmp_path: Path):
     assert positive(pair["extrapolated_full_test_all_pairs_s"])
     assert not (cache / "data").exists() and not (cache / "models").exists()  # removed without --keep
     assert "build cache" in done.stdout
+
+
+# ------------------------------------------------------------------ real_val
+def coco_folder(root: Path, sizes: dict[str, int]) -> Path:
+    """A COCO-caption-format folder of small generated JPEGs, two captions each."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    words = ["a dog on a red couch", "two people walking near a lake", "a cat under a wooden table",
+             "a man riding a blue bike", "children playing in the snow", "a bird above the water"]
+    (root / "images").mkdir(parents=True)
+    (root / "annotations").mkdir()
+    next_id = 1
+    for split, n in sizes.items():
+        images, anns = [], []
+        for _ in range(n):
+            name = f"{next_id:04d}.jpg"
+            Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(root / "images" / name)
+            images.append({"id": next_id, "file_name": name, "width": 64, "height": 48})
+            for k in range(2):
+                anns.append({"id": 10 * next_id + k, "image_id": next_id,
+                             "caption": words[(next_id + 3 * k) % len(words)]})
+            next_id += 1
+        (root / "annotations" / f"captions_{split}.json").write_text(
+            json.dumps({"images": images, "annotations": anns}))
+    return root
+
+
+def test_real_val(tmp_path: Path):
+    folder = coco_folder(tmp_path / "photos", {"train": 8, "val": 4, "test": 4})
+    out, work = tmp_path / "real.json", tmp_path / "work"
+    arms = ["contrastive", "joint-real"]
+    done = run_bench("real_val", ["--arms", *arms, "--epochs", 1, "--folder", folder, "--work", work,
+                                  "--alphas", 0.0, 1.0, "--out", out], tmp_path, timeout=600)
+    r = json.loads(out.read_text())
+    assert r["split"] == "val"
+    assert [run["arm"] for run in r["runs"]] == arms
+    plain, real = r["runs"]
+    assert plain["set"] == ["train.epochs=1"] and plain["folder"] == "photos"
+    profile = yaml.safe_load((REPO / "params-real.yaml").read_text())
+    assert "train.caption_negatives=%d" % profile["train"]["caption_negatives"] in real["set"]
+    assert real["set"][-1] == "train.epochs=1"
+    for run in r["runs"]:
+        assert 0 < run["val_rsum"] <= 600 and run["best_epoch"] == 1
+    assert "by_alpha" not in plain and set(real["by_alpha"]) == {"0.0", "1.0"}
+    assert all(0 < v <= 600 for v in real["by_alpha"].values())
+    assert (work / "data/features/val/format.json").exists()  # --work keeps the features
+    assert done.stdout.splitlines()[0].startswith("contrastive") and "val RSUM" in done.stdout

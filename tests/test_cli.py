@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+import yaml
 import torch
 from PIL import Image
 
@@ -161,7 +162,7 @@ def test_check_suggests_the_key_a_typo_meant(repo_root, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "train.epoch: unknown key (value 3); did you mean `epochs`?" in err
     assert ("train.epochs (read by tune@concat_mlp, tune@cross_attention, tune@contrastive, tune@joint, "
-            "train@concat_mlp, train@cross_attention, train@contrastive, train@joint)") in err
+            "train@concat_mlp, train@cross_attention, train@contrastive, train@joint, select)") in err
     assert "Nothing was run" in err
 
 
@@ -310,3 +311,27 @@ def test_make_run_ends_with_the_summary_and_its_time(repo_root):
     steps = [step for step in ("crossalign check", "dvc repro", "crossalign summary --elapsed") if step in recipe]
     assert steps == ["crossalign check", "dvc repro", "crossalign summary --elapsed"]
     assert recipe.index("crossalign check") < recipe.index("dvc repro") < recipe.index("crossalign summary")
+
+
+def test_check_notes_a_real_dataset_run_without_the_real_profile(repo_root, tmp_path, capsys):
+    """A dataset of real photos with the synthetic recipe: check passes and names each key where
+    params-real.yaml differs; with the profile's values written in, or on synthetic data, no note."""
+    text = (repo_root / "params.yaml").read_text()
+    dataset = next(ln for ln in text.splitlines() if ln.startswith("  dataset: synthetic"))
+    folder = next(ln for ln in text.splitlines() if ln.startswith("  folder: null"))
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "params-real.yaml").write_text("train:\n  caption_negatives: 0\nmethods:\n  joint:\n    matcher: cross\n")
+    argv = ["check", "--params", str(tmp_path / "params.yaml"), "--dvc-yaml", str(repo_root / "dvc.yaml")]
+    _write(tmp_path / "params.yaml", text)
+    assert cli.main(argv) == 0 and "note:" not in capsys.readouterr().out  # synthetic: the shipped recipe
+    real = text.replace(dataset, "  dataset: coco-folder").replace(folder, "  folder: photos")
+    _write(tmp_path / "params.yaml", real)
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "note: data.dataset coco-folder holds real photos" in out
+    assert "train.caption_negatives (1 -> 0), methods.joint.matcher (late -> cross)." in out
+    assert "dvc exp run $(crossalign overlay params-real.yaml --flag=-S)" in out
+    applied = yaml.safe_load(real)
+    applied["train"]["caption_negatives"], applied["methods"]["joint"]["matcher"] = 0, "cross"
+    _write(tmp_path / "params.yaml", yaml.safe_dump(applied, sort_keys=False))
+    assert cli.main(argv) == 0 and "note:" not in capsys.readouterr().out
