@@ -51,7 +51,7 @@ ARMS = {
                                                ["train.caption_negatives=1", "train.binding_rank_weight=1.0"]),
     "contrastive": ("contrastive", False, []),
     "contrastive-real": ("contrastive", True, []),
-    "contrastive-real-dropout-0.2": ("contrastive", True, ["methods.contrastive.dropout=0.2"]),
+    "contrastive-real-dropout-0.1": ("contrastive", True, ["methods.contrastive.dropout=0.1"]),
     "joint": ("joint", False, []),
     "joint-real": ("joint", True, []),
     "joint-real-itc-tokens": ("joint", True, ["methods.joint.itc_input=tokens"]),
@@ -59,6 +59,13 @@ ARMS = {
     "joint-real-caption-negatives": ("joint", True, ["train.caption_negatives=1", "train.binding_rank_weight=1.0"]),
 }
 REAL_FOLDER = "flickr8k-dev"
+ARM_METHODS = {method for method, _, _ in ARMS.values()}
+
+
+def reads(method: str, override: str) -> bool:
+    """Whether ``method`` reads the key of ``override`` (``methods.<another method>.*`` it does not)."""
+    parts = override.split("=", 1)[0].split(".")
+    return not (parts[0] == "methods" and len(parts) > 2 and parts[1] in ARM_METHODS and parts[1] != method)
 
 
 def build_features(work: Path, folder: Path, params: Path) -> None:
@@ -144,8 +151,9 @@ def main(argv: list[str] | None = None) -> int:
         for arm in args.arms:
             method, real, sets = ARMS[arm]
             sets = [*(profile if real else []), *sets, *([f"train.epochs={args.epochs}"] if args.epochs else [])]
-            if any(r["arm"] == arm and r["set"] == sets and r["split"] == split and r["folder"] == folder.name
-                   for r in runs):
+            sets = [s for s in sets if reads(method, s)]
+            if any(r["arm"] == arm and [s for s in r["set"] if reads(method, s)] == sets and r["split"] == split
+                   and r["folder"] == folder.name for r in runs):
                 continue
             load = os.getloadavg()
             result = measure(work, method, sets, split, args.threads, args.alphas)
