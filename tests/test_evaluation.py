@@ -24,8 +24,10 @@ torch.set_num_threads(1)
                                               ("concat_mlp", "exact all-pairs (blocks 8x16)")])
 def test_evaluate_writes_metrics_scores_ranks(tmp_path, method, protocol):
     # joint: the matcher re-ranks a deep shortlist (12 of 32 captions, where true captions of this
-    # untrained model lie), mostly by its own score: a wrong shortlist or fusion changes ranks
-    cfg = tiny_config(tmp_path, methods={"joint": {"fusion_alpha": 0.9, "shortlist_k": 12}})
+    # untrained model lie), mostly by its own score: a wrong shortlist or fusion changes ranks.
+    # evaluate.fusion_alphas [] is the fixed-alpha switch: joint ranks at its own fusion_alpha
+    cfg = tiny_config(tmp_path, methods={"joint": {"fusion_alpha": 0.9, "shortlist_k": 12}},
+                      evaluate={"fusion_alphas": []})
     write_split_features(tmp_path)
     path = save_model(cfg, tmp_path, method, 0, mlflow_run=False)
     if method == "joint":  # a freshly initialised matcher scores every pair about the same: spread it
@@ -42,6 +44,7 @@ def test_evaluate_writes_metrics_scores_ranks(tmp_path, method, protocol):
     assert read_json(tmp_path / "metrics" / f"{method}.json") == evaluation.metrics_summary(result)
     assert not (tmp_path / "mlruns").exists()  # trained without tracking: no store is created
     assert result["protocol"].startswith(protocol) and "full split" in result["protocol"]
+    assert "fusion" not in result and "chosen on val" not in result["protocol"]  # fixed alpha: nothing chosen
     for split in ("val", "test"):
         assert set(METRIC_KEYS) <= set(result[split])
     # the written numbers against an independent computation: every pair scored on its own (no
