@@ -242,3 +242,37 @@ def test_each_fold_equals_evaluating_that_fold_alone(tmp_path, monkeypatch, meth
         i2t, t2i = score_matrices(model, split, "cpu", 8, 16)
         cut = protocol.coco_metrics(i2t, t2i, split.caption_image_index)[0]["1k"]
         assert cut["rsum"] != pytest.approx(metrics["1k"]["rsum"])
+
+
+def test_registered_reranker_ranks_at_the_alpha_chosen_on_val(tmp_path):
+    """joint trained with fusion_alpha 0.9, evaluated over the grid [0, 1]: its run gets a model
+    ranking at the chosen alpha, select registers that one, and the champion loaded from the
+    registry (what `crossalign search` and a served pyfunc use) ranks at it, same weights."""
+    from crossalign.select import stage as selection
+    from crossalign.select.search import load_champion
+
+    cfg = tiny_config(tmp_path, methods={"joint": {"fusion_alpha": 0.9}}, evaluate={"fusion_alphas": [0.0, 1.0]})
+    write_split_features(tmp_path)
+    path = save_model(cfg, tmp_path, "joint", 0)  # with its training run (which registered version 1 at 0.9)
+    result = evaluation.run(cfg, "joint", tmp_path)
+    alpha = result["fusion"]["alpha"]
+    assert alpha in (0.0, 1.0) and result["fusion"]["per_seed"]["0"]["mlflow_model"] == f"model-alpha-{alpha:g}"
+    evaluation.run(cfg, "joint", tmp_path)  # a rerun logs no second copy of that model
+
+    candidate = selection._candidate(cfg, tmp_path, "joint", result)
+    versions = registry.register_versions(cfg, tmp_path, {"joint": candidate})
+    registry.set_champion(cfg, tmp_path, versions["joint"])
+    champion, _ = load_champion(cfg, tmp_path)  # what `crossalign search` ranks with
+    assert champion.rerank.alpha == alpha and champion.rerank.k == cfg.methods.joint.shortlist_k
+    trained, _ = load_aligner(path)
+    assert trained.rerank.alpha == 0.9  # the DVC out is untouched
+    assert all(torch.equal(a, b) for a, b in zip(champion.state_dict().values(), trained.state_dict().values()))
+    with registry.using(cfg, tmp_path) as client:
+        version = client.get_model_version(cfg.tracking.registered_model, versions["joint"])
+        assert version.tags["fusion_alpha"] == f"{alpha:.4f}" and "chosen on val" in version.description
+        exp = client.get_experiment_by_name(cfg.tracking.experiment).experiment_id
+        (run,) = client.search_runs([exp])
+        assert run.info.status == "FINISHED" and run.data.metrics["eval_fusion_alpha"] == alpha
+        assert len(registry.logged_model_ids(client, run.info.run_id, f"model-alpha-{alpha:g}")) == 1
+    # registering again reuses that version
+    assert registry.register_versions(cfg, tmp_path, {"joint": candidate}) == versions

@@ -131,7 +131,8 @@ def swap_lines(metrics: dict[str, dict]) -> list[str]:
     :mod:`crossalign.evaluate.swap`): one row per method, one column per perturbation kind (overall
     first), each cell the i2t accuracy with its 95 % image-bootstrap CI and the pairs it counts; a
     kind no test caption offered is "absent", never 0 %."""
-    probes = {m: x["test"]["swap_probe"] for m, x in metrics.items() if x["test"].get("swap_probe")}
+    probes = {m: x["test"]["swap_probe"] for m, x in metrics.items()
+              if x["test"].get("swap_probe") and not x["test"]["swap_probe"]["overall"].get("absent")}
     lines = ["", "## Caption-swap probe (true caption vs the same words bound differently, chance 50%)", ""]
     if not probes:
         return lines + ["No caption-swap pairs on the test split (`features.perturbations: 0`, or features "

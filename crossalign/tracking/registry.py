@@ -114,7 +114,7 @@ def register_versions(cfg: Config, root: Path, candidates: dict[str, dict]) -> d
                     **{k: f"{v:.4f}" if isinstance(v, float) else str(v) for k, v in cand.get("tags", {}).items()}}
             models = logged_model_ids(client, run_id, artifact)
             existing = [v for v in _versions(client, name) if v.run_id == run_id and (  # training may have registered it
-                v.model_id in models if v.model_id else artifact == MODEL_ARTIFACT)]
+                _model_id(v) in models if _model_id(v) else artifact == MODEL_ARTIFACT)]
             if existing:
                 version = existing[0].version
                 for k, v in tags.items():
@@ -142,6 +142,15 @@ def logged_model_ids(client: MlflowClient, run_id: str, artifact: str) -> set[st
         token = page.token
         if not token:
             return ids
+
+
+def _model_id(version) -> str | None:
+    """The logged model a registered version was made from (the store may leave ``model_id`` unset
+    and name it in ``source``, ``models:/<id>``); None for a version registered from run artifacts."""
+    if getattr(version, "model_id", None):
+        return version.model_id
+    source = version.source or ""
+    return source[len("models:/"):] if source.startswith("models:/m-") else None
 
 
 def _versions(client: MlflowClient, name: str) -> list:
