@@ -111,7 +111,8 @@ def fusion_protocol(protocol: str, fusion: dict[int, dict], grid: list[float]) -
         protocol = re.sub(r"alpha=\S+", "alpha per seed " + ", ".join(f"{a:g} (seed {s})" for s, a in chosen.items()),
                           protocol)
     rsum = fusion_record(fusion, grid, next(iter(fusion)))["val_rsum"]
-    text = f"{protocol}, chosen on val from alphas [{', '.join(f'{float(a):g}' for a in grid)}] by RSUM, ties to the smaller"
+    alphas = ", ".join(f"{float(a):g}" for a in grid)
+    text = f"{protocol}, chosen on val from alphas [{alphas}] by RSUM, ties to the smaller"
     shown = [f"at alpha 0, the shortlist's own similarity ranking: {rsum['0']:.1f}"] if "0" in rsum else []
     shown += [f"at {a:g}: {rsum[f'{a:g}']:.1f}" for a in sorted(set(chosen.values())) if a != 0]
     return f"{text} (val RSUM{', seed mean' if len(chosen) > 1 else ''} {'; '.join(shown)})"
@@ -171,7 +172,8 @@ class SplitEvaluation:
 
 
 def evaluate_split(model: torch.nn.Module, split: FeatureSplit, cfg: Config, device: torch.device,
-                   alphas: list[float] | tuple[float, ...] = (), negatives: HardNegatives | None = None) -> SplitEvaluation:
+                   alphas: list[float] | tuple[float, ...] = (),
+                   negatives: HardNegatives | None = None) -> SplitEvaluation:
     """Score one split with one model. The 1K folds of a 5K split are re-scored on their own when
     the method re-ranks a shortlist.
 

@@ -95,7 +95,8 @@ def log_fused_model(run_id: str, model_dir: Path, alpha: float, choice: dict) ->
         mlflow.start_run(run_id=run_id)
         try:
             mlflow.pyfunc.log_model(name=name, python_model=str(PYFUNC_CODE), pip_requirements=pip_requirements(),
-                                    artifacts={"weights": str(Path(model_dir) / WEIGHTS), "meta": str(Path(tmp) / META)})
+                                    artifacts={"weights": str(Path(model_dir) / WEIGHTS),
+                                               "meta": str(Path(tmp) / META)})
         finally:
             mlflow.end_run()  # FINISHED, as training left it: evaluate and select find finished runs only
     return name

@@ -342,7 +342,8 @@ def markdown(cfg: Config, selection: dict, metrics: dict[str, dict], figures: li
         control = next(iter(selection["gain_over_control"].values()))["control"]
         lines += ["", f"## Joint training vs ensembling ({control}, test; 95% bootstrap CI: {how})", "",
                   f"`{control}` is an evaluation-only control: the separately trained models' shortlist and "
-                  "matcher combined exactly as `joint` ranks (same shortlist k and fusion alpha). What `joint` "
+                  "matcher combined exactly as `joint` ranks (same shortlist k, fusion alpha chosen on val alike). "
+                  "What `joint` "
                   "gains over it is what training the two objectives together adds beyond an ensemble.", ""]
         lines += _gain_lines(selection["gain_over_control"], "")
     if selection.get("tuning"):

@@ -113,8 +113,8 @@ def register_versions(cfg: Config, root: Path, candidates: dict[str, dict]) -> d
             tags = {"method": method, "seed": str(cand["seed"]),
                     **{k: f"{v:.4f}" if isinstance(v, float) else str(v) for k, v in cand.get("tags", {}).items()}}
             models = logged_model_ids(client, run_id, artifact)
-            existing = [v for v in _versions(client, name) if v.run_id == run_id and (  # training may have registered it
-                _model_id(v) in models if _model_id(v) else artifact == MODEL_ARTIFACT)]
+            existing = [v for v in _versions(client, name)  # training registers its run's `model`
+                        if v.run_id == run_id and (_model_id(v) in models if _model_id(v) else artifact == MODEL_ARTIFACT)]
             if existing:
                 version = existing[0].version
                 for k, v in tags.items():
