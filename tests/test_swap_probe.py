@@ -234,3 +234,12 @@ def test_report_table_marks_absent_kinds_and_says_when_there_are_no_twins():
     assert f"| joint | {shown} | {shown} | {shown} | absent |" in text
     assert "contrastive" not in text  # no probe recorded: no row
     assert "No caption-swap pairs" in "\n".join(swap_lines({"joint": {"test": {}}}))
+
+
+def test_several_seeds_pool_each_pairs_comparisons_images_stay_the_unit(tmp_path):
+    _write_run_project(tmp_path)
+    result = evaluation.run(tiny_config(tmp_path, train={"seeds": [0, 1]}), "joint", tmp_path, loader=_table_loader)
+    pooled = result["test"]["swap_probe"]["overall"]
+    assert (pooled["pairs"], pooled["images"], pooled["comparisons"]) == (1, 1, 2)  # one pair, scored by two seeds
+    assert pooled["i2t"] == 100.0 and result["test"]["per_seed"]["1"]["swap_probe"]["overall"]["comparisons"] == 1
+    assert result["fusion"]["per_seed"].keys() == {"0", "1"} and result["fusion"]["alpha"] == 0.75

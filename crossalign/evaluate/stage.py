@@ -293,7 +293,8 @@ def run(cfg: Config, method: str, root: Path, loader: Loader | None = None, metr
         for split, e in (("val", v), ("test", t)):
             if e.swap is not None:
                 swaps[split], swap_tallies[split][seed] = e.swap, swap_probe.tallies(e.swap.wins(model))
-                e.metrics["swap_probe"] = swap_probe.probe(e.swap, swap_tallies[split][seed])
+                if len(cfg.train.seeds) > 1:  # one seed: its record is the pooled one below
+                    e.metrics["swap_probe"] = swap_probe.probe(e.swap, swap_tallies[split][seed])
         per_seed["val"][seed], per_seed["test"][seed] = v.metrics, t.metrics
         ranks[seed] = {"val_i2t": v.r_i2t, "val_t2i": v.r_t2i, "test_i2t": t.r_i2t, "test_t2i": t.r_t2i}
         if best is None or v.metrics["rsum"] > best[0]:
@@ -325,10 +326,9 @@ def run(cfg: Config, method: str, root: Path, loader: Loader | None = None, metr
         result[split]["swap_probe"] = swap_probe.probe(pairs, sum(swap_tallies[split].values()))
     for seed, sha in hashes.items():
         flat = {f"eval_{split}_{k}": per_seed[split][int(seed)][k] for split in ("val", "test") for k in METRIC_KEYS}
-        for split in ("val", "test"):
-            overall = per_seed[split][int(seed)].get("swap_probe", {}).get("overall", {})
-            if "i2t" in overall:
-                flat[f"eval_{split}_swap"] = overall["i2t"]
+        for split, per in swap_tallies.items():
+            if int(seed) in per and per[int(seed)].size:
+                flat[f"eval_{split}_swap"] = 100.0 * per[int(seed)][:, 0].sum() / per[int(seed)][:, 1].sum()
         if int(seed) in fusion:
             flat["eval_fusion_alpha"] = fusion[int(seed)]["alpha"]
         run_id = registry.log_to_seed_run(cfg, root, method, int(seed), sha, flat)
