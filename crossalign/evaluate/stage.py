@@ -1,18 +1,25 @@
 """``evaluate@<method>``: the COCO retrieval protocol on val and test for every trained seed.
 
-Reads ``models/<m>/final/seed-<s>/`` (one per ``train.seeds``), ``data/features/{val,test}``,
-``eval/test_index.json`` and ``eval/val_index.json`` (the val split's own binding twins: the probe
-is recorded on val, where recipe choices may read it, as well as on test); writes
+Reads ``models/<m>/final/seed-<s>/`` (one per ``train.seeds``), ``data/features/{val,test}``
+(with their perturbed captions for the caption-swap probe, :mod:`crossalign.evaluate.swap`),
+``eval/test_index.json`` and ``eval/val_index.json`` (the val split's own binding twins: the probes
+are recorded on val, where recipe choices may read them, as well as on test); writes
 
 - ``eval/<m>/`` (the stage's out): ``results.json`` (every metric, seed mean / std / per seed, the
-  binding probe in full, the protocol, the seeds, the seed whose scores were kept and each seed's
-  weights sha256), the test score matrix of that seed, and per-query ranks of every seed;
+  binding and caption-swap probes in full, the protocol, the seeds, the seed whose scores were kept,
+  each seed's weights sha256 and, for a re-ranking method, the ``fusion`` alpha chosen on val), the
+  test score matrix of that seed, and per-query ranks of every seed;
 - ``metrics/<m>.json``: the few numbers people compare, flat and rounded
   (:func:`metrics_summary`), so ``dvc metrics show`` stays one readable table.
 
+A re-ranking method (``joint``, the control) is scored on val at every ``evaluate.fusion_alphas``
+(shortlists and match scores computed once, re-fused per alpha); per seed the best val RSUM, ties
+to the smaller alpha, ranks test (``[]``: the model's own alpha).
+
 Nothing run-specific is written: each seed's MLflow run is found by its tags (method, seed,
-weights sha256) and gets the ``eval_*`` metrics; without tracking the metrics are not logged.
-The same pure chain serves every method: encode -> score -> ranks -> metrics.
+weights sha256) and gets the ``eval_*`` metrics, and, when val chose another alpha than the trained
+model's, a logged model ranking at it (which ``select`` registers); without tracking nothing is
+logged. The same pure chain serves every method: encode -> score -> ranks -> metrics.
 """
 from __future__ import annotations
 
