@@ -245,18 +245,19 @@ def test_each_fold_equals_evaluating_that_fold_alone(tmp_path, monkeypatch, meth
 
 
 def test_registered_reranker_ranks_at_the_alpha_chosen_on_val(tmp_path):
-    """joint trained with fusion_alpha 0.9, evaluated over the grid [0, 1]: its run gets a model
-    ranking at the chosen alpha, select registers that one, and the champion loaded from the
+    """joint trained with fusion_alpha 0.9, evaluated over the grid [0.25, 0.5]: its run gets a
+    model ranking at the chosen alpha, select registers that one, and the champion loaded from the
     registry (what `crossalign search` and a served pyfunc use) ranks at it, same weights."""
     from crossalign.select import stage as selection
     from crossalign.select.search import load_champion
 
-    cfg = tiny_config(tmp_path, methods={"joint": {"fusion_alpha": 0.9}}, evaluate={"fusion_alphas": [0.0, 1.0]})
+    cfg = tiny_config(tmp_path, methods={"joint": {"fusion_alpha": 0.9}}, evaluate={"fusion_alphas": [0.25, 0.5]})
     write_split_features(tmp_path)
     path = save_model(cfg, tmp_path, "joint", 0)  # with its training run (which registered version 1 at 0.9)
     result = evaluation.run(cfg, "joint", tmp_path)
     alpha = result["fusion"]["alpha"]
-    assert alpha in (0.0, 1.0) and result["fusion"]["per_seed"]["0"]["mlflow_model"] == f"model-alpha-{alpha:g}"
+    name = {0.25: "model-alpha-0p25", 0.5: "model-alpha-0p5"}[alpha]  # MLflow refuses "." in a model name
+    assert result["fusion"]["per_seed"]["0"]["mlflow_model"] == name
     evaluation.run(cfg, "joint", tmp_path)  # a rerun logs no second copy of that model
 
     candidate = selection._candidate(cfg, tmp_path, "joint", result)
@@ -273,6 +274,6 @@ def test_registered_reranker_ranks_at_the_alpha_chosen_on_val(tmp_path):
         exp = client.get_experiment_by_name(cfg.tracking.experiment).experiment_id
         (run,) = client.search_runs([exp])
         assert run.info.status == "FINISHED" and run.data.metrics["eval_fusion_alpha"] == alpha
-        assert len(registry.logged_model_ids(client, run.info.run_id, f"model-alpha-{alpha:g}")) == 1
+        assert len(registry.logged_model_ids(client, run.info.run_id, name)) == 1
     # registering again reuses that version
     assert registry.register_versions(cfg, tmp_path, {"joint": candidate}) == versions

@@ -63,8 +63,10 @@ def pip_requirements() -> list[str]:
 
 
 def fused_model_name(alpha: float) -> str:
-    """Name, inside its training run, of a re-ranking model logged to rank at fusion ``alpha``."""
-    return f"model-alpha-{alpha:g}"
+    """Name, inside its training run, of a re-ranking model logged to rank at fusion ``alpha``:
+    ``model-alpha-0p5`` for 0.5 (MLflow model names may not hold a "."; the float's repr, so two
+    alphas never share a name)."""
+    return "model-alpha-" + repr(float(alpha)).replace(".", "p")
 
 
 def log_fused_model(run_id: str, model_dir: Path, alpha: float, choice: dict) -> str:
