@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from conftest import tiny_config
+
 from crossalign.evaluate import stage as evaluation
 from crossalign.evaluate import swap
 from crossalign.features import hardneg
