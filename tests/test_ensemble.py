@@ -56,7 +56,8 @@ def test_evaluate_control_writes_metrics_like_a_method(tmp_path, monkeypatch):
     from tasks import evaluate_control
 
     cfg = tiny_config(tmp_path, train={"seeds": [0, 1]}, methods={"embed_dim": 16, "cross_attention": {"heads": 2},
-                                                                    "joint": {"shortlist_k": 5, "fusion_alpha": 0.7}})
+                                                                    "joint": {"shortlist_k": 5, "fusion_alpha": 0.7}},
+                      evaluate={"fusion_alphas": [0.0, 0.5, 1.0]})
     write_split_features(tmp_path)
     for seed in (0, 1):
         save_model(cfg, tmp_path, "contrastive", seed, mlflow_run=False, init_seed=10 + seed)
@@ -68,19 +69,37 @@ def test_evaluate_control_writes_metrics_like_a_method(tmp_path, monkeypatch):
     assert not (tmp_path / "metrics" / f"{CONTROL}.json").exists()  # a control is no row of `dvc metrics show`
     metrics = read_json(tmp_path / "eval" / CONTROL / "results.json")
     assert metrics["method"] == CONTROL and metrics["weights_sha256"] == {} and metrics["seeds"] == [0, 1]
-    assert "shortlist k=5 re-rank alpha=0.7" in metrics["protocol"]  # joint's k and alpha
     assert (tmp_path / "eval" / CONTROL / "ranks" / "seed-1" / "test_t2i.npy").exists()
     assert not (tmp_path / "models" / CONTROL).exists()
-    # seed 1 pairs the two methods' seed-1 models: its test metrics from a hand-built composite
-    test = load_features(tmp_path / "data" / "features" / "test")
-    torch.manual_seed(11)
-    e = build_aligner(cfg, "contrastive", IMAGE_DIM, TEXT_DIM).eval()
-    torch.manual_seed(21)
-    m = build_aligner(cfg, "cross_attention", IMAGE_DIM, TEXT_DIM).eval()
-    i2t, t2i = score_matrices(ensemble.Ensemble(e, m, Rerank(5, 0.7)), test)
-    seed1 = coco_metrics(i2t, t2i, test.caption_image_index)[0]
-    per_seed = metrics["test"]["per_seed"]["1"]
-    assert per_seed["rsum"] == pytest.approx(seed1["rsum"]) and per_seed["i2t_r1"] == pytest.approx(seed1["i2t_r1"])
+    # each seed pairs the two methods' models of that seed: a hand-built composite scored on val at
+    # every grid alpha (each alpha a whole ranking of its own), the best val RSUM (ties: the smaller
+    # alpha) is the control's alpha, and its test metrics are the composite's at that alpha
+    val, test = (load_features(tmp_path / "data" / "features" / s) for s in ("val", "test"))
+    for seed in (0, 1):
+        torch.manual_seed(10 + seed)
+        e = build_aligner(cfg, "contrastive", IMAGE_DIM, TEXT_DIM).eval()
+        torch.manual_seed(20 + seed)
+        m = build_aligner(cfg, "cross_attention", IMAGE_DIM, TEXT_DIM).eval()
+        val_rsum = {a: coco_metrics(*score_matrices(ensemble.Ensemble(e, m, Rerank(5, a)), val),
+                                    val.caption_image_index)[0]["rsum"] for a in (0.0, 0.5, 1.0)}
+        chosen = max(val_rsum, key=lambda a: (val_rsum[a], -a))
+        fusion = metrics["fusion"]["per_seed"][str(seed)]
+        assert fusion["val_rsum"] == pytest.approx({f"{a:g}": r for a, r in val_rsum.items()})
+        assert fusion["alpha"] == chosen and "mlflow_model" not in fusion  # a control is never registered
+        i2t, t2i = score_matrices(ensemble.Ensemble(e, m, Rerank(5, chosen)), test)
+        want = coco_metrics(i2t, t2i, test.caption_image_index)[0]
+        per_seed = metrics["test"]["per_seed"][str(seed)]
+        assert per_seed["rsum"] == pytest.approx(want["rsum"]) and per_seed["i2t_r1"] == pytest.approx(want["i2t_r1"])
+    assert "chosen on val from alphas [0, 0.5, 1]" in metrics["protocol"]
+
+    # evaluate.fusion_alphas: [] ranks at joint's fusion_alpha, as the control always did
+    (tmp_path / "params.yaml").write_text(dump_params(tiny_config(
+        tmp_path, train={"seeds": [0, 1]}, methods={"embed_dim": 16, "cross_attention": {"heads": 2},
+                                                     "joint": {"shortlist_k": 5, "fusion_alpha": 0.7}},
+        evaluate={"fusion_alphas": []})))
+    assert evaluate_control.main(["--control", CONTROL]) == 0
+    fixed = read_json(tmp_path / "eval" / CONTROL / "results.json")
+    assert "shortlist k=5 re-rank alpha=0.7;" in fixed["protocol"] and "fusion" not in fixed
 
 
 def _ranks(rng, p_hit):

@@ -24,8 +24,10 @@ torch.set_num_threads(1)
                                               ("concat_mlp", "exact all-pairs (blocks 8x16)")])
 def test_evaluate_writes_metrics_scores_ranks(tmp_path, method, protocol):
     # joint: the matcher re-ranks a deep shortlist (12 of 32 captions, where true captions of this
-    # untrained model lie), mostly by its own score: a wrong shortlist or fusion changes ranks
-    cfg = tiny_config(tmp_path, methods={"joint": {"fusion_alpha": 0.9, "shortlist_k": 12}})
+    # untrained model lie), mostly by its own score: a wrong shortlist or fusion changes ranks.
+    # evaluate.fusion_alphas [] is the fixed-alpha switch: joint ranks at its own fusion_alpha
+    cfg = tiny_config(tmp_path, methods={"joint": {"fusion_alpha": 0.9, "shortlist_k": 12}},
+                      evaluate={"fusion_alphas": []})
     write_split_features(tmp_path)
     path = save_model(cfg, tmp_path, method, 0, mlflow_run=False)
     if method == "joint":  # a freshly initialised matcher scores every pair about the same: spread it
@@ -42,6 +44,7 @@ def test_evaluate_writes_metrics_scores_ranks(tmp_path, method, protocol):
     assert read_json(tmp_path / "metrics" / f"{method}.json") == evaluation.metrics_summary(result)
     assert not (tmp_path / "mlruns").exists()  # trained without tracking: no store is created
     assert result["protocol"].startswith(protocol) and "full split" in result["protocol"]
+    assert "fusion" not in result and "chosen on val" not in result["protocol"]  # fixed alpha: nothing chosen
     for split in ("val", "test"):
         assert set(METRIC_KEYS) <= set(result[split])
     # the written numbers against an independent computation: every pair scored on its own (no
@@ -239,3 +242,38 @@ def test_each_fold_equals_evaluating_that_fold_alone(tmp_path, monkeypatch, meth
         i2t, t2i = score_matrices(model, split, "cpu", 8, 16)
         cut = protocol.coco_metrics(i2t, t2i, split.caption_image_index)[0]["1k"]
         assert cut["rsum"] != pytest.approx(metrics["1k"]["rsum"])
+
+
+def test_registered_reranker_ranks_at_the_alpha_chosen_on_val(tmp_path):
+    """joint trained with fusion_alpha 0.9, evaluated over the grid [0.25, 0.5]: its run gets a
+    model ranking at the chosen alpha, select registers that one, and the champion loaded from the
+    registry (what `crossalign search` and a served pyfunc use) ranks at it, same weights."""
+    from crossalign.select import stage as selection
+    from crossalign.select.search import load_champion
+
+    cfg = tiny_config(tmp_path, methods={"joint": {"fusion_alpha": 0.9}}, evaluate={"fusion_alphas": [0.25, 0.5]})
+    write_split_features(tmp_path)
+    path = save_model(cfg, tmp_path, "joint", 0)  # with its training run (which registered version 1 at 0.9)
+    result = evaluation.run(cfg, "joint", tmp_path)
+    alpha = result["fusion"]["alpha"]
+    name = {0.25: "model-alpha-0p25", 0.5: "model-alpha-0p5"}[alpha]  # MLflow refuses "." in a model name
+    assert result["fusion"]["per_seed"]["0"]["mlflow_model"] == name
+    evaluation.run(cfg, "joint", tmp_path)  # a rerun logs no second copy of that model
+
+    candidate = selection._candidate(cfg, tmp_path, "joint", result)
+    versions = registry.register_versions(cfg, tmp_path, {"joint": candidate})
+    registry.set_champion(cfg, tmp_path, versions["joint"])
+    champion, _ = load_champion(cfg, tmp_path)  # what `crossalign search` ranks with
+    assert champion.rerank.alpha == alpha and champion.rerank.k == cfg.methods.joint.shortlist_k
+    trained, _ = load_aligner(path)
+    assert trained.rerank.alpha == 0.9  # the DVC out is untouched
+    assert all(torch.equal(a, b) for a, b in zip(champion.state_dict().values(), trained.state_dict().values()))
+    with registry.using(cfg, tmp_path) as client:
+        version = client.get_model_version(cfg.tracking.registered_model, versions["joint"])
+        assert version.tags["fusion_alpha"] == f"{alpha:.4f}" and "chosen on val" in version.description
+        exp = client.get_experiment_by_name(cfg.tracking.experiment).experiment_id
+        (run,) = client.search_runs([exp])
+        assert run.info.status == "FINISHED" and run.data.metrics["eval_fusion_alpha"] == alpha
+        assert len(registry.logged_model_ids(client, run.info.run_id, name)) == 1
+    # registering again reuses that version
+    assert registry.register_versions(cfg, tmp_path, {"joint": candidate}) == versions

@@ -70,7 +70,12 @@ def test_report_writes_markdown_and_pngs(evaluated):
         assert row["binding_probe"] == {k: probe["overall"][k] for k in ("i2t", "t2i", "mean", "ci95")}
     assert "no training curve for concat_mlp" in md  # absent curve is said, not hidden
     assert f"![{report.T2I_PNG}]({report.T2I_PNG})" in md
-    assert "shortlist k=4 re-rank alpha=0.75" in md  # methods.joint.fusion_alpha default
+    fusion = read_json(root / "eval" / "joint" / "results.json")["fusion"]  # joint's alpha, chosen on val
+    assert (f"shortlist k=4 re-rank alpha={fusion['alpha']}, chosen on val from alphas [0, 0.25, 0.5, 0.75, 1]" in md
+            and f"at alpha 0, the shortlist's own similarity ranking: {fusion['val_rsum']['0']:.1f}" in md)
+    # the tiny features carry no perturbed caption: the caption-swap section says so, after the binding probe
+    assert md.index("## Binding probe") < md.index("## Caption-swap probe") < md.index("## Protocol")
+    assert "No caption-swap pairs on the test split" in md
     other = next(m for m in sel["champion_vs"])
     assert f"- {sel['champion']} vs **{other}**: {sel['champion_vs'][other]['text']}" in md
     assert "| concat_mlp | 1,234,567 | no: every pair |" in md and "(../costs/costs.md)" in md

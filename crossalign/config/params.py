@@ -259,9 +259,21 @@ class EvaluateParams(Section):
     block_texts: int = Field(1024, ge=1, description="captions per block of exact all-pairs scoring")
     pair_chunk: int = Field(4096, ge=1, description="pairs per match() call when re-ranking a shortlist")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    fusion_alphas: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0],
+                                       description="re-ranking methods (joint, the control): fusion alphas scored on "
+                                                   "val, the best val RSUM ranks test (ties: the smaller); "
+                                                   "[] = the fixed methods.joint.fusion_alpha")
     controls: list[str] = Field(default_factory=lambda: list(CONTROL_PARTS),
                                 description="evaluation-only controls (dvc.yaml foreach evaluate_control); "
                                             "both parts must be in train.methods")
+
+    @field_validator("fusion_alphas")
+    @classmethod
+    def _alphas_in_unit_interval(cls, value: list[float]) -> list[float]:
+        outside = [a for a in value if not 0.0 <= a <= 1.0]
+        if outside:
+            raise ValueError(f"fusion alphas {outside} outside [0, 1] (score = a*match + (1-a)*similarity)")
+        return value
 
     @field_validator("controls")
     @classmethod

@@ -2,9 +2,10 @@
 
 ``contrastive+cross_attention`` is the control of ``joint``: the trained ``contrastive`` dual
 encoder makes the similarity shortlist, the trained ``cross_attention`` matcher re-ranks it, with
-joint's ``shortlist_k`` and ``fusion_alpha`` (``methods.joint.*``), i.e. exactly joint's ranking
-(``alpha * match + (1 - alpha) * similarity`` on the top-k) with nothing trained together. What
-joint scores above it is what joint *training* adds beyond ensembling two models.
+joint's ``shortlist_k`` (``methods.joint.*``) and its alpha chosen on val as joint's is
+(``evaluate.fusion_alphas``; joint's ``fusion_alpha`` when that grid is empty), i.e. exactly joint's
+ranking (``alpha * match + (1 - alpha) * similarity`` on the top-k) with nothing trained together.
+What joint scores above it is what joint *training* adds beyond ensembling two models.
 
 :class:`Ensemble` is an ordinary :class:`~crossalign.methods.base.Aligner` (embeds and matches,
 ``rerank`` set), so ``crossalign.evaluate.stage.run`` scores it unchanged through :func:`loader`.
@@ -78,7 +79,8 @@ def parts(control: str) -> tuple[str, str]:
 
 
 def build(cfg: Config, embedder: Aligner, matcher: Aligner) -> Ensemble:
-    """The composite with joint's shortlist size and fusion weight."""
+    """The composite with joint's shortlist size and fusion weight (the evaluation re-chooses the
+    weight on val unless ``evaluate.fusion_alphas`` is empty)."""
     j = cfg.methods.joint
     return Ensemble(embedder, matcher, Rerank(j.shortlist_k, j.fusion_alpha))
 

@@ -9,7 +9,8 @@ import mlflow
 import numpy as np
 import torch
 
-from crossalign.methods import load_aligner
+from crossalign.io import read_json
+from crossalign.methods import META, WEIGHTS, load_aligner
 from crossalign.methods.base import Aligner
 
 
@@ -50,3 +51,55 @@ class AlignerModel(mlflow.pyfunc.PythonModel):
             else:
                 scores = a.similarity(im, tx) if a.embeds else a.match_block(im, tx)
         return scores.float().numpy()
+
+
+PYFUNC_CODE = Path(__file__).resolve().with_name("pyfunc_model.py")  # the "models from code" entry point
+
+
+def pip_requirements() -> list[str]:
+    """What a logged model needs to load (torch and mlflow pinned to this environment's)."""
+    return [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}", "safetensors", "numpy",
+            "crossalign"]
+
+
+def fused_model_name(alpha: float) -> str:
+    """Name, inside its training run, of a re-ranking model logged to rank at fusion ``alpha``:
+    ``model-alpha-0p5`` for 0.5 (MLflow model names may not hold a "."; the float's repr, so two
+    alphas never share a name)."""
+    return "model-alpha-" + repr(float(alpha)).replace(".", "p")
+
+
+def log_fused_model(run_id: str, model_dir: Path, alpha: float, choice: dict) -> str:
+    """Log to the finished run ``run_id`` the re-ranking model of ``model_dir`` ranking at fusion
+    ``alpha``: the same weights, a copy of its ``model.json`` with the method's ``fusion_alpha`` set
+    to ``alpha`` and ``fusion_alpha_choice`` = ``choice`` (how it was chosen), under
+    :func:`fused_model_name` -> that name. A run already holding a model of that name keeps it
+    (the same weights at the same alpha). Uses the current tracking URI; the run ends FINISHED."""
+    import json
+    import tempfile
+
+    from mlflow import MlflowClient
+
+    from crossalign.tracking.registry import logged_model_ids
+
+    name = fused_model_name(alpha)
+    if logged_model_ids(MlflowClient(), run_id, name):
+        return name
+    meta = read_json(Path(model_dir) / META)
+    params = meta.get("methods", {}).get(meta.get("method"))
+    if not isinstance(params, dict) or "fusion_alpha" not in params:
+        raise ValueError(f"{Path(model_dir) / META}: methods.{meta.get('method')} has no fusion_alpha: "
+                         "not a re-ranking model")
+    params["fusion_alpha"] = float(alpha)
+    meta["fusion_alpha_choice"] = choice
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / META).write_text(json.dumps(meta, indent=2) + "\n")
+        mlflow.start_run(run_id=run_id)
+        try:
+            mlflow.pyfunc.log_model(name=name, python_model=str(PYFUNC_CODE), pip_requirements=pip_requirements(),
+                                    artifacts={"weights": str(Path(model_dir) / WEIGHTS),
+                                               "meta": str(Path(tmp) / META)})
+        finally:
+            mlflow.end_run()  # FINISHED, as training left it: evaluate and select find finished runs only
+    return name
+

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -131,13 +132,7 @@ def score_states(model: Aligner, images: State, texts: State, block_images: int 
     """
     n, m = _rows(images), _rows(texts)
     if model.embeds:
-        parts = []
-        with _Meter("similarity", n * m, progress) as meter:
-            for s in range(0, n, block_images):
-                parts.append(model.similarity(index_state(images, slice(s, s + block_images)), texts).float())
-                meter.update(parts[-1].numel())
-        sim = torch.cat(parts)  # (N, M)
-        del parts
+        sim = _similarity(model, images, texts, block_images, progress)  # (N, M)
         if model.rerank is None:
             out = sim.cpu().numpy()
             return out, out
@@ -156,6 +151,18 @@ def score_states(model: Aligner, images: State, texts: State, block_images: int 
     return out, out
 
 
+def _similarity(model: Aligner, images: State, texts: State, block_images: int,
+                progress: bool | None) -> Tensor:
+    """All-pairs embedding similarity (N, M), ``block_images`` rows at a time."""
+    n, m = _rows(images), _rows(texts)
+    parts = []
+    with _Meter("similarity", n * m, progress) as meter:
+        for s in range(0, n, block_images):
+            parts.append(model.similarity(index_state(images, slice(s, s + block_images)), texts).float())
+            meter.update(parts[-1].numel())
+    return torch.cat(parts)  # (N, M)
+
+
 def fold_scores(model: Aligner, images: State, texts: State, caption_image: np.ndarray, block_images: int = 64,
                 block_texts: int = 512, pair_chunk: int = 4096,
                 progress: bool | None = None) -> list[tuple[np.ndarray, np.ndarray]] | None:
@@ -163,6 +170,14 @@ def fold_scores(model: Aligner, images: State, texts: State, caption_image: np.n
     shortlists come from the fold's own similarities (a fold cut out of the 5K matrices would
     re-rank only its members of the 5K top-k). None when the method does not re-rank (its fold
     scores are sub-matrices of the full ones) or the split has no folds."""
+    parts = fold_shortlists(model, images, texts, caption_image, block_images, pair_chunk, progress)
+    return None if parts is None else [p.scores(model.rerank.alpha) for p in parts]
+
+
+def fold_shortlists(model: Aligner, images: State, texts: State, caption_image: np.ndarray, block_images: int = 64,
+                    pair_chunk: int = 4096, progress: bool | None = None) -> list[Shortlists] | None:
+    """:func:`shortlists` of each 1K fold on its own (see :func:`fold_scores`); None when the
+    method does not re-rank or the split has no folds."""
     n = _rows(images)
     if model.rerank is None or not fold_slices(n):
         return None
@@ -170,8 +185,8 @@ def fold_scores(model: Aligner, images: State, texts: State, caption_image: np.n
     out = []
     for rows in fold_slices(n):
         cols = torch.from_numpy(fold_captions(caption_image, rows))  # (Mf,)
-        out.append(score_states(model, index_state(images, rows), index_state(texts, cols), block_images,
-                                block_texts, pair_chunk, progress))
+        out.append(shortlists(model, index_state(images, rows), index_state(texts, cols), block_images,
+                              pair_chunk, progress))
     return out
 
 
@@ -196,33 +211,110 @@ def score_matrices(model: Aligner, split: FeatureSplit, device: torch.device | s
 
 def _rerank(model: Aligner, images: State, texts: State, sim: Tensor,
             pair_chunk: int, progress: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """ALBEF two-stage ranking: shortlist top-k by similarity, re-rank it by the fused score.
-
-    ``match`` runs on at most ``pair_chunk`` pairs at a time. Shortlisted entries are then
-    shifted by one constant (over all chunks) so they lie above every non-shortlisted score,
-    their order unchanged; the rest keep their similarity order.
-    """
+    """ALBEF two-stage ranking at the model's own ``rerank.alpha`` (see :class:`Shortlists`)."""
     assert model.rerank is not None
-    k, alpha = model.rerank.k, model.rerank.alpha
-    n, m = sim.shape
-    ceiling = float(sim.max()) + 1.0
+    return _shortlists(model, images, texts, sim, pair_chunk, progress).scores(model.rerank.alpha)
 
-    def lifted(ii: Tensor, tt: Tensor, what: str) -> Tensor:
-        fused = torch.empty(ii.shape[0], device=sim.device)  # (P,)
+
+@dataclass
+class Shortlists:
+    """A re-ranking method's two stages, each computed once: the similarity matrix, every query's
+    top-k by similarity and the matcher's score of each shortlisted pair. :meth:`scores` fuses
+    them at any alpha, so a grid of alphas costs one matcher pass, not one per alpha."""
+
+    sim: Tensor  # (N, M) similarity
+    i2t_pairs: tuple[Tensor, Tensor]  # (N*k,) image rows, (N*k,) caption columns: each image's top-k captions
+    i2t_match: Tensor  # (N*k,) match score of each of those pairs
+    t2i_pairs: tuple[Tensor, Tensor]  # (k*M,) image rows, caption columns: each caption's top-k images
+    t2i_match: Tensor  # (k*M,)
+
+    def scores(self, alpha: float) -> tuple[np.ndarray, np.ndarray]:
+        """(i2t, t2i) float32 [N, M] ranked at ``alpha``: each shortlisted entry is
+        ``alpha * match + (1 - alpha) * sim``, shifted by one constant (over the whole matrix) so
+        it lies above every non-shortlisted score, its order unchanged; the rest keep their
+        similarity. At alpha 0 this is the similarity ranking itself."""
+        ceiling = float(self.sim.max()) + 1.0
+        out = []
+        for (ii, tt), match in ((self.i2t_pairs, self.i2t_match), (self.t2i_pairs, self.t2i_match)):
+            scores = self.sim.clone()
+            fused = fuse(alpha, match, self.sim[ii, tt])  # (P,)
+            scores[ii, tt] = fused - fused.min() + ceiling
+            out.append(scores.cpu().numpy())
+            del scores
+        return out[0], out[1]
+
+
+def fuse(alpha: float, match: Tensor, sim: Tensor) -> Tensor:
+    """The score a re-ranking method ranks a shortlisted pair by: ``alpha * match + (1 - alpha) * sim``."""
+    return alpha * match + (1 - alpha) * sim
+
+
+@torch.inference_mode()
+def shortlists(model: Aligner, images: State, texts: State, block_images: int = 64, pair_chunk: int = 4096,
+               progress: bool | None = None) -> Shortlists:
+    """The :class:`Shortlists` of a re-ranking method (``model.rerank`` set) on encoded states."""
+    if model.rerank is None or not model.embeds:
+        raise TypeError(f"{type(model).__name__} does not re-rank a similarity shortlist")
+    return _shortlists(model, images, texts, _similarity(model, images, texts, block_images, progress),
+                       pair_chunk, progress)
+
+
+def _shortlists(model: Aligner, images: State, texts: State, sim: Tensor, pair_chunk: int,
+                progress: bool | None = None) -> Shortlists:
+    """Shortlist top-k by similarity both ways and score each shortlisted pair with ``match``,
+    at most ``pair_chunk`` pairs per call."""
+    assert model.rerank is not None
+    k = model.rerank.k
+    n, m = sim.shape
+
+    def matched(ii: Tensor, tt: Tensor, what: str) -> Tensor:
+        out = torch.empty(ii.shape[0], device=sim.device)  # (P,)
         with _Meter(what, ii.shape[0], progress) as meter:
             for s in range(0, ii.shape[0], pair_chunk):
                 a, b = ii[s:s + pair_chunk], tt[s:s + pair_chunk]
-                match = model.match(index_state(images, a), index_state(texts, b)).float()  # (p,)
-                fused[s:s + pair_chunk] = alpha * match + (1 - alpha) * sim[a, b]
+                out[s:s + pair_chunk] = model.match(index_state(images, a), index_state(texts, b)).float()  # (p,)
                 meter.update(a.shape[0])
-        return fused - fused.min() + ceiling
+        return out
 
-    i2t, t2i = sim.clone(), sim.clone()  # both up front: peak memory is reached before the slow part
     top = sim.topk(min(k, m), dim=1).indices.reshape(-1)  # (N*k,)
     ii = torch.arange(n, device=sim.device).repeat_interleave(min(k, m))  # (N*k,)
-    i2t[ii, top] = lifted(ii, top, "re-rank i2t shortlist")
+    i2t = (ii, top), matched(ii, top, "re-rank i2t shortlist")
     top = sim.topk(min(k, n), dim=0).indices.reshape(-1)  # (k*M,) row-major over (k, M)
     tt = torch.arange(m, device=sim.device).repeat(min(k, n))  # (k*M,)
-    t2i[top, tt] = lifted(top, tt, "re-rank t2i shortlist")
-    return i2t.cpu().numpy(), t2i.cpu().numpy()
+    t2i = (top, tt), matched(top, tt, "re-rank t2i shortlist")
+    return Shortlists(sim, i2t[0], i2t[1], t2i[0], t2i[1])
 
+
+@torch.inference_mode()
+def pair_parts(model: Aligner, images: State, texts: State, image_rows: Tensor, text_rows: Tensor,
+               pair_chunk: int = 4096) -> tuple[Tensor | None, Tensor | None]:
+    """(similarity (P,), match (P,)) of the pairs (``images[image_rows[p]]``, ``texts[text_rows[p]]``),
+    each None where the method lacks it; ``pair_chunk`` pairs at a time. The similarity of a chunk
+    is read off the block of its distinct images x its captions; the match is :meth:`Aligner.match`,
+    what the shortlist re-rank calls. :func:`pair_score` turns the parts into the ranking score."""
+    sims, matches = [], []
+    for s in range(0, image_rows.shape[0], pair_chunk):
+        a, b = image_rows[s:s + pair_chunk], text_rows[s:s + pair_chunk]
+        txt = index_state(texts, b)
+        if model.embeds:
+            rows, inverse = torch.unique(a, return_inverse=True)  # (u,), (p,)
+            block = model.similarity(index_state(images, rows), txt).float()  # (u, p)
+            sims.append(block[inverse, torch.arange(b.shape[0], device=block.device)].cpu())  # (p,)
+        if model.matches:
+            matches.append(model.match(index_state(images, a), txt).float().cpu())  # (p,)
+    empty = torch.zeros(0)
+    return ((torch.cat(sims) if sims else empty) if model.embeds else None,
+            (torch.cat(matches) if matches else empty) if model.matches else None)
+
+
+def pair_score(model: Aligner, sim: Tensor | None, match: Tensor | None, alpha: float | None = None) -> Tensor:
+    """The score ``model`` ranks a pair by, from :func:`pair_parts`: the similarity (embeds only),
+    the match (matches only), or for a re-ranking method the fused score of a shortlisted pair
+    (:func:`fuse` at ``alpha``, default ``model.rerank.alpha``), as if the pair were in the shortlist."""
+    if sim is not None and match is not None:
+        if model.rerank is None:
+            raise TypeError(f"{type(model).__name__} embeds and matches but has no rerank: no fused score")
+        return fuse(model.rerank.alpha if alpha is None else alpha, match, sim)
+    if sim is None and match is None:
+        raise TypeError(f"{type(model).__name__} neither embeds nor matches: it cannot rank")
+    return sim if sim is not None else match

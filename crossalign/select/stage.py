@@ -508,7 +508,13 @@ def _candidate(cfg: Config, root: Path, method: str, m: dict) -> dict:
                          f"{registry.tracking_uri(cfg, root)}: its model cannot be registered "
                          f"(was train@{method} run with tracking on, against this store?)")
     val, test = m["val"]["rsum"], m["test"]["rsum"]
-    return {"run_id": run_id, "seed": seed,
-            "tags": {"val_rsum": val, **{f"test_{k}": m["test"][k] for k in METRIC_KEYS}, "weights_sha256": sha},
-            "description": tracker.version_description(
-                method, seed, f"val RSUM {val:.1f} (selection), test RSUM {test:.1f}", sha)}
+    candidate = {"run_id": run_id, "seed": seed,
+                 "tags": {"val_rsum": val, **{f"test_{k}": m["test"][k] for k in METRIC_KEYS}, "weights_sha256": sha},
+                 "description": tracker.version_description(
+                     method, seed, f"val RSUM {val:.1f} (selection), test RSUM {test:.1f}", sha)}
+    fusion = (m.get("fusion") or {}).get("per_seed", {}).get(str(seed))
+    if fusion:  # a re-ranking method: register the run's model that ranks at the alpha val chose
+        candidate["artifact"] = fusion.get("mlflow_model", registry.MODEL_ARTIFACT)
+        candidate["tags"]["fusion_alpha"] = fusion["alpha"]
+        candidate["description"] += f"; fusion alpha {fusion['alpha']:g} chosen on val"
+    return candidate

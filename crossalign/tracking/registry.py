@@ -98,25 +98,30 @@ def log_to_run(cfg: Config, root: Path, run_id: str, metrics: dict[str, float],
 def register_versions(cfg: Config, root: Path, candidates: dict[str, dict]) -> dict[str, str]:
     """Make each method's model a version of ``tracking.registered_model``.
 
-    ``candidates``: method -> {"run_id", "seed", "tags": {...}, "description": one line}.
-    Idempotent: a version already registered from the same run (training registers each run's
-    model) is reused, its tags and description refreshed. Returns method -> version.
+    ``candidates``: method -> {"run_id", "seed", "tags": {...}, "description": one line, and
+    optionally "artifact": the name of the run's logged model to register (default ``model``, the
+    one training logged; a re-ranking method's evaluation logs one ranking at the fusion alpha it
+    chose on val, see :func:`crossalign.methods.mlflow_model.log_fused_model`)}.
+    Idempotent: a version already registered from that model of the same run (training registers
+    each run's model) is reused, its tags and description refreshed. Returns method -> version.
     """
     name = cfg.tracking.registered_model
     versions: dict[str, str] = {}
     with using(cfg, root) as client:
         for method, cand in candidates.items():
-            run_id = cand["run_id"]
+            run_id, artifact = cand["run_id"], cand.get("artifact", MODEL_ARTIFACT)
             tags = {"method": method, "seed": str(cand["seed"]),
                     **{k: f"{v:.4f}" if isinstance(v, float) else str(v) for k, v in cand.get("tags", {}).items()}}
-            existing = [v for v in _versions(client, name) if v.run_id == run_id]  # training may have registered it
+            models = logged_model_ids(client, run_id, artifact)
+            existing = [v for v in _versions(client, name)  # training registers its run's `model`
+                        if v.run_id == run_id and (_model_id(v) in models if _model_id(v) else artifact == MODEL_ARTIFACT)]
             if existing:
                 version = existing[0].version
                 for k, v in tags.items():
                     client.set_model_version_tag(name, version, k, v)
             else:
                 try:
-                    version = mlflow.register_model(f"runs:/{run_id}/{MODEL_ARTIFACT}", name, tags=tags).version
+                    version = mlflow.register_model(f"runs:/{run_id}/{artifact}", name, tags=tags).version
                 except MlflowException as err:
                     raise ValueError(f"cannot register {method} (run {run_id}) as a version of {name!r}: "
                                      f"{err.message}") from None
@@ -124,6 +129,28 @@ def register_versions(cfg: Config, root: Path, candidates: dict[str, dict]) -> d
                 client.update_model_version(name, str(version), description=cand["description"])
             versions[method] = str(version)
     return versions
+
+
+def logged_model_ids(client: MlflowClient, run_id: str, artifact: str) -> set[str]:
+    """Ids of the logged models called ``artifact`` that run ``run_id`` logged."""
+    experiment = client.get_run(run_id).info.experiment_id
+    ids, token = set(), None
+    while True:
+        page = client.search_logged_models(experiment_ids=[experiment], filter_string=f"name = '{artifact}'",
+                                           page_token=token)
+        ids.update(m.model_id for m in page if m.source_run_id == run_id)
+        token = page.token
+        if not token:
+            return ids
+
+
+def _model_id(version) -> str | None:
+    """The logged model a registered version was made from (the store may leave ``model_id`` unset
+    and name it in ``source``, ``models:/<id>``); None for a version registered from run artifacts."""
+    if getattr(version, "model_id", None):
+        return version.model_id
+    source = version.source or ""
+    return source[len("models:/"):] if source.startswith("models:/m-") else None
 
 
 def _versions(client: MlflowClient, name: str) -> list:

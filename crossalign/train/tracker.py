@@ -11,17 +11,16 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-import torch
 from mlflow.tracking import MlflowClient
 
 from crossalign.config import Config
 from crossalign.methods import META, WEIGHTS
+from crossalign.methods.mlflow_model import PYFUNC_CODE, pip_requirements
 from crossalign.tracking.runs import (EPOCH_PREFIX, TAG_FINGERPRINT, TAG_HOST, TAG_METHOD, TAG_RESUMED_FROM, TAG_SEED,
                                       TAG_WEIGHTS, dvc_feature_hashes, git_commit, origin_tags, setup, unfinished_run,
                                       weights_sha256)
 
 log = logging.getLogger(__name__)
-PYFUNC_CODE = Path(__file__).resolve().parents[1] / "methods" / "pyfunc_model.py"
 
 
 def best_epoch_metrics(history: list[dict]) -> dict[str, float]:
@@ -109,8 +108,7 @@ class MlflowTracker:
         info = mlflow.pyfunc.log_model(
             name="model", python_model=str(PYFUNC_CODE),
             artifacts={"weights": str(final_dir / WEIGHTS), "meta": str(final_dir / META)},
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}",
-                              "safetensors", "numpy", "crossalign"],
+            pip_requirements=pip_requirements(),
             registered_model_name=self.cfg.tracking.registered_model)
         version = str(info.registered_model_version)
         mlflow.set_tags({TAG_WEIGHTS: sha, "registered_version": version})
