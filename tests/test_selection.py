@@ -235,3 +235,22 @@ def test_one_seed_is_said_and_several_are_not(tmp_path):
     assert selection.decide(tiny_config(tmp_path), _facts((4.0, -3.0, 11.0)))["single_seed"] == [
         "joint", "contrastive", "concat_mlp"]
     assert selection.decide(tiny_config(tmp_path), _facts((4.0, -3.0, 11.0), seeds=(0, 1, 2)))["single_seed"] == []
+
+
+def test_binding_row_reads_the_caption_swap_probe_where_there_are_no_twins(tmp_path):
+    """No twin probe (real captions): the row reads the caption-swap probe's i2t accuracy; a method
+    whose swap probe found no pairs (absent) is not ranked; the twin probe wins where both exist."""
+    metrics = {}
+    for method, acc, ci in (("joint", 61.0, [57.0, 65.0]), ("contrastive", 52.0, [48.0, 56.0])):
+        metrics[method] = {"val": {"rsum": 300.0}, "seeds": [0],
+                           "test": {"rsum": 290.0, "swap_probe": {"overall": {"i2t": acc, "ci95": ci, "pairs": 900}}}}
+    metrics["concat_mlp"] = {"val": {"rsum": 200.0}, "seeds": [0],
+                             "test": {"rsum": 190.0, "swap_probe": {"overall": {"absent": True, "pairs": 0}}}}
+    board = selection.leaderboard(metrics)
+    b = selection.binding_need(board, ["joint", "contrastive", "concat_mlp"])
+    assert (b["probe"], b["method"], b["mean"], b["ci95"], b["above_chance"]) == ("caption-swap", "joint", 61.0,
+                                                                                  [57.0, 65.0], True)
+    assert b["next"] == {"method": "contrastive", "mean": 52.0, "ci95": [48.0, 56.0]} and b["apart"]  # 57 > 56
+    assert "swap_probe" not in next(r for r in board if r["method"] == "concat_mlp")
+    board[1]["binding_probe"] = {"mean": 55.0, "ci95": {"mean": [51.0, 59.0]}}  # contrastive has twins too
+    assert selection.binding_need(board, ["joint", "contrastive"])["probe"] == "twin"

@@ -418,10 +418,13 @@ def decision_lines(decision: dict | None, serving: dict) -> list[str]:
                      f"best index-able method by val RSUM ({ix['val_rsum']:.1f}); {gap}"))
     b = decision["binding"]
     if b is None:
-        rows.append(("binding / compositional sensitivity", "no evidence", "the test split has no binding twins"))
+        rows.append(("binding / compositional sensitivity", "no evidence",
+                     "the test split has no binding twins and its captions no word-swap perturbations"))
     else:
         ci = f" [95% CI {b['ci95'][0]:.1f}, {b['ci95'][1]:.1f}]" if b["ci95"] else ""
-        text = (f"{b['probe']} probe: true beats its binding twin {b['mean']:.1f} %{ci} (chance 50 %"
+        beats = ("true beats its binding twin" if b["probe"] == "twin"
+                 else "the image prefers its true caption to a word swap of it")
+        text = (f"{b['probe']} probe: {beats} {b['mean']:.1f} %{ci} (chance 50 %"
                 f"{'; above chance' if b['above_chance'] else '; not shown above chance'})")
         if b["next"]:
             n = b["next"]

@@ -91,6 +91,9 @@ def leaderboard(metrics: dict[str, dict]) -> list[dict]:
         probe = m["test"].get("binding_probe")
         if probe:
             row["binding_probe"] = {k: probe["overall"][k] for k in ("i2t", "t2i", "mean", "ci95") if k in probe["overall"]}
+        swap = (m["test"].get("swap_probe") or {}).get("overall") or {}
+        if not swap.get("absent") and swap.get("i2t") is not None:  # i2t only: the image picks its caption
+            row["swap_probe"] = {"mean": swap["i2t"], "ci95": {"mean": swap.get("ci95")}, "pairs": swap.get("pairs")}
         rows.append(row)
     order = {m: i for i, m in enumerate(metrics)}  # ties: the order of train.methods
     return sorted(rows, key=lambda r: (-r["val_rsum"], order[r["method"]]))
@@ -412,22 +415,25 @@ def binding_need(board: list[dict], allowed: list[str]) -> dict | None:
     """The *binding / compositional sensitivity* row: the method of ``allowed`` with the best
     binding probe mean, its 95 % CI, the next best and whether their CIs are apart.
 
-    Reads the twin probe (the leaderboard's ``binding_probe``: true scene vs its binding twin).
-    The caption-swap probe (its results key is still to be named) is the second evidence meant
-    for this row: extend this function, not the report, when it lands. None when no method of
-    ``allowed`` has a probe (a dataset without twins)."""
-    rows = sorted((r for r in board if r["method"] in allowed and r.get("binding_probe", {}).get("mean") is not None),
-                  key=lambda r: -r["binding_probe"]["mean"])
-    if not rows:
+    Evidence, first found: the twin probe (the leaderboard's ``binding_probe``: true scene vs its
+    binding twin, on data with twins), else the caption-swap probe (``swap_probe``: an image's true
+    caption vs its word-swap perturbations, i2t, any captions). None when neither was measured
+    for a method of ``allowed``."""
+    for key, name in (("binding_probe", "twin"), ("swap_probe", "caption-swap")):
+        rows = sorted((r for r in board if r["method"] in allowed and (r.get(key) or {}).get("mean") is not None),
+                      key=lambda r: -r[key]["mean"])
+        if rows:
+            break
+    else:
         return None
 
     def cell(row: dict) -> dict:
-        p = row["binding_probe"]
+        p = row[key]
         ci = (p.get("ci95") or {}).get("mean")
         return {"method": row["method"], "mean": p["mean"], "ci95": list(ci) if ci else None}
 
     best = cell(rows[0])
-    out = {"probe": "twin", **best, "above_chance": bool(best["ci95"] and best["ci95"][0] > 50.0), "next": None}
+    out = {"probe": name, **best, "above_chance": bool(best["ci95"] and best["ci95"][0] > 50.0), "next": None}
     if len(rows) > 1:
         nxt = cell(rows[1])
         out["next"] = nxt
