@@ -94,3 +94,26 @@ def test_verdict_overlay_gives_three_seeds_and_a_real_tuning_budget(tmp_path):
                 assert after[section][key] == before[section][key], f"{section}.{key}"
     select = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["select"]
     assert {"train.seeds", "tune.trials", "tune.epochs"} <= set(select["params"])
+
+
+def test_real_overlay_loads_and_every_key_differs_from_params_yaml(tmp_path):
+    """params-real.yaml through DVC's --set-param: the config loads with the real-caption recipe
+    (hand-picked keys), and every key it holds differs from params.yaml (an overlay of a value that
+    is already the default would hide which choices the profile makes)."""
+    from dvc.utils.hydra import apply_overrides
+
+    params = tmp_path / "params.yaml"
+    shutil.copy(REPO / "params.yaml", params)
+    items = overrides(yaml.safe_load((REPO / "params-real.yaml").read_text()))
+    apply_overrides(params, items)
+    cfg, base = config.load(params), config.load(REPO / "params.yaml")
+    assert (cfg.train.caption_negatives, cfg.train.binding_rank_weight) == (0, 0.0)
+    assert (cfg.methods.cross_attention.matcher, cfg.methods.joint.matcher, cfg.methods.joint.itc_input) == (
+        "cross", "cross", "pooled")
+    assert cfg.data.dataset == base.data.dataset  # the profile names no dataset: it goes with any real one
+    after, before = cfg.model_dump(mode="json"), base.model_dump(mode="json")
+    for item in items:
+        node_a, node_b = after, before
+        for part in item.partition("=")[0].split("."):
+            node_a, node_b = node_a[part], node_b[part]
+        assert node_a != node_b, f"{item}: params.yaml already has this value"
