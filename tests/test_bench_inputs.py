@@ -22,6 +22,7 @@ SCRIPTS = [
     ("bench.binding", ["--method", "joint"], "params.yaml"),
     ("bench.binding_ablation", [], "params.yaml"),
     ("bench.cell_probe", [], "data/features/train/meta.json"),
+    ("bench.text_probe", [], "data/raw/synthetic/annotations/captions_train.json is missing"),
 ]
 
 

@@ -13,6 +13,7 @@ Scripts and the test that runs them:
     bench.binding           test_binding
     bench.binding_ablation  test_binding_ablation (tests/test_binding_ablation.py runs one setting in-process)
     bench.cell_probe        test_cell_probe
+    bench.text_probe        test_text_probe (captions of the generator's caption code; the real MiniLM)
     bench.recipe_val        test_recipe_val (tests/test_bench_splits.py: --final refuses other arms)
     bench.sampler           test_sampler
     bench.scale             test_scale (its caption lengths from a fabricated COCO captions file)
@@ -240,6 +241,87 @@ def test_cell_probe(tmp_path: Path):
         assert p["classes"] == n_classes and set(p) == {"classes", "train_acc", "val_acc", "val_majority"}
         assert all(0 <= p[key] <= 100 for key in ("train_acc", "val_acc", "val_majority"))
     assert r["probe"]["colour"]["val_acc"] >= 90 > r["probe"]["colour"]["val_majority"] + 20
+
+
+def write_captioned_scenes(root: Path, split: str, n: int, seed: int) -> list[tuple[str, int, str]]:
+    """``n`` scenes (twin pairs: the focal objects' attributes swapped, as a position twin reads)
+    with captions from the generator's caption code, in the synthetic annotations layout; returns
+    (relation, template, subject named first or second) per caption, from the templates' wording
+    (crossalign.data.captions.render: templates 1 and 7 name object 1 first; 4 names the left or
+    top object first)."""
+    from crossalign.data.captions import Described, plan_captions, render
+
+    rng = np.random.default_rng(seed)
+    colours, shapes = ["red", "green", "blue", "yellow", "purple"], ["circle", "square", "triangle", "star"]
+    images, anns, truth = [], [], []
+    for i in range(0, n, 2):
+        cs, ss = rng.choice(colours, 3, replace=False), rng.choice(shapes, 3, replace=False)
+        objects = [Described(str(c), str(s), str(rng.choice(["small", "large"]))) for c, s in zip(cs, ss)]
+        rel = str(rng.choice(["left", "right", "above", "below"]))
+        plans = plan_captions(rng, 5, always_sizes=False, size_prob=0.5, distractor_prob=0.75)
+        twin = [objects[1], objects[0], objects[2]]
+        for k, scene in enumerate((objects, twin)):
+            image_id = 1000 * seed + i + k + 1
+            images.append({"id": image_id, "twin_id": image_id + (1 if k == 0 else -1), "relation": rel,
+                           "objects": [{"colour": o.colour, "shape": o.shape, "size": o.size, "bbox": [0, 0, 1, 1]}
+                                       for o in scene]})
+            for plan in plans:
+                anns.append({"id": len(anns) + 1, "image_id": image_id, "caption": render(plan, scene, rel)})
+                first = rel in ("left", "above") if plan.template == 4 else plan.template not in (1, 7)
+                truth.append((rel, plan.template, "first" if first else "second"))
+    ann = root / "data" / "raw" / "synthetic" / "annotations" / f"captions_{split}.json"
+    ann.parent.mkdir(parents=True, exist_ok=True)
+    ann.write_text(json.dumps({"images": images, "annotations": anns}))
+    return truth
+
+
+def test_text_probe(tmp_path: Path):
+    """Labels of a hand-written caption, then the script on 60 train / 20 val generated scenes
+    (5 captions each) with the real frozen MiniLM: the subject noun's state knows whether it is
+    named first, the relation word's state knows the subject's side, and the bag of words (every
+    word, no order) cannot tell which noun is on which side."""
+    from collections import Counter
+
+    from bench.text_probe import INVERSE, read_captions
+
+    hand = tmp_path / "hand"
+    ann = hand / "data" / "raw" / "synthetic" / "annotations" / "captions_val.json"
+    ann.parent.mkdir(parents=True)
+    ann.write_text(json.dumps({"images": [{"id": 7, "twin_id": None, "relation": "left", "objects": [
+        {"colour": "red", "shape": "circle", "size": "small"}, {"colour": "blue", "shape": "square", "size": "large"}]}],
+        "annotations": [{"id": 1, "image_id": 7, "caption": "A blue square is right of a red circle."},
+                        {"id": 2, "image_id": 7, "caption": "a red circle left of a square"}]}))
+    caps = read_captions(hand, "val", None)
+    text = "A blue square is right of a red circle."
+    assert caps.texts == [text] and caps.skipped == {"focal pair not named once each": 1}
+    assert (caps.subject, caps.side, caps.group) == (["second"], ["left"], [7])
+    assert [text[a:b] for a, b in caps.nouns[0]] == ["circle", "square"]
+    assert text[caps.relation_at[0]:].startswith("right of")
+
+    truth = {split: write_captioned_scenes(tmp_path, split, n, seed)
+             for split, n, seed in (("train", 60, 1), ("val", 20, 2))}
+    out = tmp_path / "text_probe.json"
+    done = run_bench("text_probe", ["--root", tmp_path, "--out", out, "--limit", 0, "--bootstrap", 200], tmp_path)
+    r = json.loads(out.read_text())
+    assert r["split"] == "val" and r["captions"] == {"train": 300, "val": 100} and r["images"] == {"train": 60, "val": 20}
+    assert r["scene_groups"] == {"train": 30, "val": 10} and r["skipped"] == {"train": {}, "val": {}}
+
+    def majority(ys) -> float:
+        return round(100 * Counter(ys).most_common(1)[0][1] / len(ys), 1)
+
+    val = truth["val"]
+    assert r["chance"] == {"subject": majority([t[2] for t in val]), "side": majority([t[0] for t in val]),
+                           "own_side": majority([t[0] for t in val] + [INVERSE[t[0]] for t in val])}
+    assert [row["layer"] for row in r["layers"]] == list(range(7))  # embeddings + MiniLM's 6 layers
+    cells = [r["bag_of_words"]] + [row[f] for row in r["layers"] for f in ("mean", "relation", "noun")]
+    for cell in cells:
+        for v in cell.values():
+            assert 0 <= v["ci"][0] <= v["acc"] <= v["ci"][1] <= 100
+    assert set(r["layers"][0]["noun"]) == {"subject", "side", "own_side"} and set(r["layers"][0]["mean"]) == {"subject", "side"}
+    assert max(row["noun"]["subject"]["acc"] for row in r["layers"]) >= 90
+    assert max(row["relation"]["side"]["acc"] for row in r["layers"]) >= r["chance"]["side"] + 25
+    assert r["bag_of_words"]["own_side"]["acc"] <= 70
+    assert len(done.stdout.strip().splitlines()) == 2 + 7 and done.stdout.splitlines()[-1].startswith("layer 6")
 
 
 def test_recipe_val(project: Path, tmp_path: Path):
