@@ -364,32 +364,54 @@ def test_sampler(project: Path, tmp_path: Path):
 # ------------------------------------------------------------------ scale
 def test_scale(tmp_path: Path):
     """The smallest Karpathy-shaped cache (11 train, 10 val/test images), trained with params.yaml's
-    binding negatives on, so the cache must carry them as the features stage writes them."""
-    captions = [{"id": j, "image_id": 1, "caption": "a dog " + "and a cat " * (j % 7)} for j in range(30)]
+    binding negatives on, so the cache must carry them as the features stage writes them, and
+    evaluated as the evaluate stage does: val (a re-ranker's alpha grid) and test, each with the
+    caption-swap probe on its perturbed captions."""
+    from crossalign.features.perturb import perturb_all
+
+    texts = ["a dog " + "and a cat " * (j % 7) for j in range(25)] + ["a dog on a red table " * (j + 1) for j in range(5)]
+    captions = [{"id": j, "image_id": 1, "caption": text} for j, text in enumerate(texts)]
+    perturbed = len(perturb_all(texts, 1)[0])
+    assert 0 < perturbed < len(texts)  # some sample captions have a perturbation, some none
     sample = tmp_path / "captions.json"
     sample.write_text(json.dumps({"images": [{"id": 1}], "annotations": captions}))
     params, out, cache = tmp_path / "params.yaml", tmp_path / "scale.json", tmp_path / "cache"
-    params.write_text(dump_params(tiny_config(tmp_path, train={"twin_negatives": True, "caption_negatives": 1})))
+    params.write_text(dump_params(tiny_config(tmp_path, train={"twin_negatives": True, "caption_negatives": 1},
+                                              evaluate={"fusion_alphas": [0.0, 0.5, 1.0]})))
     done = run_bench("scale", ["--fraction", 0.0001, "--eval-fraction", 0.002, "--cache", cache, "--sample", sample,
-                               "--params", params, "--methods", "contrastive", "cross_attention", "--steps", 1,
-                               "--val-images", 4, "--pair-images", 4, "--out", out], tmp_path)
+                               "--params", params, "--methods", "contrastive", "cross_attention", "joint",
+                               "--steps", 1, "--val-images", 4, "--pair-images", 4, "--out", out], tmp_path)
     r = json.loads(out.read_text())
     assert r["sizes"]["train"]["images"] == 11 and r["sizes"]["train"]["captions"] == 55
     assert r["sizes"]["test"]["images"] == 10 and r["sizes"]["test"]["captions"] == 50
     assert all(positive(s["disk_mb"]) for s in r["sizes"].values())
+    for split in ("val", "test"):  # perturbed captions drawn at the sample's rate: some captions have none
+        assert 0 < r["sizes"][split]["perturbed_captions"] < r["sizes"][split]["captions"]
     stages = {row["stage"]: row for row in r["stages"]}
-    assert list(stages) == ["build cache", "train contrastive", "train cross_attention", "evaluate contrastive (test)",
-                            "evaluate cross_attention (first 4 test images)"]
+    assert list(stages) == ["build cache", "train contrastive", "train cross_attention", "train joint",
+                            "evaluate contrastive (val + test)", "evaluate joint (val + test)",
+                            "evaluate cross_attention (first 4 val + test)"]
     for row in stages.values():
         assert positive(row["wall_s"]) and positive(row["peak_rss_mb"])
-    for method in ("contrastive", "cross_attention"):
+    for method in ("contrastive", "cross_attention", "joint"):
         row = stages[f"train {method}"]
         assert row["steps"] == 1 and row["pairs"] == 16 and positive(row["pairs_per_s"])
-    assert stages["evaluate contrastive (test)"]["ranked_pairs"] == 10 * 50
-    pair = stages["evaluate cross_attention (first 4 test images)"]
-    assert pair["images"] == 4 and positive(pair["ranked_pairs_per_s"])
+    for method in ("contrastive", "joint"):
+        row = stages[f"evaluate {method} (val + test)"]
+        assert row["ranked_pairs"] == 2 * 10 * 50  # val and test, all images
+        for split in ("val", "test"):
+            assert row[split]["images"] == 10 and row[split]["captions"] == 50
+            assert row[split]["swap_probe_pairs"] == r["sizes"][split]["perturbed_captions"]
+            assert row[split]["binding_probe_pairs"] == 5  # twins 0-1, 2-3, ..., 8-9
+    assert "fusion" not in stages["evaluate contrastive (val + test)"]
+    fusion = stages["evaluate joint (val + test)"]["fusion"]
+    assert fusion["grid"] == [0.0, 0.5, 1.0] and fusion["alpha"] in fusion["grid"]
+    pair = stages["evaluate cross_attention (first 4 val + test)"]
+    assert pair["val"]["images"] == pair["test"]["images"] == 4 and positive(pair["ranked_pairs_per_s"])
+    assert pair["ranked_pairs"] == 4 * pair["val"]["captions"] + 4 * pair["test"]["captions"]
+    assert 0 < pair["test"]["swap_probe_pairs"] < r["sizes"]["test"]["perturbed_captions"]
     assert positive(pair["extrapolated_full_test_all_pairs_s"])
-    assert not (cache / "data").exists() and not (cache / "models").exists()  # removed without --keep
+    assert list(cache.iterdir()) == [cache / "logs"]  # everything else removed without --keep
     assert "build cache" in done.stdout
 
 

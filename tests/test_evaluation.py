@@ -169,6 +169,29 @@ def test_several_seeds_mean_std_and_mlflow_logging(tmp_path):
     assert mlflow.get_tracking_uri() != registry.tracking_uri(cfg, tmp_path)  # global URI restored
 
 
+def test_val_score_matrices_are_freed_before_test_is_scored(tmp_path, monkeypatch):
+    """At 5K a re-ranker's val i2t and t2i are 1 GB of float32: the stage must not hold them while
+    it scores test (bench/scale.py measures the peak)."""
+    cfg = tiny_config(tmp_path, methods={"joint": {"shortlist_k": 4}}, evaluate={"fusion_alphas": [0.0, 1.0]})
+    write_split_features(tmp_path)
+    save_model(cfg, tmp_path, "joint", 0, mlflow_run=False)
+    scored, held = [], []
+    real = evaluation.evaluate_split
+
+    def recording(model, split, *args, **kwargs):
+        held.append([(e.i2t is not None, e.t2i is not None) for e in scored])  # what earlier splits still hold
+        scored.append(real(model, split, *args, **kwargs))
+        return scored[-1]
+
+    monkeypatch.setattr(evaluation, "evaluate_split", recording)
+    result = evaluation.run(cfg, "joint", tmp_path)
+    assert [e.metrics["n_images"] for e in scored] == [result["val"]["n_images"], result["test"]["n_images"]]
+    assert held == [[], [(False, False)]]  # val's matrices gone when test is scored
+    assert result["val"]["binding_probe"]["overall"]["pairs"] > 0  # read from them first
+    assert np.load(tmp_path / "eval" / "joint" / "test_scores.npy").shape == (result["test"]["n_images"],
+                                                                            result["test"]["n_captions"])
+
+
 def test_missing_seed_and_mismatched_index_fail_clearly(tmp_path):
     cfg = tiny_config(tmp_path, train={"seeds": [0, 3]})
     write_split_features(tmp_path)

@@ -293,6 +293,7 @@ def run(cfg: Config, method: str, root: Path, loader: Loader | None = None, metr
         if val_twins:
             val_kinds, val_tallies[seed] = pair_tallies(v.i2t, v.t2i, val.caption_image_index, val_twins)
             v.metrics["binding_probe"] = probe_from_tallies(val_kinds, val_tallies[seed])
+        v.i2t = v.t2i = None  # val's (N, M) score matrices are read no further: freed before test is scored
         t = evaluate_split(model, test, cfg, device, (), negatives["test"])  # at the alpha val chose
         if twins:
             kinds, tallies[seed] = pair_tallies(t.i2t, t.t2i, test.caption_image_index, twins)  # (P, 4)
