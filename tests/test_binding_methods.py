@@ -387,3 +387,26 @@ def test_caption_negatives_cannot_exceed_the_perturbations_written():
     from crossalign import config
     with pytest.raises(config.ConfigError, match=r"train.caption_negatives \(3\) exceeds features.perturbations \(1\)"):
         config.from_dict({"features": {"perturbations": 1}, "train": {"caption_negatives": 3}}, "params.yaml")
+
+
+def test_perturbed_caption_reads_leave_the_resident_set(tmp_path, monkeypatch):
+    """Each batch's read of the memory-mapped perturbed captions drops the mapped pages of both
+    arrays it read (tokens and pooled), after copying what it needs: training memory stays bounded by
+    a batch rather than growing with the steps (the pages of a 1.9 GB COCO file would otherwise stay
+    resident). The batch's values are the file's."""
+    from crossalign.train import batches
+
+    root = make_tiny_features(tmp_path / "f", n_images=8, captions_per_image=2)
+    tokens = np.arange(7 * DT, dtype=np.float16).reshape(7, DT) / 64
+    pooled = np.eye(3, DT, dtype=np.float16)
+    hardneg.write(root, twin_row=np.arange(8) ^ 1, tokens=tokens, offsets=np.array([0, 2, 5, 7]),
+                  pooled=pooled, source=np.array([1, 1, 4]), kind=np.zeros(3, np.int8), per_caption=2)
+    hard = hardneg.load(root)
+    assert isinstance(hard.tokens, np.memmap) and isinstance(hard.pooled, np.memmap)
+    dropped = []
+    real_drop = batches.drop_pages
+    monkeypatch.setattr(batches, "drop_pages", lambda a: (dropped.append(a), real_drop(a)))
+    out = caption_negatives(hard, 2, np.array([1, 4]), torch.device("cpu"))
+    assert any(a is hard.tokens for a in dropped) and any(a is hard.pooled for a in dropped)
+    torch.testing.assert_close(out["neg_text_pooled"], torch.from_numpy(pooled).float())  # read before the drop
+    torch.testing.assert_close(out["neg_text_tokens"][2, :2], torch.from_numpy(tokens[5:7]).float())

@@ -132,10 +132,13 @@ def caption_negatives(hard: HardNegatives | None, k: int, rows: np.ndarray, devi
     if neg.size == 0:
         return {}
     tokens, lengths = hard.text.gather(neg)  # (Bn, Ln, Dt) fp16, (Bn,)
+    pooled = np.array(hard.pooled[neg])  # (Bn, Dt): a copy, so the mapped pages can go
+    drop_pages(hard.tokens)  # the mapped pages read for this batch leave the resident set: memory
+    drop_pages(hard.pooled)  # stays bounded by a batch, not by the steps taken
     mask = np.arange(tokens.shape[1])[None, :] < lengths[:, None]  # (Bn, Ln)
     return {"neg_text_tokens": torch.from_numpy(tokens).to(device).float(),
             "neg_text_mask": torch.from_numpy(mask).to(device),
-            "neg_text_pooled": torch.from_numpy(np.asarray(hard.pooled[neg])).to(device).float(),
+            "neg_text_pooled": torch.from_numpy(pooled).to(device).float(),
             "neg_owner": torch.from_numpy(owner.astype(np.int64)).to(device)}
 
 
