@@ -121,7 +121,10 @@ def register_versions(cfg: Config, root: Path, candidates: dict[str, dict]) -> d
                     client.set_model_version_tag(name, version, k, v)
             else:
                 try:
-                    version = mlflow.register_model(f"runs:/{run_id}/{artifact}", name, tags=tags).version
+                    # the logged model by its id when the run logged one of that name: a runs:/ URI
+                    # resolves to it too, but MLflow warns that the run has no such artifact
+                    source = f"models:/{next(iter(models))}" if len(models) == 1 else f"runs:/{run_id}/{artifact}"
+                    version = mlflow.register_model(source, name, tags=tags).version
                 except MlflowException as err:
                     raise ValueError(f"cannot register {method} (run {run_id}) as a version of {name!r}: "
                                      f"{err.message}") from None
