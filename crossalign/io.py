@@ -47,6 +47,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from crossalign import interrupt
+
 
 def _tmp_sibling(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
@@ -61,6 +63,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
+        interrupt.check()  # an interrupt swallowed inside the block must not commit its output
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -84,6 +87,7 @@ def atomic_file(path: str | Path, mode: str = "w") -> Iterator[Any]:
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
+        interrupt.check()  # an interrupt swallowed inside the block must not commit its output
         os.replace(tmp, path)
     finally:
         if tmp.exists():

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from crossalign import config
+from crossalign import config, interrupt
 
 INTERRUPTED = 130  # the shell's code for a process ended by SIGINT (128 + 2)
 
@@ -24,9 +24,11 @@ def stage_main(description: str, run: Callable[[argparse.Namespace, config.Confi
     if add_args:
         add_args(parser)
     args = parser.parse_args(argv)
+    interrupt.install()
     try:
         cfg = config.load(args.params)
         run(args, cfg, Path.cwd())
+        interrupt.check()  # SIGINT whose KeyboardInterrupt was swallowed (e.g. in a GC callback)
     except (config.ConfigError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -82,3 +82,39 @@ def test_ctrl_c_in_tuning_exits_130_in_one_line_and_writes_nothing(tmp_path: Pat
     assert len(err.strip().splitlines()) == 1 and err.startswith(f"interrupted: tune@{METHOD} stopped by Ctrl-C"), err
     assert not (root / "tuned" / f"{METHOD}.json").exists()  # no tuning record from a cut-short search
     assert not trials()  # the trial's temporary directory is gone
+
+
+SWALLOWED = """
+import os, signal, sys, time
+from pathlib import Path
+from tasks._stage import stage_main
+from crossalign import io
+
+class Finalised:
+    def __del__(self):  # the KeyboardInterrupt raised in here is printed as "Exception ignored" and lost
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.2)
+
+def run(args, cfg, root):
+    Finalised()  # collected at once: SIGINT arrives inside its __del__
+    print("after the swallowed interrupt", flush=True)
+    io.write_json(root / "out.json", {"written": True})
+
+sys.exit(stage_main("swallowed Ctrl-C", run))
+"""
+
+
+def test_ctrl_c_swallowed_by_a_finaliser_still_stops_the_stage_before_it_writes(tmp_path: Path):
+    """SIGINT that lands in a ``__del__`` (or a GC weakref callback) raises a KeyboardInterrupt that
+    Python prints and drops; the stage must still exit 130 and commit no output."""
+    from conftest import dump_params, tiny_config
+    (tmp_path / "params.yaml").write_text(dump_params(tiny_config(tmp_path)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", SWALLOWED], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert "Exception ignored" in proc.stderr, proc.stderr  # the interpreter did swallow the first raise
+    assert "after the swallowed interrupt" in proc.stdout  # ... and the stage's code went on
+    assert proc.returncode == 130, proc.stderr
+    assert "interrupted: " in proc.stderr.splitlines()[-1], proc.stderr
+    assert not (tmp_path / "out.json").exists()
+    assert not list(tmp_path.glob(".out.json.tmp-*"))  # no temporary left behind either

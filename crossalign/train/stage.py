@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from crossalign import interrupt
 from crossalign.train import checkpoint
 from crossalign.features import hardneg
 from crossalign.train.batches import DeviceSplit, StreamSplit, iterate, open_split, pair_twins, twin_captions
@@ -143,6 +144,7 @@ def _epochs(cfg: Config, method: str, seed: int, model: Aligner, loss_fn: torch.
         sums: dict[str, float] = {}
         index = (order[b * t.batch_size:(b + 1) * t.batch_size] for b in range(steps_per_epoch))
         for b, batch in enumerate(iterate(data, index)):
+            interrupt.check()
             lr = lr_at(state["step"], total, warmup, t.lr)
             for group in opt.param_groups:
                 group["lr"] = lr
