@@ -138,6 +138,9 @@ class FeaturesParams(Section):
     text_batch_size: int = Field(256, ge=1, description="captions per forward pass")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     threads: int = Field(0, ge=0, description="CPU threads; 0 = all cores")
+    text_token_layer: int = Field(-1, ge=-1, description="caption token states cached for the methods that read "
+                                  "tokens: -1 = the last layer; k = the output of layer k (the pooled feature stays "
+                                  "the last layer's mean)")
     perturbations: int = Field(1, ge=0, le=16, description="binding-perturbed captions encoded per real caption at most (crossalign/features/perturb.py; 0 = none); each one adds about a real caption's encoding time and disk")
 
 
@@ -189,6 +192,10 @@ class MethodsParams(Section):
     embed_dim: int = Field(64, ge=8, description="shared embedding space every method projects into")
     image_positions: Literal["sincos", "learned", "none"] = Field(
         "sincos", description="2D position added to projected image grid tokens of methods that read tokens")
+    text_positions: Literal["sincos", "learned", "none"] = Field(
+        "none", description="token index added to the matchers' projected caption tokens (cross_attention, joint)")
+    relation_geometry: bool = Field(False, description="late matcher: each caption token also scores where its "
+                                    "matched cells lie relative to the caption's other matched cells")
     concat_mlp: ConcatMlpParams = Field(default_factory=ConcatMlpParams)
     cross_attention: CrossAttentionParams = Field(default_factory=CrossAttentionParams)
     contrastive: ContrastiveParams = Field(default_factory=ContrastiveParams)

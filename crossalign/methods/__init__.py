@@ -43,11 +43,13 @@ def method_params(cfg: config.Config, method: str) -> dict[str, Any]:
     """What defines a method's architecture: the shared embed dim, the image positions and its own
     params section."""
     return {"embed_dim": cfg.methods.embed_dim, "image_positions": cfg.methods.image_positions,
+            "text_positions": cfg.methods.text_positions,
+            "relation_geometry": cfg.methods.relation_geometry,
             method: getattr(cfg.methods, method).model_dump(mode="json")}
 
 
 # what a model.json without these keys was trained with (keys it lacks; not today's defaults)
-BEFORE_POSITIONS = {"image_positions": "none"}
+BEFORE_POSITIONS = {"image_positions": "none", "text_positions": "none", "relation_geometry": False}
 BEFORE_MATCHER = {"matcher": "cross"}
 BEFORE_JOINT = {"shared_projections": True}
 

@@ -95,8 +95,10 @@ class CrossEncoder(nn.Module):
     text ``x_txt``, ``x_t2i_q``, ``x_i2t_k{l}``, ``x_i2t_v{l}`` (B, L, D), ``x_mask`` (B, L).
     """
 
-    def __init__(self, dim: int, heads: int, layers: int, dropout: float):
+    def __init__(self, dim: int, heads: int, layers: int, dropout: float, text_positions: str = "none"):
         super().__init__()
+        from crossalign.methods.positions import TextPositions
+        self.text_positions = TextPositions(text_positions, dim)
         self.t2i = nn.ModuleList(CrossBlock(dim, heads, dropout) for _ in range(layers))
         self.i2t = nn.ModuleList(CrossBlock(dim, heads, dropout) for _ in range(layers))
         self.head = nn.Sequential(nn.Linear(3 * dim, dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(dim, 1))
@@ -110,6 +112,7 @@ class CrossEncoder(nn.Module):
     def text_state(self, txt: Tensor, mask: Tensor) -> State:  # txt (B, L, D), mask (B, L)
         mask = mask.clone()
         mask[:, 0] |= ~mask.any(1)  # an empty caption keeps one (zero) key so softmax is defined
+        txt = self.text_positions(txt)
         state = {"x_txt": txt, "x_mask": mask, "x_t2i_q": self.t2i[0].q(txt)}
         for l, blk in enumerate(self.i2t):
             state[f"x_i2t_k{l}"], state[f"x_i2t_v{l}"] = blk.keys(txt)
@@ -153,14 +156,17 @@ class CrossEncoder(nn.Module):
                           for s in range(0, bi, step)])
 
 
-def build_matcher(kind: str, dim: int, heads: int, layers: int, dropout: float) -> nn.Module:
-    """The matching encoder ``matcher`` names: ``cross`` (:class:`CrossEncoder`) or ``late``
-    (:class:`crossalign.methods.late.LateEncoder`, one text block whatever ``layers``)."""
-    if kind == "cross":
-        return CrossEncoder(dim, heads, layers, dropout)
+def build_matcher(kind: str, dim: int, heads: int, layers: int, dropout: float,
+                  text_positions: str = "none", relation: bool = False) -> nn.Module:
+    """The matching encoder ``matcher`` names: ``cross`` (:class:`CrossEncoder`, ``layers`` cross
+    blocks each way) or ``late`` (:class:`crossalign.methods.late.LateEncoder`, ``layers`` text
+    self-attention blocks); ``text_positions`` (``methods.text_positions``) adds token indices;
+    ``relation`` (``methods.relation_geometry``) adds the late matcher's geometry term."""
+    if kind == "cross":  # relation geometry needs each token's own cells: the cross matcher pools them (ignored)
+        return CrossEncoder(dim, heads, layers, dropout, text_positions)
     if kind == "late":
         from crossalign.methods.late import LateEncoder
-        return LateEncoder(dim, heads, dropout)
+        return LateEncoder(dim, heads, dropout, layers=layers, text_positions=text_positions, relation=relation)
     raise ValueError(f"matcher = {kind!r}: expected 'cross' or 'late'")
 
 

@@ -28,12 +28,13 @@ class CrossAttention(CrossMatcher):
     """Projected tokens -> CrossEncoder -> match logit; negatives by pooled-token similarity."""
 
     def __init__(self, image_dim: int, text_dim: int, dim: int, heads: int, layers: int, dropout: float,
-                 hard_negatives: int, random_negatives: int, matcher: str = "cross", positions: str = "none"):
+                 hard_negatives: int, random_negatives: int, matcher: str = "cross", positions: str = "none",
+                 text_positions: str = "none", relation: bool = False):
         super().__init__()
         self.image_proj = Projection(image_dim, dim, dropout)
         self.text_proj = Projection(text_dim, dim, dropout)
         self.positions = ImagePositions(positions, dim)
-        self.encoder = build_matcher(matcher, dim, heads, layers, dropout)
+        self.encoder = build_matcher(matcher, dim, heads, layers, dropout, text_positions, relation)
         self.negatives = (hard_negatives, random_negatives)
 
     def encode_images(self, tokens: Tensor, pooled: Tensor) -> State:
@@ -60,7 +61,8 @@ class CrossAttention(CrossMatcher):
 def _build(cfg, image_dim: int, text_dim: int) -> CrossAttention:
     p = cfg.methods.cross_attention
     return CrossAttention(image_dim, text_dim, cfg.methods.embed_dim, p.heads, p.layers, p.dropout,
-                          p.hard_negatives, p.random_negatives, p.matcher, cfg.methods.image_positions)
+                          p.hard_negatives, p.random_negatives, p.matcher, cfg.methods.image_positions,
+                          cfg.methods.text_positions, cfg.methods.relation_geometry)
 
 
 SPEC = register(MethodSpec("cross_attention", _build,

@@ -49,7 +49,8 @@ class Joint(CrossMatcher):
     def __init__(self, image_dim: int, text_dim: int, dim: int, dropout: float, temperature: float,
                  learnable_temperature: bool, heads: int, layers: int, negatives: int,
                  random_negative_fraction: float, hard_k: int, rerank: Rerank, matcher: str = "cross",
-                 positions: str = "none", shared: bool = True, itc_input: str = "tokens"):
+                 positions: str = "none", shared: bool = True, itc_input: str = "tokens",
+                 text_positions: str = "none", relation: bool = False):
         super().__init__()
         self.itc_pooled = itc_input == "pooled"
         self.image_proj = Projection(image_dim, dim, dropout)  # ITC, and ITM when shared
@@ -63,7 +64,7 @@ class Joint(CrossMatcher):
             self.match_image_proj = nn.Sequential(nn.LayerNorm(image_dim), nn.Linear(image_dim, dim))
             self.match_text_proj = nn.Sequential(nn.LayerNorm(text_dim), nn.Linear(text_dim, dim))
         self.positions = ImagePositions(positions, dim)  # ITM only (the ITC mean would only gain a constant)
-        self.encoder = build_matcher(matcher, dim, heads, layers, dropout)  # ITM only
+        self.encoder = build_matcher(matcher, dim, heads, layers, dropout, text_positions, relation)  # ITM only
         self.negatives = (negatives, 0)  # per positive and direction; a share swapped for random ones
         self.random_fraction = random_negative_fraction
         self.hard_k = hard_k
@@ -106,7 +107,8 @@ def _build(cfg, image_dim: int, text_dim: int) -> Joint:
     return Joint(image_dim, text_dim, cfg.methods.embed_dim, p.dropout, p.temperature, p.learnable_temperature,
                  p.heads, p.layers, p.negatives, p.random_negative_fraction, p.hard_k,
                  Rerank(p.shortlist_k, p.fusion_alpha), p.matcher, cfg.methods.image_positions,
-                 p.shared_projections, p.itc_input)
+                 p.shared_projections, p.itc_input, cfg.methods.text_positions,
+                 cfg.methods.relation_geometry)
 
 
 SPEC = register(MethodSpec("joint", _build, lambda cfg: JointLoss(cfg.methods.joint.itc_weight, cfg.methods.joint.itm_weight,

@@ -13,6 +13,19 @@ picks one cell per token, so a token's score depends on whether *one* region hol
 averages regions and fits the twins slowly. It is also cheap: a pair costs one (L, R) matrix of
 dot products; caption and image states are computed once each.
 
+Two options give the caption side word order and the score geometry (``methods.text_positions``,
+``methods.relation_geometry``; docs/methods.md, "Position binding"):
+
+* text positions: each projected caption token gets its index (:class:`TextPositions`) before the
+  self-attention block, so "A left of B" and "B left of A" are different sequences to it;
+* relation geometry: each token also predicts an offset ``where_j`` (x, y) and the score adds
+  ``sum_j w_j * where_j . (at_j - centre)``, where ``at_j`` is the place of the token's cells
+  (the softmax over its similarities, at the matcher's scale, of the cells' grid coordinates in
+  [-1, 1]) and ``centre`` the caption's weighted mean place. It compares the places of the
+  things a caption names with each other, which a per-token max cannot: "a circle left of a
+  square" scores x_square - x_circle when the circle's token wants (-1, 0) and the square's
+  (1, 0), and its position twin scores the negative. The head starts at zero (today's score).
+
 Same interface as :class:`crossalign.methods.common.CrossEncoder`: ``image_state``, ``text_state``,
 ``score`` (broadcast leading dims), ``pairs``, ``grid``.
 """
@@ -25,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from crossalign.methods.base import State, index_state
+from crossalign.methods.positions import TextPositions, grid_side
 
 PAIR_CHUNK_ELEMENTS = 1 << 22  # most pair x token x cell elements scored at once without gradients
 
@@ -56,13 +70,31 @@ class LateEncoder(nn.Module):
     ``x_weight`` (B, L) (softmax over real tokens, 0 on padding, so padded states concatenate).
     """
 
-    def __init__(self, dim: int, heads: int, dropout: float, temperature: float = 0.1):
+    def __init__(self, dim: int, heads: int, dropout: float, temperature: float = 0.1, layers: int = 1,
+                 text_positions: str = "none", relation: bool = False):
         super().__init__()
         self.cell = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.text_positions = TextPositions(text_positions, dim)
         self.text = SelfBlock(dim, heads, dropout)
+        self.text_more = nn.ModuleList(SelfBlock(dim, heads, dropout) for _ in range(max(0, layers - 1)))
         self.weight = nn.Linear(dim, 1)
         self.log_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature)))
         self.bias = nn.Parameter(torch.zeros(()))
+        self.relation = relation
+        if relation:  # each token's wanted offset (x, y) from the caption's matched centre; zero: off at init
+            self.where = nn.Linear(dim, 2)
+            nn.init.zeros_(self.where.weight), nn.init.zeros_(self.where.bias)
+        self._xy: dict[tuple[int, torch.device], Tensor] = {}
+
+    def cell_xy(self, regions: int, device: torch.device) -> Tensor:
+        """(x, y) in [-1, 1] of each cell of the square row-major grid -> (R, 2)."""
+        key = (regions, device)
+        if key not in self._xy:
+            side = grid_side(regions)
+            c = torch.linspace(-1.0, 1.0, side) if side > 1 else torch.zeros(1)
+            rows, cols = torch.meshgrid(c, c, indexing="ij")
+            self._xy[key] = torch.stack([cols.reshape(-1), rows.reshape(-1)], 1).to(device)
+        return self._xy[key]
 
     def image_state(self, img: Tensor) -> State:  # img (B, R, D), positioned
         return {"x_cells": F.normalize(img + self.cell(img), dim=-1)}  # (B, R, D)
@@ -70,15 +102,28 @@ class LateEncoder(nn.Module):
     def text_state(self, txt: Tensor, mask: Tensor) -> State:  # txt (B, L, D), mask (B, L)
         mask = mask.clone()
         mask[:, 0] |= ~mask.any(1)  # an empty caption keeps one (zero) token so softmax is defined
-        x = self.text(txt, mask)  # (B, L, D)
+        x = self.text(self.text_positions(txt), mask)  # (B, L, D)
+        for block in self.text_more:
+            x = block(x, mask)
         w = self.weight(x).squeeze(-1).masked_fill(~mask, float("-inf")).softmax(-1)  # (B, L)
-        return {"x_tokens": F.normalize(x, dim=-1), "x_weight": w}
+        state = {"x_tokens": F.normalize(x, dim=-1), "x_weight": w}
+        if self.relation:
+            state["x_where"] = self.where(x)  # (B, L, 2)
+        return state
 
     def score(self, im: State, tx: State) -> Tensor:
         """Logits for broadcastable leading dims, e.g. (P,) & (P,) -> (P,), (B, 1) & (B, n) -> (B, n)."""
         sim = tx["x_tokens"] @ im["x_cells"].transpose(-1, -2)  # (..., L, R)
         best = sim.max(-1).values  # (..., L): each token's best cell
-        return self.log_scale.exp() * (tx["x_weight"] * best).sum(-1) + self.bias  # (...)
+        scale = self.log_scale.exp()
+        logit = scale * (tx["x_weight"] * best).sum(-1) + self.bias  # (...)
+        if not self.relation:
+            return logit
+        # where each token's cells are (soft argmax), relative to the caption's weighted centre
+        at = (scale * sim).softmax(-1) @ self.cell_xy(sim.shape[-1], sim.device).to(sim.dtype)  # (..., L, 2)
+        centre = (tx["x_weight"].unsqueeze(-1) * at).sum(-2, keepdim=True)  # (..., 1, 2)
+        agree = (tx["x_where"] * (at - centre)).sum(-1)  # (..., L): wanted offset . found offset
+        return logit + (tx["x_weight"] * agree).sum(-1)
 
     def pair_elements(self, im: State, tx: State) -> int:
         return im["x_cells"].shape[-2] * tx["x_tokens"].shape[-2]

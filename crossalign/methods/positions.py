@@ -78,3 +78,49 @@ class ImagePositions(nn.Module):
         if self.kind == "none" or x.shape[-2] == 0:
             return x
         return x + self.table(x.shape[-2], x.device).to(x.dtype)
+
+
+# ------------------------------------------------------------------------------------ captions
+MAX_TOKENS = 512  # learned text positions: the longest caption (the default encoder's limit)
+
+
+def sincos_1d(length: int, dim: int) -> Tensor:
+    """Fixed 1D sin-cos positions (Vaswani et al., 2017) of ``length`` tokens -> (length, dim)."""
+    if dim % 2:
+        raise ValueError(f"methods.embed_dim ({dim}) must be even for sincos text positions")
+    h = dim // 2
+    omega = 1.0 / 10000.0 ** (torch.arange(h, dtype=torch.float64) / h)  # (h,)
+    t = torch.arange(length, dtype=torch.float64).reshape(-1, 1) * omega  # (L, h)
+    return torch.cat([t.sin(), t.cos()], 1).float()  # (L, dim)
+
+
+class TextPositions(nn.Module):
+    """Adds each caption token's index (``methods.text_positions``) to the matcher's projected
+    caption tokens: (B, L, D) -> (B, L, D). The frozen text encoder saw word order, but its top
+    layer keeps little of it per token (bench/text_probe.py: a final-layer noun state knows its
+    own object's side 56 % of the time, a bag of words 50 %); with an index, the matcher's text
+    self-attention can tell "A left of B" from "B left of A" by which noun precedes the relation."""
+
+    def __init__(self, kind: str, dim: int):
+        super().__init__()
+        if kind not in KINDS:
+            raise ValueError(f"methods.text_positions = {kind!r}: expected one of {list(KINDS)}")
+        if kind == "sincos" and dim % 2:
+            raise ValueError(f"methods.embed_dim ({dim}) must be even for sincos text positions")
+        self.kind, self.dim = kind, dim
+        if kind == "learned":
+            self.table = nn.Parameter(torch.zeros(MAX_TOKENS, dim))
+        self._cache: dict[tuple[int, torch.device], Tensor] = {}
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, L, D) -> (B, L, D)
+        length = x.shape[-2]
+        if self.kind == "none" or length == 0:
+            return x
+        if self.kind == "learned":
+            if length > MAX_TOKENS:
+                raise ValueError(f"caption tokens: {length} exceed learned text positions' {MAX_TOKENS}")
+            return x + self.table[:length].to(x.dtype)
+        key = (length, x.device)
+        if key not in self._cache:
+            self._cache[key] = sincos_1d(length, self.dim).to(x.device)
+        return x + self._cache[key].to(x.dtype)
