@@ -57,6 +57,9 @@ ARMS = {
     "joint-real-itc-tokens": ("joint", True, ["methods.joint.itc_input=tokens"]),
     "joint-real-late": ("joint", True, ["methods.joint.matcher=late"]),
     "joint-real-caption-negatives": ("joint", True, ["train.caption_negatives=1", "train.binding_rank_weight=1.0"]),
+    # caption tokens from MiniLM's layer 3 (the features under --work must be built with it)
+    "cross_attention-real-L3": ("cross_attention", True, ["features.text_token_layer=3"]),
+    "joint-real-L3": ("joint", True, ["features.text_token_layer=3"]),
 }
 REAL_FOLDER = "flickr8k-dev"
 ARM_METHODS = {method for method, _, _ in ARMS.values()}
@@ -68,8 +71,16 @@ def reads(method: str, override: str) -> bool:
     return not (parts[0] == "methods" and len(parts) > 2 and parts[1] in ARM_METHODS and parts[1] != method)
 
 
-def build_features(work: Path, folder: Path, params: Path) -> None:
-    """data -> preprocess -> features of ``folder`` (COCO caption format) under ``work``."""
+def features_work(work: Path, sets: list[str]) -> Path:
+    """Where an arm's features live: ``work`` itself, or for an arm that changes a ``features.*`` key
+    (``features.text_token_layer=3``) a folder of its own under it, named by those keys."""
+    keys = [s for s in sets if s.startswith("features.")]
+    return work / "__".join(k.replace("=", "-") for k in keys) if keys else work
+
+
+def build_features(work: Path, folder: Path, params: Path, sets: list[str] = ()) -> None:
+    """data -> preprocess -> features of ``folder`` (COCO caption format) under ``work``, with the
+    ``features.*`` overrides among ``sets``."""
     from crossalign import config
     from crossalign.data import stage as data
     from crossalign.features import stage as features
@@ -79,6 +90,11 @@ def build_features(work: Path, folder: Path, params: Path) -> None:
         return
     raw = yaml.safe_load(params.read_text())
     raw["data"].update(dataset="coco-folder", folder=str(folder.resolve()))
+    for item in sets:
+        key, value = item.split("=", 1)
+        if key.startswith("features."):
+            raw["features"][key.split(".", 1)[1]] = yaml.safe_load(value)
+    work.mkdir(parents=True, exist_ok=True)
     (work / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     cfg = config.load(work / "params.yaml")
     data.run(cfg, work)
@@ -151,12 +167,14 @@ def main(argv: list[str] | None = None) -> int:
         for arm in args.arms:
             method, real, sets = ARMS[arm]
             sets = [*(profile if real else []), *sets, *([f"train.epochs={args.epochs}"] if args.epochs else [])]
-            sets = [s for s in sets if reads(method, s)]
+            sets = list({s.split("=", 1)[0]: s for s in sets if reads(method, s)}.values())  # a key once: the last value
             if any(r["arm"] == arm and [s for s in r["set"] if reads(method, s)] == sets and r["split"] == split
                    and r["folder"] == folder.name for r in runs):
                 continue
+            arm_work = features_work(work, sets)
+            build_features(arm_work, folder, REPO / "params.yaml", sets)
             load = os.getloadavg()
-            result = measure(work, method, sets, split, args.threads, args.alphas)
+            result = measure(arm_work, method, sets, split, args.threads, args.alphas)
             runs.append({"arm": arm, "folder": folder.name, "command": command,
                          "load_average_before": [round(x, 2) for x in load], **result})
             record = {"what": "every method on real photos, params.yaml as shipped vs params-real.yaml and its "

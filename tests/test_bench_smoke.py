@@ -15,6 +15,7 @@ Scripts and the test that runs them:
     bench.cell_probe        test_cell_probe
     bench.text_probe        test_text_probe (captions of the generator's caption code; the real MiniLM)
     bench.recipe_val        test_recipe_val (tests/test_bench_splits.py: --final refuses other arms)
+    bench.position          test_position (train twins from the tiny train split's twin_row.npy)
     bench.sampler           test_sampler
     bench.scale             test_scale (its caption lengths from a fabricated COCO captions file)
     bench.real_val          test_real_val (a tiny folder of generated photos in COCO caption format)
@@ -341,6 +342,28 @@ def test_recipe_val(project: Path, tmp_path: Path):
     again = run_bench("recipe_val", ["--arms", "joint", "--epochs", 1, "--root", project, "--threads", 1,
                                      "--out", out], project)
     assert again.stdout == "" and json.loads(out.read_text())["runs"] == r["runs"]  # resumes: arm already done
+
+
+def test_position(project: Path, tmp_path: Path):
+    out = tmp_path / "position.json"
+    arms = ["joint-before+relation+text-learned", "cross_attention-before", "joint-L3"]
+    done = run_bench("position", ["--arms", *arms, "--epochs", 1, "--max-steps", 2, "--fit-images", 16,
+                                  "--root", project, "--out", out], project)
+    runs = json.loads(out.read_text())["runs"]
+    assert [r["arm"] for r in runs] == arms[:2]  # the tiny features are last-layer ones: joint-L3 needs others
+    assert "joint-L3: skipped (no features at its features.text_token_layer" in done.stdout
+    for r in runs:
+        assert r["split"] == "val" and not any(k.startswith("test") for k in r)  # val only without --final
+        assert r["train_fit"]["images"] == 16 and 0 < r["train_fit"]["rsum"] <= 600
+        probe_cells_ok({k: v for k, v in r["train_fit"].items() if k not in ("images", "rsum")}, {"twin"})
+    scored = [k for k in runs[0] if k.startswith("val_alpha_")]
+    assert len(scored) == 4  # joint: the shipped alpha, then 0, 0.5 and 1
+    for k in scored:
+        assert 0 < runs[0][k]["rsum"] <= 600
+        probe_cells_ok({c: v for c, v in runs[0][k].items() if c != "rsum"}, {"size", "colour"})
+    assert 0 < runs[1]["val"]["rsum"] <= 600 and "val_alpha_0.0" not in runs[1]  # no re-ranking: one score
+    assert runs[0]["set"] == ["features.text_token_layer=-1", "methods.text_positions=learned",
+                              "methods.relation_geometry=true", "train.epochs=1"]
 
 
 def test_sampler(project: Path, tmp_path: Path):

@@ -1,0 +1,182 @@
+"""Position binding, measured on val with the train-twin fit beside it: which text-side mechanism
+lets an aligner tell "A left of B" from "B left of A".
+
+Each arm trains one method through the project's training loop (params.yaml plus the arm's
+overrides, seed 0, early stopping on val RSUM) and scores:
+
+- **val**: RSUM (COCO protocol) and the binding probe on val's own twins (``eval/val_index.json``),
+  overall and per swap kind (colour / position / size), i2t, t2i and their mean with the
+  pair-bootstrap 95 % CI;
+- **the train-twin fit**: the same probe on the twin pairs among the first ``--fit-images`` train
+  images (twins the model was trained on). A mechanism that cannot fit the training twins cannot
+  bind on val; one that fits them and stays at chance on val overfits. This is the first number
+  to watch.
+
+Every arm names the three text-side keys (``features.text_token_layer``, ``methods.text_positions``,
+``methods.relation_geometry``); it reads the features cached at its token layer from ``--root`` or
+one of ``--features-roots`` (project roots whose ``data/features`` the features stage wrote with
+another ``features.text_token_layer``, told apart by their ``meta.json``).
+
+    python -m bench.position --features-roots /tmp/last-layer     # every arm, on val
+    python -m bench.position --arms joint-L3 joint-L3+relation+text-learned
+    python -m bench.position --final --arms joint-L3+relation+text-learned   # the chosen arm, on TEST
+
+Writes ``bench/results/position.json`` after every arm (an arm already there with the same
+overrides, epochs and split is skipped, so an interrupted bench resumes), with the machine and
+its load; prints one line per arm.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench import entry
+from bench.binding import _probe_cells, config_with
+from bench.splits import add_final_flag, index_path, scored_split
+from crossalign.evaluate.binding import binding_probe
+from crossalign.features.stage import split_records
+from crossalign.io import load_features, load_npy, read_json
+from crossalign.methods import load_aligner
+from crossalign.retrieval.protocol import retrieval_metrics
+from crossalign.retrieval.scoring import score_matrices
+from crossalign.train.stage import first_images, train_seed
+
+OUT = Path(__file__).resolve().parent / "results" / "position.json"
+# the text side before this bench: last-layer tokens, no token indices, no geometry
+BEFORE = ["features.text_token_layer=-1", "methods.text_positions=none", "methods.relation_geometry=false"]
+L3 = ["features.text_token_layer=3", "methods.text_positions=none", "methods.relation_geometry=false"]
+SIDE = ["methods.text_positions=learned", "methods.relation_geometry=true"]  # with L3: params.yaml as shipped
+
+
+def _with(base: list[str], *sets: str) -> list[str]:
+    keys = {s.split("=", 1)[0] for s in sets}
+    return [s for s in base if s.split("=", 1)[0] not in keys] + list(sets)
+
+
+# arm -> (method, overrides over params.yaml); each arm names all three text-side keys
+ARMS: dict[str, tuple[str, list[str]]] = {
+    "joint-before": ("joint", BEFORE),
+    "joint-before+text-learned": ("joint", _with(BEFORE, "methods.text_positions=learned")),
+    "joint-before+relation": ("joint", _with(BEFORE, "methods.relation_geometry=true")),
+    "joint-before+relation+text-learned": ("joint", _with(BEFORE, *SIDE)),
+    "joint-L3": ("joint", L3),
+    "joint-L3+relation+text-learned": ("joint", _with(L3, *SIDE)),
+    "joint-L3+relation+text-learned+2-layers": ("joint", _with(L3, *SIDE, "methods.joint.layers=2")),
+    "cross_attention-before": ("cross_attention", BEFORE),
+    "cross_attention-before+relation+text-learned": ("cross_attention", _with(BEFORE, *SIDE)),
+    "cross_attention-L3": ("cross_attention", L3),
+    "cross_attention-L3+relation+text-learned": ("cross_attention", _with(L3, *SIDE)),
+}
+
+
+def token_layer(root: Path) -> int:
+    """The text token layer ``root``'s train features were cached at (``meta.json``; -1 = the last)."""
+    meta = read_json(root / "data" / "features" / "train" / "meta.json")
+    return int(meta.get("text_encoder", {}).get("token_layer", -1))
+
+
+def features_for(sets: list[str], roots: list[Path]) -> Path | None:
+    """The root among ``roots`` whose features were cached at the arm's ``features.text_token_layer``."""
+    want = next(int(s.split("=", 1)[1]) for s in sets if s.startswith("features.text_token_layer="))
+    return next((r for r in roots if token_layer(r) == want), None)
+
+
+def train_twins(root: Path, n_images: int) -> list[dict]:
+    """Twin pairs (rows of ``data/features/train``, from its ``twin_row.npy``) with both images among
+    the first ``n_images``; the swap kind from ``data/prepared/train/images.json`` where it exists."""
+    twin_row = np.asarray(load_npy(root / "data" / "features" / "train" / "twin_row.npy"), np.int64)
+    prepared = root / "data" / "prepared" / "train"
+    kinds = [r.get("swap") or "twin" for r in split_records(prepared)] if (prepared / "images.json").exists() else None
+    return [{"image": r, "twin": int(t), "swap": kinds[r] if kinds else "twin"}
+            for r, t in enumerate(twin_row[:n_images]) if 0 <= t < n_images and t != r]
+
+
+def probe(model, split, twins: list[dict]) -> tuple[float, dict]:
+    """(RSUM, binding cells) of ``model`` on ``split`` with ``twins``."""
+    i2t, t2i = score_matrices(model, split, "cpu", progress=False)
+    rsum = retrieval_metrics(i2t, split.caption_image_index, t2i)["rsum"]
+    return rsum, _probe_cells(binding_probe(i2t, t2i, split.caption_image_index, twins))
+
+
+def measure(root: Path, features_root: Path, method: str, sets: list[str], split: str, fit_images: int,
+            threads: int, max_steps: int | None = None) -> dict:
+    torch.set_num_threads(threads)
+    cfg = config_with(root, sets)
+    feats = features_root / "data" / "features"
+    train = load_features(feats / "train")
+    val = first_images(load_features(feats / "val"), cfg.train.val_images)
+    scored = load_features(feats / split)
+    index = read_json(index_path(features_root, split))
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        meta = train_seed(cfg, Path(tmp), method, 0, train, val, Path(tmp) / "final", log=lambda m: None,
+                          max_steps=max_steps)
+        seconds = time.perf_counter() - started
+        model, _ = load_aligner(Path(tmp) / "final")
+    out = {"method": method, "set": sets, "split": split, "params": meta["trainable_params"],
+           "best_epoch": meta["best_epoch"], "epochs": cfg.train.epochs, "train_seconds": round(seconds, 1),
+           "threads": threads}
+    fit = first_images(train, fit_images)
+    rsum, cells = probe(model, fit, train_twins(features_root, fit_images))
+    out["train_fit"] = {"images": fit.n_images, "rsum": round(rsum, 1), **cells}
+    alphas = [None] if model.rerank is None else [model.rerank.alpha, 0.0, 0.5, 1.0]
+    for alpha in dict.fromkeys(alphas):
+        if alpha is not None:
+            model.rerank = replace(model.rerank, alpha=alpha)
+        rsum, cells = probe(model, scored, index["twins"])
+        key = split if alpha is None else f"{split}_alpha_{alpha}"
+        out[key] = {"rsum": round(rsum, 1), **cells}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arms", nargs="*", default=list(ARMS), choices=list(ARMS))
+    ap.add_argument("--root", type=Path, default=Path("."))
+    ap.add_argument("--features-roots", type=Path, nargs="*", default=None,
+                    help="project roots with data/features cached at other features.text_token_layer values "
+                         "(default: --root only); each arm reads the one cached at its layer")
+    ap.add_argument("--epochs", type=int, default=None, help="train.epochs of every arm (default: params.yaml's)")
+    ap.add_argument("--fit-images", type=int, default=600, help="train images whose twins measure the fit")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--max-steps", type=int, default=None, help="steps per epoch at most (smoke runs)")
+    ap.add_argument("--out", type=Path, default=OUT)
+    add_final_flag(ap)
+    a = ap.parse_args(argv)
+    split = scored_split(a.final)
+    doc = json.loads(a.out.read_text()) if a.out.exists() else {"runs": []}
+    doc.update(what=__doc__.splitlines()[0], machine=f"{platform.machine()} {os.cpu_count()} cores")
+    roots = [a.root, *(a.features_roots or [])]
+    for arm in a.arms:
+        method, sets = ARMS[arm]
+        sets = sets + ([f"train.epochs={a.epochs}"] if a.epochs else [])
+        features_root = features_for(sets, roots)
+        if features_root is None:
+            print(f"{arm}: skipped (no features at its features.text_token_layer among {[str(r) for r in roots]}; "
+                  "build them with the features stage and pass --features-roots)")
+            continue
+        if any(r["arm"] == arm and r["set"] == sets and r["split"] == split and not a.max_steps for r in doc["runs"]):
+            print(f"{arm}: already in {a.out}")
+            continue
+        load = os.getloadavg()[0]
+        run = measure(a.root, features_root, method, sets, split, a.fit_images, a.threads, a.max_steps)
+        run = {"arm": arm, **run, "load_before": round(load, 2)}
+        print(json.dumps(run), flush=True)
+        doc["runs"] = [r for r in doc["runs"] if not (r["arm"] == arm and r["set"] == sets and r["split"] == split)]
+        doc["runs"].append(run)
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(json.dumps(doc, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    entry(main)
