@@ -97,7 +97,7 @@ def train_twins(root: Path, n_images: int) -> list[dict]:
     prepared = root / "data" / "prepared" / "train"
     kinds = [r.get("swap") or "twin" for r in split_records(prepared)] if (prepared / "images.json").exists() else None
     return [{"image": r, "twin": int(t), "swap": kinds[r] if kinds else "twin"}
-            for r, t in enumerate(twin_row[:n_images]) if 0 <= t < n_images and t != r]
+            for r, t in enumerate(twin_row[:n_images]) if r < t < n_images]  # a pair once: the CI's unit
 
 
 def probe(model, split, twins: list[dict]) -> tuple[float, dict]:

@@ -300,3 +300,38 @@ def test_registered_reranker_ranks_at_the_alpha_chosen_on_val(tmp_path):
         assert len(registry.logged_model_ids(client, run.info.run_id, name)) == 1
     # registering again reuses that version
     assert registry.register_versions(cfg, tmp_path, {"joint": candidate}) == versions
+
+
+@pytest.mark.parametrize("method", ["contrastive", "cross_attention"])
+def test_train_twin_fit_scores_the_first_training_images_twins(tmp_path, method):
+    """evaluate.fit_images: the binding probe on the twin pairs among the first N train images (the
+    train features' twin_row.npy, kinds from the prepared train records), each pair once."""
+    from conftest import make_tiny_features
+    from eval_helpers import IMAGE_DIM, TEXT_DIM
+
+    cfg = tiny_config(tmp_path, evaluate={"fit_images": 8})
+    write_split_features(tmp_path)
+    train_dir = make_tiny_features(tmp_path / "data" / "features" / "train", n_images=12, image_dim=IMAGE_DIM,
+                                   text_dim=TEXT_DIM)  # twins: images 2k and 2k+1
+    kinds = ["colour", "position", "size", "position", "colour", "size"]  # of pairs (0, 1), (2, 3), ...
+    write_json(tmp_path / "data" / "prepared" / "train" / "images.json",
+               [{"id": i, "swap": kinds[i // 2]} for i in range(12)])
+    path = save_model(cfg, tmp_path, method, 0, mlflow_run=False)
+    fit = evaluation.run(cfg, method, tmp_path)["train_fit"]
+    assert (fit["images"], fit["captions"]) == (8, 16)
+    probe = fit["binding_probe"]
+    assert probe["overall"]["pairs"] == 4  # (0, 1), (2, 3), (4, 5), (6, 7): 8 and 9 lie beyond 8 images
+    assert {k: v["pairs"] for k, v in probe["per_swap"].items()} == {"colour": 1, "position": 2, "size": 1}
+    model, _ = load_aligner(path)
+    train = load_features(train_dir)
+    sim, match = _pairwise(model, train)  # every pair of the 12 images and 24 captions, one call each
+    cap_img = np.asarray(train.caption_image_index)
+    keep = np.flatnonzero(cap_img < 8)
+    i2t_s, t2i_s = (s[:8][:, keep] for s in _brute_rank_scores(model, sim, match))
+    twins = [{"image": 2 * k, "twin": 2 * k + 1} for k in range(4)]
+    want = _brute_probe(i2t_s, t2i_s, cap_img[keep], twins)
+    assert (probe["overall"]["i2t"], probe["overall"]["t2i"]) == pytest.approx(want, abs=1e-9)
+    position = _brute_probe(i2t_s, t2i_s, cap_img[keep], [twins[1], twins[3]])
+    assert (probe["per_swap"]["position"]["i2t"], probe["per_swap"]["position"]["t2i"]) == pytest.approx(position)
+    none = evaluation.run(tiny_config(tmp_path, evaluate={"fit_images": 0}), method, tmp_path)
+    assert "train_fit" not in none

@@ -10,7 +10,7 @@ from conftest import tiny_config
 from crossalign.evaluate import stage as evaluation
 from crossalign.select import report
 from crossalign.select import stage as selection
-from crossalign.io import read_json
+from crossalign.io import read_json, write_json
 from crossalign.retrieval.protocol import METRIC_KEYS
 from eval_helpers import save_model, write_prepared_test, write_split_features
 
@@ -374,3 +374,26 @@ def test_measured_times_go_to_the_costs_rendering_only(evaluated):
     for text in ("Test CPU", "9.9", "1.23", "56.8 (32 queries)"):
         assert text not in md and text in with_times, text
     assert "| joint | 9.9 | 1.23 | 56.8 (32 queries) |" in with_times
+
+
+def test_binding_table_shows_the_train_twin_fit_beside_the_test_probe(evaluated):
+    cfg, root, sel = evaluated
+    path = root / "eval" / "joint" / "results.json"
+    result = read_json(path)
+    cell = lambda i2t, t2i, lo, hi, pairs: {"i2t": i2t, "t2i": t2i, "mean": (i2t + t2i) / 2, "pairs": pairs,  # noqa: E731
+                                             "ci95": {"i2t": [lo, hi], "t2i": [lo, hi], "mean": [lo, hi]}}
+    result["train_fit"] = {"images": 250, "captions": 1250, "binding_probe": {
+        "overall": cell(90.0, 80.0, 80.5, 89.5, 9), "per_swap": {"colour": cell(99.0, 97.0, 95.0, 99.9, 5)}}}
+    write_json(path, result)
+    report.run(cfg, root, sel)
+    md = (root / "reports" / "comparison.md").read_text()
+    table = md.split("## Binding probe")[1].split("\n## ")[0]
+    assert "| mean [95% CI] | train-twin fit: mean [95% CI] |" in table
+    rows = [line for line in table.splitlines() if line.startswith("| joint |")]
+    assert rows[0].startswith("| joint | **overall** |") and rows[0].endswith("| 85.0 [80.5, 89.5] |")
+    test = result["test"]["binding_probe"]["per_swap"]
+    for kind in test:  # the fit's kinds beside the test's; a kind the fit lacks is a dash
+        row = next(r for r in rows if r.startswith(f"| joint | {kind} |"))
+        assert row.endswith("| 98.0 [95.0, 99.9] |" if kind == "colour" else "| – |"), row
+    assert all(line.endswith("| – |") for line in table.splitlines() if line.startswith("| concat_mlp |"))
+    assert "the first 250 *training* images" in table

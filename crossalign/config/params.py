@@ -270,6 +270,8 @@ class EvaluateParams(Section):
                                        description="re-ranking methods (joint, the control): fusion alphas scored on "
                                                    "val, the best val RSUM ranks test (ties: the smaller); "
                                                    "[] = the fixed methods.joint.fusion_alpha")
+    fit_images: int = Field(250, ge=0, description="the train-twin fit: the binding probe on the twins among the "
+                            "first N training images, beside the test probe (0 = not scored)")
     controls: list[str] = Field(default_factory=lambda: list(CONTROL_PARTS),
                                 description="evaluation-only controls (dvc.yaml foreach evaluate_control); "
                                             "both parts must be in train.methods")

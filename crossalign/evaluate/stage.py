@@ -36,7 +36,7 @@ from crossalign.tracking import registry
 from crossalign.tracking.registry import MODEL_ARTIFACT
 from crossalign.tracking import runs as tracking
 from crossalign.config import Config
-from crossalign.io import FeatureSplit, atomic_dir, load_features, read_json, write_json
+from crossalign.io import FeatureSplit, atomic_dir, load_features, load_npy, read_json, write_json
 from crossalign.methods import WEIGHTS
 from crossalign.methods.mlflow_model import fused_model_name, log_fused_model
 from crossalign.device import resolve_device
@@ -226,6 +226,32 @@ def evaluate_model(model: torch.nn.Module, split: FeatureSplit, cfg: Config,
     return out.metrics, out.i2t, out.t2i, out.r_i2t, out.r_t2i
 
 
+def train_fit_split(root: Path, n_images: int) -> tuple[FeatureSplit, list[dict]] | None:
+    """The first ``n_images`` training images with their captions, and the binding twin pairs
+    among them (``twin_row.npy`` of the train features, each pair's swap kind from
+    ``data/prepared/train/images.json``): what the train-twin fit is scored on. None when
+    ``n_images`` is 0 or no twin pair lies among them (data without twins)."""
+    feats = root / "data" / "features" / "train"
+    if not n_images or not (feats / "twin_row.npy").exists():
+        return None
+    twin_row = np.asarray(load_npy(feats / "twin_row.npy"), np.int64)[:n_images]  # (n,) partner row or -1
+    rows = [(r, int(t)) for r, t in enumerate(twin_row) if r < t < n_images]  # a pair once: the unit the CI resamples
+    if not rows:
+        return None
+    path = root / "data" / "prepared" / "train" / "images.json"
+    records = read_json(path) if path.exists() else None  # the swap kinds; without them every pair is a "twin"
+    if records is not None and (not isinstance(records, list) or len(records) < len(twin_row)
+                                or not all(isinstance(r, dict) for r in records[:len(twin_row)])):
+        raise ValueError(f"{path}: expected a list of at least {len(twin_row)} image records (one per train "
+                         "feature row)")
+    twins = [{"image": r, "twin": t, "swap": (records[r].get("swap") if records else None) or "twin"} for r, t in rows]
+    train = load_features(feats)
+    n = min(n_images, train.n_images)
+    sub = train.select_captions(np.flatnonzero(np.asarray(train.caption_image_index) < n))
+    sub.image_tokens, sub.image_pooled, sub.image_ids = train.image_tokens[:n], train.image_pooled[:n], train.image_ids[:n]
+    return sub, twins
+
+
 def load_negatives(split: FeatureSplit) -> HardNegatives | None:
     """The split's cached perturbed captions for the caption-swap probe; None (with a warning: no
     probe on that split) when the feature split was written without them."""
@@ -261,6 +287,8 @@ def run(cfg: Config, method: str, root: Path, loader: Loader | None = None, metr
         log.warning("%s absent: no binding probe on val (rerun the features stage)", val_index_path)
 
     negatives = {"val": load_negatives(val), "test": load_negatives(test)}  # caption-swap probe pairs
+    fit = train_fit_split(root, cfg.evaluate.fit_images)  # the train-twin fit beside the test probe
+    fit_kinds, fit_tallies = [], {}
     grid = list(cfg.evaluate.fusion_alphas)  # re-ranking methods: fusion alpha chosen on val ([]: the model's own)
 
     per_seed = {"val": {}, "test": {}}
@@ -294,6 +322,10 @@ def run(cfg: Config, method: str, root: Path, loader: Loader | None = None, metr
             val_kinds, val_tallies[seed] = pair_tallies(v.i2t, v.t2i, val.caption_image_index, val_twins)
             v.metrics["binding_probe"] = probe_from_tallies(val_kinds, val_tallies[seed])
         v.i2t = v.t2i = None  # val's (N, M) score matrices are read no further: freed before test is scored
+        if fit is not None:  # twins the model was trained on, ranked as test is (at the alpha val chose)
+            f = evaluate_split(model, fit[0], cfg, device)
+            fit_kinds, fit_tallies[seed] = pair_tallies(f.i2t, f.t2i, fit[0].caption_image_index, fit[1])
+            del f
         t = evaluate_split(model, test, cfg, device, (), negatives["test"])  # at the alpha val chose
         if twins:
             kinds, tallies[seed] = pair_tallies(t.i2t, t.t2i, test.caption_image_index, twins)  # (P, 4)
@@ -330,6 +362,9 @@ def run(cfg: Config, method: str, root: Path, loader: Loader | None = None, metr
         result["test"]["binding_probe"] = probe_from_tallies(kinds, sum(tallies.values()))
     if val_tallies:
         result["val"]["binding_probe"] = probe_from_tallies(val_kinds, sum(val_tallies.values()))
+    if fit_tallies:  # how well the training twins are fitted: beside the test probe, overfitting shows
+        result["train_fit"] = {"images": fit[0].n_images, "captions": fit[0].n_captions,
+                               "binding_probe": probe_from_tallies(fit_kinds, sum(fit_tallies.values()))}
     for split, pairs in swaps.items():  # one CI over the images, each pair's comparisons pooled over seeds
         result[split]["swap_probe"] = swap_probe.probe(pairs, sum(swap_tallies[split].values()))
     for seed, sha in hashes.items():
@@ -339,6 +374,9 @@ def run(cfg: Config, method: str, root: Path, loader: Loader | None = None, metr
                 flat[f"eval_{split}_swap"] = 100.0 * per[int(seed)][:, 0].sum() / per[int(seed)][:, 1].sum()
         if int(seed) in fusion:
             flat["eval_fusion_alpha"] = fusion[int(seed)]["alpha"]
+        if int(seed) in fit_tallies:
+            iw, i_n, tw, t_n = fit_tallies[int(seed)].sum(axis=0)  # the overall mean of both directions
+            flat["eval_train_fit_bind"] = 50.0 * (iw / i_n + tw / t_n)
         run_id = registry.log_to_seed_run(cfg, root, method, int(seed), sha, flat)
         if not run_id:
             log.warning("%s seed %s: no finished MLflow run with these weights (sha256 %s) in %s; "

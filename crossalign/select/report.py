@@ -110,19 +110,28 @@ def _ci(cell: dict, key: str) -> str:
     return f"{cell[key]:.1f} [{lo:.1f}, {hi:.1f}]"
 
 
-def binding_lines(probes: dict[str, dict]) -> list[str]:
+def binding_lines(probes: dict[str, dict], fits: dict[str, dict] | None = None) -> list[str]:
     """The probe table: one row per method and swap kind (overall first), each direction and their
-    mean with its 95 % pair-bootstrap CI."""
-    lines = ["| method | swap | pairs | i2t [95% CI] | t2i [95% CI] | mean [95% CI] |", "|---" * 6 + "|"]
+    mean with its 95 % pair-bootstrap CI; with ``fits`` (each method's train-twin fit, the same probe
+    on training twins) a last column with the fit's mean beside the test one."""
+    fits = fits or {}
+    head = "| method | swap | pairs | i2t [95% CI] | t2i [95% CI] | mean [95% CI] |"
+    lines = [head + (" train-twin fit: mean [95% CI] |" if fits else ""), "|---" * (7 if fits else 6) + "|"]
     for m, p in probes.items():
         for kind, cell in [("overall", p["overall"])] + sorted(p["per_swap"].items()):
+            fit = ""
+            if fits:
+                f = fits.get(m, {})
+                f = f.get("overall") if kind == "overall" else f.get("per_swap", {}).get(kind)
+                fit = (" – |" if not f else f" {_ci(f, 'mean')} |" if "ci95" in f
+                       else f" {(f['i2t'] + f['t2i']) / 2:.1f} |")
             if "ci95" not in cell:  # a results.json without binding CIs
                 lines.append(f"| {m} | {kind} | {cell['pairs']} | {cell['i2t']:.1f} | {cell['t2i']:.1f} | "
-                             f"{(cell['i2t'] + cell['t2i']) / 2:.1f} |")
+                             f"{(cell['i2t'] + cell['t2i']) / 2:.1f} |" + fit)
                 continue
             name = f"**{kind}**" if kind == "overall" else kind
             lines.append(f"| {m} | {name} | {cell['pairs']} | {_ci(cell, 'i2t')} | {_ci(cell, 't2i')} | "
-                         f"{_ci(cell, 'mean')} |")
+                         f"{_ci(cell, 'mean')} |" + fit)
     return lines
 
 
@@ -583,13 +592,20 @@ def markdown(cfg: Config, selection: dict, metrics: dict[str, dict], figures: li
     lines += ["", "## Binding probe (true vs binding twin, chance 50%)", ""]
     probes = {m: x["test"]["binding_probe"] for m, x in metrics.items() if x["test"].get("binding_probe")}
     if probes:
-        lines += binding_lines(probes)
+        fits = {m: x["train_fit"]["binding_probe"] for m, x in metrics.items() if x.get("train_fit")}
+        lines += binding_lines(probes, fits)
         lines += ["", "% of comparisons where the true image / caption beats its binding twin's (same scene, the "
                   "focal pair's colours, sizes or places swapped; captions with the same words); ties count "
                   "half. 95% CI: percentile bootstrap over twin pairs (the independent unit: a pair's comparisons "
                   "share one scene), both directions and their mean from one resample "
                   f"({next(iter(probes.values())).get('resamples', '?')} resamples). A CI containing 50 cannot be "
                   "told from chance; test twins share no image or scene with train (checked by the features stage)."]
+        if fits:
+            n = next(iter(x["train_fit"] for x in metrics.values() if x.get("train_fit")))
+            lines += ["", f"Train-twin fit: the same probe on the twin pairs among the first {n['images']:,} "
+                      "*training* images (twins the model was trained on; `evaluate.fit_images`). A kind fitted "
+                      "on train and at chance on test is overfitted; a kind not fitted on train is beyond what "
+                      "the method learned from its training data."]
     else:
         lines.append("This dataset has no binding twins (the caption-swap probe below works on any captions).")
     lines += swap_lines(metrics)
