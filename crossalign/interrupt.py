@@ -6,13 +6,16 @@ callbacks, for one), the interpreter prints "Exception ignored in ..." and carri
 happened: a stage would then finish its work and exit 0, writing the outputs of a run the user
 stopped. :func:`install` keeps the usual ``KeyboardInterrupt`` and also remembers that the signal
 came; :func:`check` raises it again at safe points (every training step, and before an atomic
-write commits), so an interrupt swallowed once is raised at the next one."""
+write commits), so an interrupt swallowed once is raised at the next one, and the interpreter's
+"Exception ignored" report of the swallowed one is left out (the stage says it was interrupted)."""
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 
 _pending = False
+_unraisable = sys.unraisablehook
 
 
 def _handler(signum: int, frame: object) -> None:
@@ -21,12 +24,22 @@ def _handler(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def _quiet_unraisable(unraisable) -> None:
+    """The interpreter's report of an exception it could not raise ("Exception ignored in ...", with
+    a traceback), less a ``KeyboardInterrupt`` this module remembered: it is raised again at the next
+    safe point, and the stage reports the interruption itself, in one line."""
+    if _pending and isinstance(unraisable.exc_value, KeyboardInterrupt):
+        return
+    _unraisable(unraisable)
+
+
 def install() -> None:
     """Route SIGINT through the remembering handler (main thread only; elsewhere a no-op)."""
     global _pending
     _pending = False
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, _handler)
+        sys.unraisablehook = _quiet_unraisable
 
 
 def pending() -> bool:
