@@ -71,6 +71,19 @@ def reads(method: str, override: str) -> bool:
     return not (parts[0] == "methods" and len(parts) > 2 and parts[1] in ARM_METHODS and parts[1] != method)
 
 
+def last_wins(sets: list[str]) -> list[str]:
+    """``key=value`` overrides with each key once, where it was set last (a later override wins, as
+    it would when applied in order)."""
+    seen: set[str] = set()
+    out = []
+    for item in reversed(sets):
+        key = item.split("=", 1)[0]
+        if key not in seen:
+            seen.add(key)
+            out.append(item)
+    return out[::-1]
+
+
 def features_work(work: Path, sets: list[str]) -> Path:
     """Where an arm's features live: ``work`` itself, or for an arm that changes a ``features.*`` key
     (``features.text_token_layer=3``) a folder of its own under it, named by those keys."""
@@ -167,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         for arm in args.arms:
             method, real, sets = ARMS[arm]
             sets = [*(profile if real else []), *sets, *([f"train.epochs={args.epochs}"] if args.epochs else [])]
-            sets = list({s.split("=", 1)[0]: s for s in sets if reads(method, s)}.values())  # a key once: the last value
+            sets = last_wins([s for s in sets if reads(method, s)])
             if any(r["arm"] == arm and [s for s in r["set"] if reads(method, s)] == sets and r["split"] == split
                    and r["folder"] == folder.name for r in runs):
                 continue
