@@ -56,6 +56,20 @@ def _probe_cells(probe: dict) -> dict:
             for k, v in [("overall", probe["overall"]), *probe["per_swap"].items()]}
 
 
+def train_once(cfg: config.Config, features: Path, method: str, max_steps: int | None = None):
+    """Train ``method`` (seed 0, early stopping on the val features) on ``features/{train,val}`` into
+    a temporary directory -> (the trained model, its meta, training seconds)."""
+    train = load_features(features / "train")
+    val = first_images(load_features(features / "val"), cfg.train.val_images)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        meta = train_seed(cfg, Path(tmp), method, 0, train, val, Path(tmp) / "final", log=lambda m: None,
+                          max_steps=max_steps)
+        seconds = time.perf_counter() - started
+        model, _ = load_aligner(Path(tmp) / "final")
+    return model, meta, seconds
+
+
 def measure(root: Path, method: str, sets: list[str], split: str = "val", threads: int = 1,
             max_steps: int | None = None, alphas: tuple[float, ...] = (0.75, 1.0), params: str = "params.yaml") -> dict:
     """Train ``method`` (params.yaml + ``sets``, seed 0) and score ``split`` -> one result record:
@@ -63,16 +77,9 @@ def measure(root: Path, method: str, sets: list[str], split: str = "val", thread
     re-ranking method is also scored at each fusion alpha of ``alphas`` (an evaluation knob)."""
     torch.set_num_threads(threads)
     cfg = config_with(root, sets, params)
-    train = load_features(root / "data/features/train")
-    val = first_images(load_features(root / "data/features/val"), cfg.train.val_images)
     scored = load_features(root / "data/features" / split)  # val (every choice) or test (--final)
     index = read_json(index_path(root, split))
-    started = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        meta = train_seed(cfg, Path(tmp), method, 0, train, val, Path(tmp) / "final", log=lambda m: None,
-                          max_steps=max_steps)
-        seconds = time.perf_counter() - started
-        model, _ = load_aligner(Path(tmp) / "final")
+    model, meta, seconds = train_once(cfg, root / "data/features", method, max_steps)
     i2t, t2i = score_matrices(model, scored, "cpu", progress=False)
     metrics = retrieval_metrics(i2t, scored.caption_image_index, t2i)
     probe = binding_probe(i2t, t2i, scored.caption_image_index, index["twins"])

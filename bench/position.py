@@ -31,24 +31,19 @@ import argparse
 import json
 import os
 import platform
-import tempfile
-import time
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from bench import entry
-from bench.binding import _probe_cells, config_with
+from bench.binding import _probe_cells, config_with, train_once
 from bench.splits import add_final_flag, index_path, scored_split
 from crossalign.evaluate.binding import binding_probe
-from crossalign.features.stage import split_records
-from crossalign.io import load_features, load_npy, read_json
-from crossalign.methods import load_aligner
+from crossalign.evaluate.stage import train_fit_split
+from crossalign.io import load_features, read_json
 from crossalign.retrieval.protocol import retrieval_metrics
 from crossalign.retrieval.scoring import score_matrices
-from crossalign.train.stage import first_images, train_seed
 
 OUT = Path(__file__).resolve().parent / "results" / "position.json"
 # the text side before this bench: last-layer tokens, no token indices, no geometry
@@ -90,16 +85,6 @@ def features_for(sets: list[str], roots: list[Path]) -> Path | None:
     return next((r for r in roots if token_layer(r) == want), None)
 
 
-def train_twins(root: Path, n_images: int) -> list[dict]:
-    """Twin pairs (rows of ``data/features/train``, from its ``twin_row.npy``) with both images among
-    the first ``n_images``; the swap kind from ``data/prepared/train/images.json`` where it exists."""
-    twin_row = np.asarray(load_npy(root / "data" / "features" / "train" / "twin_row.npy"), np.int64)
-    prepared = root / "data" / "prepared" / "train"
-    kinds = [r.get("swap") or "twin" for r in split_records(prepared)] if (prepared / "images.json").exists() else None
-    return [{"image": r, "twin": int(t), "swap": kinds[r] if kinds else "twin"}
-            for r, t in enumerate(twin_row[:n_images]) if r < t < n_images]  # a pair once: the CI's unit
-
-
 def probe(model, split, twins: list[dict]) -> tuple[float, dict]:
     """(RSUM, binding cells) of ``model`` on ``split`` with ``twins``."""
     i2t, t2i = score_matrices(model, split, "cpu", progress=False)
@@ -111,23 +96,18 @@ def measure(root: Path, features_root: Path, method: str, sets: list[str], split
             threads: int, max_steps: int | None = None) -> dict:
     torch.set_num_threads(threads)
     cfg = config_with(root, sets)
-    feats = features_root / "data" / "features"
-    train = load_features(feats / "train")
-    val = first_images(load_features(feats / "val"), cfg.train.val_images)
-    scored = load_features(feats / split)
+    scored = load_features(features_root / "data" / "features" / split)
     index = read_json(index_path(features_root, split))
-    started = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        meta = train_seed(cfg, Path(tmp), method, 0, train, val, Path(tmp) / "final", log=lambda m: None,
-                          max_steps=max_steps)
-        seconds = time.perf_counter() - started
-        model, _ = load_aligner(Path(tmp) / "final")
+    fit = train_fit_split(features_root, fit_images)  # the evaluate stage's train-twin fit: each pair once
+    if fit is None:
+        raise ValueError(f"{features_root / 'data/features/train'}: no binding twin pair among the first "
+                         f"{fit_images} train images (twin_row.npy): nothing to measure the train-twin fit on")
+    model, meta, seconds = train_once(cfg, features_root / "data" / "features", method, max_steps)
     out = {"method": method, "set": sets, "split": split, "params": meta["trainable_params"],
            "best_epoch": meta["best_epoch"], "epochs": cfg.train.epochs, "train_seconds": round(seconds, 1),
            "threads": threads}
-    fit = first_images(train, fit_images)
-    rsum, cells = probe(model, fit, train_twins(features_root, fit_images))
-    out["train_fit"] = {"images": fit.n_images, "rsum": round(rsum, 1), **cells}
+    rsum, cells = probe(model, *fit)
+    out["train_fit"] = {"images": fit[0].n_images, "rsum": round(rsum, 1), **cells}
     alphas = [None] if model.rerank is None else [model.rerank.alpha, 0.0, 0.5, 1.0]
     for alpha in dict.fromkeys(alphas):
         if alpha is not None:

@@ -27,7 +27,6 @@ import platform
 import shutil
 import sys
 import tempfile
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -118,23 +117,15 @@ def build_features(work: Path, folder: Path, params: Path, sets: list[str] = ())
 def measure(work: Path, method: str, sets: list[str], split: str, threads: int, alphas: list[float]) -> dict:
     """Train ``method`` under ``sets`` (seed 0) and score ``split``: RSUM, R@1 both ways, and for a
     re-ranker RSUM at each fusion alpha."""
-    from bench.binding import config_with
+    from bench.binding import config_with, train_once
     from crossalign.io import load_features
-    from crossalign.methods import load_aligner
     from crossalign.retrieval.protocol import retrieval_metrics
     from crossalign.retrieval.scoring import score_matrices
-    from crossalign.train.stage import first_images, train_seed
 
     torch.set_num_threads(threads)
     cfg = config_with(work, sets)
-    train = load_features(work / "data/features/train")
-    val = first_images(load_features(work / "data/features/val"), cfg.train.val_images)
     scored = load_features(work / "data/features" / split)
-    started = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        meta = train_seed(cfg, Path(tmp), method, 0, train, val, Path(tmp) / "final", log=lambda m: None)
-        seconds = time.perf_counter() - started
-        model, _ = load_aligner(Path(tmp) / "final")
+    model, meta, seconds = train_once(cfg, work / "data/features", method)
 
     def score() -> dict:
         i2t, t2i = score_matrices(model, scored, "cpu", progress=False)
