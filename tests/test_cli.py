@@ -89,6 +89,25 @@ def test_text_query_ranks_test_images_like_the_evaluation(project, monkeypatch, 
     assert len(out) == 6 and layers == [-1]
 
 
+def test_text_query_refuses_a_gallery_whose_token_layer_is_not_a_layer(project, monkeypatch):
+    import crossalign.io
+
+    root, runs = project
+    monkeypatch.chdir(root)
+    cfg, _ = _params(root, "bad-layer", "contrastive", runs)
+    real = crossalign.io.load_features
+
+    def tampered(path, *args, **kwargs):
+        split = real(path, *args, **kwargs)
+        split.meta = {**split.meta, "text_encoder": {**split.meta.get("text_encoder", {}), "token_layer": "3"}}
+        return split
+
+    monkeypatch.setattr(crossalign.io, "load_features", tampered)
+    monkeypatch.setattr(search, "text_features", lambda *a: pytest.fail("encoded a query at an unchecked layer"))
+    with pytest.raises(ValueError, match=r"test/meta.json: text_encoder.token_layer = '3', expected an integer"):
+        search.search(cfg, root, text="a red circle")
+
+
 def test_image_query_with_a_reranking_champion(project, monkeypatch):
     root, runs = project
     monkeypatch.chdir(root)

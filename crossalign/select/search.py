@@ -105,6 +105,9 @@ def search(cfg: config.Config, root: Path, text: str | None = None, image: Path 
     with torch.inference_mode():
         if text is not None:
             layer = feats.meta.get("text_encoder", {}).get("token_layer", -1)  # as the model was trained and the gallery made
+            if isinstance(layer, bool) or not isinstance(layer, int):
+                raise ValueError(f"{feats.root / 'meta.json'}: text_encoder.token_layer = {layer!r}, expected an "
+                                 "integer layer (rerun the features stage)")
             tokens, mask, pooled = text_features(cfg, text, device, layer)
             query = model.encode_texts(tokens, mask, pooled)
             _, t2i = score_states(model, encode_images(model, feats, device), query,
