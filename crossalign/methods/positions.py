@@ -47,37 +47,55 @@ def sincos_2d(side: int, dim: int) -> Tensor:
     return torch.cat([y.sin(), y.cos(), x.sin(), x.cos()], 1).float()  # (R, dim)
 
 
-class ImagePositions(nn.Module):
+class Positions(nn.Module):
+    """Adds a position to each token of (B, N, D) (what :class:`ImagePositions` and
+    :class:`TextPositions` share): the ``kind`` check naming the params key, fixed tables computed
+    once per length and device (not parameters, not saved), and ``none`` as the identity."""
+
+    def __init__(self, kind: str, dim: int, key: str, divisor: int):
+        super().__init__()
+        if kind not in KINDS:
+            raise ValueError(f"methods.{key} = {kind!r}: expected one of {list(KINDS)}")
+        if kind == "sincos" and dim % divisor:
+            need = "even" if divisor == 2 else f"divisible by {divisor}"
+            raise ValueError(f"methods.embed_dim ({dim}) must be {need} for sincos {key.split('_')[0]} positions")
+        self.kind, self.dim = kind, dim
+        self._cache: dict[tuple[int, torch.device], Tensor] = {}
+
+    def fixed(self, n: int, device: torch.device, make) -> Tensor:
+        """``make(n, dim)`` on ``device``, computed once per (n, device)."""
+        key = (n, device)
+        if key not in self._cache:
+            self._cache[key] = make(n, self.dim).to(device)
+        return self._cache[key]
+
+    def positions(self, n: int, device: torch.device) -> Tensor:
+        """Positions of ``n`` tokens -> (n, D)."""
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, N, D) -> (B, N, D)
+        if self.kind == "none" or x.shape[-2] == 0:
+            return x
+        return x + self.positions(x.shape[-2], x.device).to(x.dtype)
+
+
+class ImagePositions(Positions):
     """Adds a 2D position to each token of a square row-major grid: (B, R, D) -> (B, R, D)."""
 
     def __init__(self, kind: str, dim: int):
-        super().__init__()
-        if kind not in KINDS:
-            raise ValueError(f"methods.image_positions = {kind!r}: expected one of {list(KINDS)}")
-        if kind == "sincos" and dim % 4:
-            raise ValueError(f"methods.embed_dim ({dim}) must be divisible by 4 for sincos image positions")
-        self.kind, self.dim = kind, dim
+        super().__init__(kind, dim, "image_positions", 4)
         if kind == "learned":
             self.rows = nn.Parameter(torch.zeros(MAX_SIDE, dim))
             self.cols = nn.Parameter(torch.zeros(MAX_SIDE, dim))
-        self._cache: dict[tuple[int, torch.device], Tensor] = {}
 
-    def table(self, regions: int, device: torch.device) -> Tensor:
+    def positions(self, regions: int, device: torch.device) -> Tensor:
         """Positions of ``regions`` grid tokens -> (R, D)."""
         side = grid_side(regions)
         if self.kind == "learned":
             if side > MAX_SIDE:
                 raise ValueError(f"image tokens: a {side}x{side} grid exceeds learned positions' {MAX_SIDE} per side")
             return (self.rows[:side, None, :] + self.cols[None, :side, :]).reshape(side * side, self.dim)
-        key = (side, device)
-        if key not in self._cache:  # fixed: computed once per grid and device (not a parameter, not saved)
-            self._cache[key] = sincos_2d(side, self.dim).to(device)
-        return self._cache[key]
-
-    def forward(self, x: Tensor) -> Tensor:  # (B, R, D) -> (B, R, D)
-        if self.kind == "none" or x.shape[-2] == 0:
-            return x
-        return x + self.table(x.shape[-2], x.device).to(x.dtype)
+        return self.fixed(side, device, sincos_2d)
 
 
 # ------------------------------------------------------------------------------------ captions
@@ -94,7 +112,7 @@ def sincos_1d(length: int, dim: int) -> Tensor:
     return torch.cat([t.sin(), t.cos()], 1).float()  # (L, dim)
 
 
-class TextPositions(nn.Module):
+class TextPositions(Positions):
     """Adds each caption token's index (``methods.text_positions``) to the matcher's projected
     caption tokens: (B, L, D) -> (B, L, D). The frozen text encoder saw word order, but its top
     layer keeps little of it per token (bench/text_probe.py: a final-layer noun state knows its
@@ -102,25 +120,14 @@ class TextPositions(nn.Module):
     self-attention can tell "A left of B" from "B left of A" by which noun precedes the relation."""
 
     def __init__(self, kind: str, dim: int):
-        super().__init__()
-        if kind not in KINDS:
-            raise ValueError(f"methods.text_positions = {kind!r}: expected one of {list(KINDS)}")
-        if kind == "sincos" and dim % 2:
-            raise ValueError(f"methods.embed_dim ({dim}) must be even for sincos text positions")
-        self.kind, self.dim = kind, dim
+        super().__init__(kind, dim, "text_positions", 2)
         if kind == "learned":
             self.table = nn.Parameter(torch.zeros(MAX_TOKENS, dim))
-        self._cache: dict[tuple[int, torch.device], Tensor] = {}
 
-    def forward(self, x: Tensor) -> Tensor:  # (B, L, D) -> (B, L, D)
-        length = x.shape[-2]
-        if self.kind == "none" or length == 0:
-            return x
+    def positions(self, length: int, device: torch.device) -> Tensor:
+        """Positions of ``length`` caption tokens -> (L, D)."""
         if self.kind == "learned":
             if length > MAX_TOKENS:
                 raise ValueError(f"caption tokens: {length} exceed learned text positions' {MAX_TOKENS}")
-            return x + self.table[:length].to(x.dtype)
-        key = (length, x.device)
-        if key not in self._cache:
-            self._cache[key] = sincos_1d(length, self.dim).to(x.device)
-        return x + self._cache[key].to(x.dtype)
+            return self.table[:length]
+        return self.fixed(length, device, sincos_1d)
