@@ -28,7 +28,7 @@ from crossalign.io import load_features, read_json
 from crossalign.methods import load_aligner
 from crossalign.retrieval.protocol import retrieval_metrics
 from crossalign.retrieval.scoring import score_matrices
-from crossalign.train.stage import first_images, train_seed
+from crossalign.train.stage import train_seed
 
 from bench.splits import add_final_flag, index_path, scored_split
 
@@ -60,7 +60,7 @@ def train_once(cfg: config.Config, features: Path, method: str, max_steps: int |
     """Train ``method`` (seed 0, early stopping on the val features) on ``features/{train,val}`` into
     a temporary directory -> (the trained model, its meta, training seconds)."""
     train = load_features(features / "train")
-    val = first_images(load_features(features / "val"), cfg.train.val_images)
+    val = load_features(features / "val").first_images(cfg.train.val_images)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         meta = train_seed(cfg, Path(tmp), method, 0, train, val, Path(tmp) / "final", log=lambda m: None,

@@ -50,6 +50,10 @@ OUT = Path(__file__).resolve().parent / "results" / "position.json"
 BEFORE = ["features.text_token_layer=-1", "methods.text_positions=none", "methods.relation_geometry=false"]
 L3 = ["features.text_token_layer=3", "methods.text_positions=none", "methods.relation_geometry=false"]
 SIDE = ["methods.text_positions=learned", "methods.relation_geometry=true"]  # with L3: params.yaml as shipped
+# MiniLM's top three layers trained (features.text_trainable_layers): the read layer is named as 6,
+# the last of MiniLM's six, so the features cached below it (layer 3) are told apart from L3's
+LIT3 = ["features.text_token_layer=6", "features.text_trainable_layers=3", "methods.text_positions=none",
+        "methods.relation_geometry=false"]
 
 
 def _with(base: list[str], *sets: str) -> list[str]:
@@ -70,19 +74,29 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     "cross_attention-before+relation+text-learned": ("cross_attention", _with(BEFORE, *SIDE)),
     "cross_attention-L3": ("cross_attention", L3),
     "cross_attention-L3+relation+text-learned": ("cross_attention", _with(L3, *SIDE)),
+    # LiT's partially locked text side: MiniLM's layers 4-6 trained over cached layer-3 states
+    "joint-LiT3": ("joint", LIT3),
+    "joint-LiT3+relation+text-learned": ("joint", _with(LIT3, *SIDE)),
+    "cross_attention-LiT3+relation+text-learned": ("cross_attention", _with(LIT3, *SIDE)),
 }
 
 
-def token_layer(root: Path) -> int:
-    """The text token layer ``root``'s train features were cached at (``meta.json``; -1 = the last)."""
-    meta = read_json(root / "data" / "features" / "train" / "meta.json")
-    return int(meta.get("text_encoder", {}).get("token_layer", -1))
+def text_side(root: Path) -> tuple[int, int]:
+    """(the layer the methods read, the layers trained below it) of ``root``'s train features
+    (``meta.json``; -1 = the last layer, cached with nothing trained)."""
+    encoder = read_json(root / "data" / "features" / "train" / "meta.json").get("text_encoder", {})
+    trained = encoder.get("text_layers")
+    if trained:
+        return int(trained["first"]) + int(trained["layers"]), int(trained["layers"])
+    return int(encoder.get("token_layer", -1)), 0
 
 
 def features_for(sets: list[str], roots: list[Path]) -> Path | None:
-    """The root among ``roots`` whose features were cached at the arm's ``features.text_token_layer``."""
-    want = next(int(s.split("=", 1)[1]) for s in sets if s.startswith("features.text_token_layer="))
-    return next((r for r in roots if token_layer(r) == want), None)
+    """The root among ``roots`` whose features were cached for the arm's ``features.text_token_layer``
+    and ``features.text_trainable_layers`` (0 when the arm does not name it)."""
+    keys = dict(s.split("=", 1) for s in sets)
+    want = (int(keys["features.text_token_layer"]), int(keys.get("features.text_trainable_layers", 0)))
+    return next((r for r in roots if text_side(r) == want), None)
 
 
 def probe(model, split, twins: list[dict]) -> tuple[float, dict]:
@@ -141,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         sets = sets + ([f"train.epochs={a.epochs}"] if a.epochs else [])
         features_root = features_for(sets, roots)
         if features_root is None:
-            print(f"{arm}: skipped (no features at its features.text_token_layer among {[str(r) for r in roots]}; "
+            print(f"{arm}: skipped (no features at its features.text_token_layer and text_trainable_layers among {[str(r) for r in roots]}; "
                   "build them with the features stage and pass --features-roots)")
             continue
         if any(r["arm"] == arm and r["set"] == sets and r["split"] == split and not a.max_steps for r in doc["runs"]):

@@ -29,7 +29,7 @@ from crossalign.io import FeatureSplit, PackedText, atomic_file
 from crossalign.methods import get_method
 from crossalign.device import resolve_device
 from crossalign.train.batches import open_split
-from crossalign.train.stage import first_images, lr_at, validation_metrics
+from crossalign.train.stage import lr_at, validation_metrics
 
 
 def synthetic_split(n_images: int, captions: int, regions: int, image_dim: int, text_dim: int,
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config.from_dict(raw, args.params)
     device = resolve_device(args.device)
     train = synthetic_split(args.n_train, 5, 49, 1280, 384, 0)
-    val = first_images(synthetic_split(args.n_val, 5, 49, 1280, 384, 1), cfg.train.val_images)
+    val = synthetic_split(args.n_val, 5, 49, 1280, 384, 1).first_images(cfg.train.val_images)
     rows = [bench_method(cfg, m, train, val, device, args.max_steps or None) for m in args.methods]
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     result = {"device": str(device), "card": card, "threads": torch.get_num_threads(), "overrides": args.set,

@@ -226,6 +226,15 @@ class FeatureSplit:
     def text_dim(self) -> int:
         return int(self.text_pooled.shape[1])
 
+    def first_images(self, n: int) -> "FeatureSplit":
+        """The first ``n`` images and their captions (the whole split when n is 0 or not below its
+        size); no token data is copied."""
+        if not n or n >= self.n_images:
+            return self
+        sub = self.select_captions(np.flatnonzero(np.asarray(self.caption_image_index) < n))  # (M',)
+        sub.image_tokens, sub.image_pooled, sub.image_ids = self.image_tokens[:n], self.image_pooled[:n], self.image_ids[:n]
+        return sub
+
     def select_captions(self, rows) -> "FeatureSplit":
         """The same images with only the captions ``rows`` (no token data copied)."""
         return FeatureSplit(root=self.root, meta=self.meta, image_tokens=self.image_tokens,
@@ -239,6 +248,7 @@ FEATURE_ARRAYS = ("image_tokens", "image_pooled", "text_tokens", "text_offsets",
 RERUN = "rerun the features stage (`dvc repro features` or `python -m tasks.features`)"
 
 
+TEXT_LAYERS_FILE = "text_layers.safetensors"  # training split: the trainable text layers' pretrained weights
 FEATURES_FORMAT = 2  # 1: text_tokens padded [M, L, Dt] + text_lengths; 2: packed [T, Dt] + text_offsets
 FORMAT_FILE = "format.json"
 

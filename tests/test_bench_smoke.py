@@ -346,12 +346,13 @@ def test_recipe_val(project: Path, tmp_path: Path):
 
 def test_position(project: Path, tmp_path: Path):
     out = tmp_path / "position.json"
-    arms = ["joint-before+relation+text-learned", "cross_attention-before", "joint-L3"]
+    arms = ["joint-before+relation+text-learned", "cross_attention-before", "joint-L3", "joint-LiT3"]
     done = run_bench("position", ["--arms", *arms, "--epochs", 1, "--max-steps", 2, "--fit-images", 16,
                                   "--root", project, "--out", out], project)
     runs = json.loads(out.read_text())["runs"]
     assert [r["arm"] for r in runs] == arms[:2]  # the tiny features are last-layer ones: joint-L3 needs others
     assert "joint-L3: skipped (no features at its features.text_token_layer" in done.stdout
+    assert "joint-LiT3: skipped (no features at its features.text_token_layer and text_trainable_layers" in done.stdout
     for r in runs:
         assert r["split"] == "val" and not any(k.startswith("test") for k in r)  # val only without --final
         assert r["train_fit"]["images"] == 16 and 0 < r["train_fit"]["rsum"] <= 600

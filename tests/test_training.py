@@ -57,9 +57,9 @@ def test_lr_warmup_then_cosine():
 
 def test_first_images_keeps_their_captions(tiny_features):
     split = load_features(tiny_features / "data" / "features" / "val")
-    sub = training.first_images(split, 5)
+    sub = split.first_images(5)
     assert sub.n_images == 5 and sub.n_captions == 10 and set(sub.caption_image_index) == set(range(5))
-    assert training.first_images(split, 0) is split
+    assert split.first_images(0) is split
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -141,6 +141,9 @@ class FeaturesParams(Section):
     text_token_layer: int = Field(-1, ge=-1, description="caption token states cached for the methods that read "
                                   "tokens: -1 = the last layer; k = the output of layer k (the pooled feature stays "
                                   "the last layer's mean)")
+    text_trainable_layers: int = Field(0, ge=0, description="the states are cached this many layers below "
+                                       "text_token_layer, and the methods that read tokens train those layers from the "
+                                       "encoder's weights (LiT's partially locked text side; 0 = all frozen)")
     perturbations: int = Field(1, ge=0, le=16, description="binding-perturbed captions encoded per real caption at most (crossalign/features/perturb.py; 0 = none); each one adds about a real caption's encoding time and disk")
 
 
@@ -228,6 +231,8 @@ class TrainParams(Section):
                                    "captions (crossalign.features.hardneg; 0 = off)")
     binding_rank_weight: float = Field(1.0, ge=0, description="matching losses: weight of the ranking term "
                                        "softplus(binding negative - positive) over twin and perturbed captions")
+    text_layers_lr: float = Field(5e-5, gt=0, description="peak learning rate of the text encoder's trained layers "
+                                  "(features.text_trainable_layers > 0), their own AdamW group")
 
     @field_validator("methods")
     @classmethod

@@ -245,11 +245,7 @@ def train_fit_split(root: Path, n_images: int) -> tuple[FeatureSplit, list[dict]
         raise ValueError(f"{path}: expected a list of at least {len(twin_row)} image records (one per train "
                          "feature row)")
     twins = [{"image": r, "twin": t, "swap": (records[r].get("swap") if records else None) or "twin"} for r, t in rows]
-    train = load_features(feats)
-    n = min(n_images, train.n_images)
-    sub = train.select_captions(np.flatnonzero(np.asarray(train.caption_image_index) < n))
-    sub.image_tokens, sub.image_pooled, sub.image_ids = train.image_tokens[:n], train.image_pooled[:n], train.image_ids[:n]
-    return sub, twins
+    return load_features(feats).first_images(n_images), twins
 
 
 def load_negatives(split: FeatureSplit) -> HardNegatives | None:

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import save as save_safetensors
 from tqdm import tqdm
 
 from crossalign.config import Config, FeaturesParams
@@ -37,7 +38,8 @@ from crossalign.features.encoders import ImageEncoder, TextEncoder, build_image_
 from crossalign.features import perturb
 from crossalign.features.leaks import split_leaks, twin_leaks
 from crossalign.features.hardneg import NegTextWriter, twin_row_array
-from crossalign.io import FeatureWriter, atomic_dir, drop_pages, load_npy, read_json, write_json
+from crossalign.io import (TEXT_LAYERS_FILE, FeatureWriter, atomic_dir, atomic_file, drop_pages, load_npy, read_json,
+                           write_json)
 
 SPLITS = ("train", "val", "test")
 RELEASE_BYTES = 64 << 20  # drop mapped pages after about this many bytes streamed
@@ -328,11 +330,15 @@ def run(cfg: Config, root: Path, progress: bool = True) -> Path:
     device = resolve_device(params.device, "features.device")
     torch.set_num_threads(params.threads or os.cpu_count() or 1)
     image_encoder = build_image_encoder(params.image_encoder, device)
-    text_encoder = build_text_encoder(params.text_encoder, device, params.text_token_layer)
+    text_encoder = build_text_encoder(params.text_encoder, device, params.text_token_layer,
+                                      params.text_trainable_layers)
     out = root / "data" / "features"
     with atomic_dir(out) as tmp:
         for split in SPLITS:
             encode_split(prepared / split, tmp / split, image_encoder, text_encoder, params, device, progress)
+        if params.text_trainable_layers:  # the layers' pretrained weights, where training reads its features
+            with atomic_file(tmp / "train" / TEXT_LAYERS_FILE, "wb") as fh:
+                fh.write(save_safetensors(text_encoder.text_layers()[1]))
     write_json(root / "eval" / "test_index.json", index)
     write_json(root / "eval" / "val_index.json", val_index)  # val's own twins: what recipe choices read
     return out

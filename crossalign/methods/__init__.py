@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save
 from crossalign import config
 from crossalign.io import atomic_file, read_json
 from crossalign.methods import concat_mlp, contrastive, cross_attention, joint  # noqa: F401  (register)
+from crossalign.methods import text_layers
 from crossalign.methods.base import REGISTRY, Aligner, get_method
 
 WEIGHTS, META = "model.safetensors", "model.json"
@@ -89,6 +90,9 @@ def load_aligner(directory: str | Path, weights: str | Path | None = None,
         params[method] = {**BEFORE_MATCHER, **(BEFORE_JOINT if method == "joint" else {}), **params[method]}
     cfg = config.from_dict({"methods": params}, str(meta_file))
     model = build_aligner(cfg, method, image_dim, text_dim)
+    if meta.get("text_layers") is not None:  # trained text encoder layers (features.text_trainable_layers)
+        model = text_layers.attach(model, text_layers.check_config(meta["text_layers"], str(meta_file)), None,
+                                   str(meta_file))
     if not weights_file.exists():
         raise FileNotFoundError(f"{weights_file}: weights of {method} not found")
     state = load_file(str(weights_file))

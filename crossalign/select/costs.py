@@ -39,6 +39,7 @@ from crossalign.methods.contrastive import Contrastive
 from crossalign.methods.cross_attention import CrossAttention
 from crossalign.methods.joint import Joint
 from crossalign.methods.late import LateEncoder
+from crossalign.methods.text_layers import WithTextLayers
 from crossalign.retrieval.scoring import encode_images, encode_texts, score_states
 
 COSTS_DIR = "costs"  # beside reports/, not inside it: reports/ is select's DVC out
@@ -135,6 +136,8 @@ def _encoder_pair(enc: torch.nn.Module, length: int, regions: int) -> int:
 
 def _text_side(model: Aligner, length: int) -> int:
     """MACs of encoding one query caption of ``length`` tokens with the method's text side."""
+    if isinstance(model, WithTextLayers):  # the trained encoder layers run per query, then the method's side
+        return model.text_layers.macs(length) + _text_side(model.inner, length)
     if isinstance(model, Ensemble):
         return _text_side(model.embedder, length) + _text_side(model.matcher, length)
     if isinstance(model, Contrastive):
@@ -151,6 +154,8 @@ def _text_side(model: Aligner, length: int) -> int:
 
 def _pair(model: Aligner, length: int, regions: int) -> int:
     """MACs of one pair-scorer call (the gallery image's side precomputed in the index)."""
+    if isinstance(model, WithTextLayers):
+        return _pair(model.inner, length, regions)
     if isinstance(model, Ensemble):
         return _pair(model.matcher, length, regions)
     if isinstance(model, ConcatMlp):
@@ -159,6 +164,8 @@ def _pair(model: Aligner, length: int, regions: int) -> int:
 
 
 def _similarity(model: Aligner) -> int:
+    if isinstance(model, WithTextLayers):
+        return _similarity(model.inner)
     return _embed_dim(model.embedder if isinstance(model, Ensemble) else model)
 
 

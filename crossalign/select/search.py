@@ -46,8 +46,11 @@ def text_features(cfg: config.Config, text: str, device: "torch.device",
 
     from crossalign.features.encoders import build_text_encoder
 
-    enc = build_text_encoder(cfg.features.text_encoder, device,
-                             cfg.features.text_token_layer if token_layer is None else token_layer)
+    if token_layer is None:  # the layer params.yaml caches (below any trainable layers)
+        enc = build_text_encoder(cfg.features.text_encoder, device, cfg.features.text_token_layer,
+                                 cfg.features.text_trainable_layers)
+    else:
+        enc = build_text_encoder(cfg.features.text_encoder, device, token_layer)
     ids = enc.tokenize([text], min(cfg.preprocess.max_length, enc.max_length))[0]
     input_ids = torch.tensor([ids], device=device)  # (1, L)
     mask = torch.ones_like(input_ids)  # (1, L)

@@ -20,10 +20,27 @@ def decays(name: str, param: nn.Parameter) -> bool:
     return param.ndim >= 2 and leaf != "bias" and "logit_scale" not in name
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+TEXT_LAYERS = "text_layers."  # crossalign.methods.text_layers.WithTextLayers: the encoder's trained layers
+
+
+def param_groups(model: nn.Module, weight_decay: float, text_layers_lr: float | None = None) -> list[dict[str, Any]]:
     """Trainable parameters of ``model`` in two AdamW groups: [decayed, not decayed (weight_decay 0)].
     Frozen parameters (``requires_grad=False``, e.g. a fixed logit scale) are left out; the order
-    of parameters within a group is the model's, so optimiser state keys are stable."""
+    of parameters within a group is the model's, so optimiser state keys are stable.
+
+    The text encoder's trained layers (``text_layers.*``), when the model has them, are two more
+    groups (decayed, not) whose ``peak_lr`` is ``text_layers_lr`` (``train.text_layers_lr``):
+    pretrained weights move at a fine-tuning rate while the fresh heads move at ``train.lr``."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    return [{"params": [p for n, p in named if decays(n, p)], "weight_decay": weight_decay},
-            {"params": [p for n, p in named if not decays(n, p)], "weight_decay": 0.0}]
+    own = [(n, p) for n, p in named if not n.startswith(TEXT_LAYERS)]
+    groups = [{"params": [p for n, p in own if decays(n, p)], "weight_decay": weight_decay},
+              {"params": [p for n, p in own if not decays(n, p)], "weight_decay": 0.0}]
+    text = [(n, p) for n, p in named if n.startswith(TEXT_LAYERS)]
+    if text:
+        if text_layers_lr is None:
+            raise ValueError("the model trains text encoder layers: give their learning rate (train.text_layers_lr)")
+        groups += [{"params": [p for n, p in text if decays(n, p)], "weight_decay": weight_decay,
+                    "lr": text_layers_lr, "peak_lr": text_layers_lr},
+                   {"params": [p for n, p in text if not decays(n, p)], "weight_decay": 0.0,
+                    "lr": text_layers_lr, "peak_lr": text_layers_lr}]
+    return groups

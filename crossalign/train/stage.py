@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 
 from crossalign import interrupt
 from crossalign.train import checkpoint
@@ -32,9 +33,11 @@ from crossalign.features import hardneg
 from crossalign.train.batches import DeviceSplit, StreamSplit, iterate, open_split, pair_twins, twin_captions
 from crossalign.config import Config
 from crossalign.device import resolve_device
-from crossalign.io import FeatureSplit, atomic_dir, atomic_file, load_features
+from crossalign.io import RERUN, TEXT_LAYERS_FILE, FeatureSplit, atomic_dir, atomic_file, load_features
 from crossalign.methods import get_method, method_params, save_aligner, trainable_params
+from crossalign.methods import text_layers
 from crossalign.methods.base import Aligner
+from crossalign.methods.text_layers import WithTextLayers
 from crossalign.train.optim import param_groups
 from crossalign.retrieval.protocol import retrieval_metrics
 from crossalign.retrieval.scoring import score_matrices
@@ -56,17 +59,6 @@ def validation_metrics(model: Aligner, split: FeatureSplit, device: torch.device
     """COCO retrieval metrics of ``model`` on a split (t2i from its own matrix when re-ranking)."""
     i2t, t2i = score_matrices(model, split, device)
     return retrieval_metrics(i2t, split.caption_image_index, t2i)
-
-
-def first_images(split: FeatureSplit, n: int) -> FeatureSplit:
-    """The first ``n`` images of a split and their captions (all when n is 0 or too large);
-    no token data is copied."""
-    if not n or n >= split.n_images:
-        return split
-    keep = np.flatnonzero(np.asarray(split.caption_image_index) < n)  # (M',)
-    sub = split.select_captions(keep)
-    sub.image_tokens, sub.image_pooled, sub.image_ids = split.image_tokens[:n], split.image_pooled[:n], split.image_ids[:n]
-    return sub
 
 
 _PACKAGE = Path(__file__).resolve().parents[1]  # crossalign/
@@ -93,6 +85,10 @@ def fingerprint(cfg: Config, method: str, seed: int, train: FeatureSplit, val: F
                       t.val_images, t.twin_negatives, t.caption_negatives, t.binding_rank_weight],
             "features": [list(train.image_tokens.shape), list(train.text.tokens.shape), list(val.text.tokens.shape),
                          _sample_digest(train), _sample_digest(val)]}
+    encoder = train.meta.get("text_encoder") or {}
+    if "token_layer" in encoder or "text_layers" in encoder:  # which layer's states (absent: the last, as before)
+        trained = encoder.get("text_layers")
+        blob["text"] = [encoder.get("token_layer"), trained, t.text_layers_lr if trained else None]
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -146,8 +142,8 @@ def _epochs(cfg: Config, method: str, seed: int, model: Aligner, loss_fn: torch.
         for b, batch in enumerate(iterate(data, index)):
             interrupt.check()
             lr = lr_at(state["step"], total, warmup, t.lr)
-            for group in opt.param_groups:
-                group["lr"] = lr
+            for group in opt.param_groups:  # the trained text layers keep their own peak (train.text_layers_lr)
+                group["lr"] = lr_at(state["step"], total, warmup, group["peak_lr"]) if "peak_lr" in group else lr
             with autocast:
                 terms = loss_fn(model(batch), batch)
             loss = sum(terms.values())
@@ -183,6 +179,20 @@ def _epochs(cfg: Config, method: str, seed: int, model: Aligner, loss_fn: torch.
     return best
 
 
+def with_text_layers(model: Aligner, train: FeatureSplit) -> Aligner:
+    """``model`` with the text encoder's trainable layers (``features.text_trainable_layers``) the
+    training split was cached below, initialised from the weights the features stage wrote beside
+    it; ``model`` as it is when the split has none or the method reads no tokens."""
+    config = text_layers.features_config(train.meta, str(train.root / "meta.json"))
+    if config is None or not model.reads_tokens:
+        return model
+    path = train.root / TEXT_LAYERS_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: missing; {train.root / 'meta.json'} names {config['layers']} trainable text "
+                                f"layers, whose weights the features stage writes there: {RERUN}")
+    return text_layers.attach(model, config, load_file(str(path)), str(path))
+
+
 def binding_negatives(cfg: Config, train: FeatureSplit) -> tuple[np.ndarray | None, hardneg.HardNegatives | None, int]:
     """(twin_caption, hard negatives, k) for :func:`crossalign.train.batches.open_split` from
     ``train.twin_negatives`` / ``train.caption_negatives``; a split written without binding negatives fails
@@ -203,9 +213,9 @@ def train_seed(cfg: Config, root: Path, method: str, seed: int, train: FeatureSp
     t, device = cfg.train, resolve_device(cfg.train.device, "train.device")
     spec = get_method(method)
     torch.manual_seed(seed)
-    model = spec.build_model(cfg, train.image_dim, train.text_dim).to(device)
+    model = with_text_layers(spec.build_model(cfg, train.image_dim, train.text_dim).to(device), train)
     loss_fn = spec.build_loss(cfg)
-    opt = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr)  # no decay on biases, norms, logit scale
+    opt = torch.optim.AdamW(param_groups(model, t.weight_decay, t.text_layers_lr), lr=t.lr)  # no decay on biases, norms, logit scale
     data = open_split(train, t.placement, device, model.reads_tokens,  # batches never widen the whole split
                       *binding_negatives(cfg, train))
     log(f"[{method} seed {seed}] train.placement {t.placement}: {data.placement} "
@@ -231,6 +241,7 @@ def train_seed(cfg: Config, root: Path, method: str, seed: int, train: FeatureSp
     model.load_state_dict({k: v.to(device) for k, v in best.items()})
     meta = {"method": method, "image_dim": train.image_dim, "text_dim": train.text_dim,
             "methods": method_params(cfg, method), "trainable_params": trainable_params(model),
+            **({"text_layers": model.text_layers.config} if isinstance(model, WithTextLayers) else {}),
             "seed": seed, "best_epoch": state["best_epoch"],
             "epochs_run": state["epoch"], "val_metrics": state.get("best_metrics", {})}
     save_aligner(model.cpu(), final_dir, meta)
@@ -260,7 +271,7 @@ def run(cfg: Config, root: Path, method: str, tracker_factory=None, log=print,
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     train = load_features(root / "data" / "features" / "train")  # memory maps: placement decides what is read
-    val = first_images(load_features(root / "data" / "features" / "val"), cfg.train.val_images)
+    val = load_features(root / "data" / "features" / "val").first_images(cfg.train.val_images)
     tracker = tracker_factory(cfg, root) if tracker_factory else None
     results, history = [], []
     with atomic_dir(root / "models" / method / "final") as final:

