@@ -11,6 +11,9 @@ overrides, seed 0, early stopping on val RSUM) and scores:
   images (twins the model was trained on). A mechanism that cannot fit the training twins cannot
   bind on val; one that fits them and stays at chance on val overfits. This is the first number
   to watch.
+- **why**: with a late matcher and the project's prepared train split beside the features, the
+  grounding numbers of ``bench/grounding.py`` on the same training twins (does a shape word's
+  matched place follow its object; do the two words' offsets come in the objects' order).
 
 Every arm names the three text-side keys (``features.text_token_layer``, ``methods.text_positions``,
 ``methods.relation_geometry``); it reads the features cached at its token layer from ``--root`` or
@@ -38,6 +41,8 @@ import torch
 
 from bench import entry
 from bench.binding import _probe_cells, config_with, train_once
+from bench.grounding import encoder_of
+from bench.grounding import measure as grounding
 from bench.splits import add_final_flag, index_path, scored_split
 from crossalign.evaluate.binding import binding_probe
 from crossalign.evaluate.stage import train_fit_split
@@ -78,6 +83,8 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     "joint-LiT3": ("joint", LIT3),
     "joint-LiT3+relation+text-learned": ("joint", _with(LIT3, *SIDE)),
     "cross_attention-LiT3+relation+text-learned": ("cross_attention", _with(LIT3, *SIDE)),
+    "cross_attention-LiT3+relation+text-learned+lr3e-4": ("cross_attention",
+                                                          _with(LIT3, *SIDE, "train.text_layers_lr=0.0003")),
 }
 
 
@@ -122,6 +129,8 @@ def measure(root: Path, features_root: Path, method: str, sets: list[str], split
            "threads": threads}
     rsum, cells = probe(model, *fit)
     out["train_fit"] = {"images": fit[0].n_images, "rsum": round(rsum, 1), **cells}
+    if encoder_of(model) is not None and (features_root / "data" / "prepared" / "train" / "tokens.npy").exists():
+        out["train_grounding"] = grounding(model, features_root, "train", fit_images)  # why the fit is what it is
     alphas = [None] if model.rerank is None else [model.rerank.alpha, 0.0, 0.5, 1.0]
     for alpha in dict.fromkeys(alphas):
         if alpha is not None:

@@ -16,6 +16,7 @@ Scripts and the test that runs them:
     bench.text_probe        test_text_probe (captions of the generator's caption code; the real MiniLM)
     bench.recipe_val        test_recipe_val (tests/test_bench_splits.py: --final refuses other arms)
     bench.position          test_position (train twins from the tiny train split's twin_row.npy)
+    bench.grounding         test_grounding (hand-made twins with boxes, an untrained late matcher)
     bench.sampler           test_sampler
     bench.scale             test_scale (its caption lengths from a fabricated COCO captions file)
     bench.real_val          test_real_val (a tiny folder of generated photos in COCO caption format)
@@ -365,6 +366,77 @@ def test_position(project: Path, tmp_path: Path):
     assert 0 < runs[1]["val"]["rsum"] <= 600 and "val_alpha_0.0" not in runs[1]  # no re-ranking: one score
     assert runs[0]["set"] == ["features.text_token_layer=-1", "methods.text_positions=learned",
                               "methods.relation_geometry=true", "train.epochs=1"]
+
+
+def _grounding_project(root: Path) -> Path:
+    """data/prepared/train (word pieces, records with boxes: images 0 and 1 are position twins whose
+    records list their objects by place, 2 and 3 colour twins), data/features/train over a 2x2
+    grid, and an untrained joint with the late matcher and relation geometry."""
+    from transformers import AutoTokenizer
+
+    from crossalign.features.encoders.text import resolve_source
+    from crossalign.io import write_features
+    from crossalign.methods import build_aligner, method_params, save_aligner
+
+    red = {"colour": "red", "shape": "circle", "size": "small"}
+    blue = {"colour": "blue", "shape": "square", "size": "large"}
+    left, right = [10.0, 20.0, 20.0, 20.0], [40.0, 20.0, 20.0, 20.0]
+    records = [{"id": 10, "twin_id": 11, "swap": "position", "objects": [{**red, "bbox": left}, {**blue, "bbox": right}]},
+               {"id": 11, "twin_id": 10, "swap": "position", "objects": [{**blue, "bbox": left}, {**red, "bbox": right}]},
+               {"id": 12, "twin_id": 13, "swap": "colour", "objects": [{**red, "bbox": left}, {**blue, "bbox": right}]},
+               {"id": 13, "twin_id": 12, "swap": "colour", "objects": [{**blue, "shape": "circle", "bbox": left},
+                                                                      {**red, "shape": "square", "bbox": right}]}]
+    captions = ["a red circle left of a blue square", "a blue square right of a red circle",
+                "a blue square left of a red circle", "a square and a square",
+                "a red circle and a blue square", "a red circle", "a blue circle and a red square", "shapes"]
+    ids = AutoTokenizer.from_pretrained(resolve_source("offline"))(captions)["input_ids"]
+    prepared = root / "data" / "prepared" / "train"
+    prepared.mkdir(parents=True)
+    np.save(prepared / "tokens.npy", np.concatenate([np.asarray(x, np.int32) for x in ids]))
+    np.save(prepared / "offsets.npy", np.cumsum([0] + [len(x) for x in ids]).astype(np.int64))
+    (prepared / "images.json").write_text(json.dumps(records))
+    (prepared / "meta.json").write_text(json.dumps({"image_size": 64}))
+    rng = np.random.default_rng(0)
+    lengths = np.array([len(x) for x in ids])
+    tokens = rng.normal(size=(8, lengths.max(), 12)).astype(np.float32)
+    tokens[np.arange(lengths.max())[None, :] >= lengths[:, None]] = 0
+    write_features(root / "data" / "features" / "train", image_tokens=rng.normal(size=(4, 4, 10)),
+                   image_pooled=rng.normal(size=(4, 10)), text_tokens=tokens, text_lengths=lengths,
+                   text_pooled=rng.normal(size=(8, 12)), image_ids=np.arange(10, 14),
+                   caption_image_index=np.repeat(np.arange(4), 2), caption_ids=np.arange(8), meta={})
+    cfg = tiny_config(root, methods={"embed_dim": 8, "relation_geometry": True, "joint": {"matcher": "late"}})
+    model = build_aligner(cfg, "joint", 10, 12)
+    return save_aligner(model, root / "model", {"method": "joint", "image_dim": 10, "text_dim": 12,
+                                                "methods": method_params(cfg, "joint")})
+
+
+def test_grounding_pairs_objects_by_what_they_are():
+    """A twin lists its objects by place: the red circle is object 0 of one record and object 1 of
+    the other, and both moved; a pair is listed once, a colour twin not at all."""
+    from bench.grounding import twin_pairs
+
+    red, blue = {"colour": "red", "shape": "circle", "size": "small"}, {"colour": "blue", "shape": "square", "size": "large"}
+    a, b = [10.0, 0, 20, 20], [40.0, 0, 20, 20]
+    records = [{"id": 1, "twin_id": 2, "swap": "position", "objects": [{**red, "bbox": a}, {**blue, "bbox": b}]},
+               {"id": 2, "twin_id": 1, "swap": "position", "objects": [{**blue, "bbox": a}, {**red, "bbox": b}]},
+               {"id": 3, "twin_id": 4, "swap": "colour", "objects": [{**red, "bbox": a}]},
+               {"id": 4, "twin_id": 3, "swap": "colour", "objects": [{**blue, "bbox": a}]}]
+    assert twin_pairs(records, 4) == [(0, 1, [0, 1])]
+    assert twin_pairs(records, 1) == []  # the twin lies beyond the first image
+
+
+def test_grounding(tmp_path: Path):
+    model = _grounding_project(tmp_path)
+    out = tmp_path / "grounding.json"
+    done = run_bench("grounding", ["--models", model, "--root", tmp_path, "--images", 4, "--out", out], tmp_path)
+    (run,) = json.loads(out.read_text())["runs"]
+    assert json.loads(done.stdout) == run
+    # image 0's two captions name the circle and the square once each; image 1 is its twin
+    assert (run["method"], run["split"], run["captions"], run["words"]) == ("joint", "train", 2, 4)
+    for key in ("place_follows_object", "best_cell_follows_object", "best_cell_on_object", "two_words_same_cell",
+                "offset_order", "geometry_prefers_image"):
+        assert 0 <= run[key] <= 100, key
+    assert 0 <= run["object_cell_rank"] <= 3 and 0 < run["place_entropy"] <= math.log(4) + 1e-6
 
 
 def test_sampler(project: Path, tmp_path: Path):
