@@ -38,6 +38,8 @@ ELSEWHERE = {
     ".venv/bin/dvc exp show": "follows the COCO experiment above",
     ".venv/bin/dvc exp run -n real": "needs a folder of real photos in data.folder (tests/test_overlay.py applies the "
                                      "overlay; bench/real_val.py trains with it)",
+    ".venv/bin/dvc exp run -n lit-gpu": "trains three MiniLM layers per method, for a GPU (tests/test_overlay.py applies the "
+                                        "overlay; tests/test_text_layers.py trains the layers on the CPU)",
     ".venv/bin/dvc exp run -n verdict": "hours of training on the 2-core CPU (tests/test_overlay.py applies the overlay)",
     "export ": "sets a variable for the commands after it",
     "curl ": "talks to a tracking server on another host (tests/test_tracking_server.py does it on loopback)",

@@ -117,3 +117,31 @@ def test_real_overlay_loads_and_every_key_differs_from_params_yaml(tmp_path):
         for part in item.partition("=")[0].split("."):
             node_a, node_b = node_a[part], node_b[part]
         assert node_a != node_b, f"{item}: params.yaml already has this value"
+
+
+def test_lit_gpu_overlay_trains_the_top_three_layers_and_reaches_stages(tmp_path):
+    """params-lit-gpu.yaml through DVC's --set-param: the methods read the last layer computed by
+    three trained layers over cached layer-3 states, every key differs from params.yaml, and each
+    key is a param of a stage (so `dvc exp run` reruns what it changes)."""
+    from dvc.utils.hydra import apply_overrides
+
+    params = tmp_path / "params.yaml"
+    shutil.copy(REPO / "params.yaml", params)
+    items = overrides(yaml.safe_load((REPO / "params-lit-gpu.yaml").read_text()))
+    apply_overrides(params, items)
+    cfg, base = config.load(params), config.load(REPO / "params.yaml")
+    assert (cfg.features.text_token_layer, cfg.features.text_trainable_layers) == (-1, 3)
+    assert base.features.text_trainable_layers == 0 and cfg.train.device == cfg.features.device == "cuda"
+    after, before = cfg.model_dump(mode="json"), base.model_dump(mode="json")
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    declared = {name.replace("${item}", m) for stage in stages.values()
+                for entry in stage.get("do", stage).get("params", [])
+                for name in ([entry] if isinstance(entry, str) else list(entry)) for m in base.train.methods}
+    for item in items:
+        key = item.partition("=")[0]
+        node_a, node_b = after, before
+        for part in key.split("."):
+            node_a, node_b = node_a[part], node_b[part]
+        assert node_a != node_b, f"{item}: params.yaml already has this value"
+        parts = key.split(".")
+        assert any(".".join(parts[:i]) in declared for i in range(1, len(parts) + 1)), f"{key}: no stage reads it"

@@ -182,3 +182,15 @@ def test_fingerprint_tells_the_cached_layer_apart(lit_root, tmp_path):
     first = training.fingerprint(cfg, "joint", 0, train, val)
     train.meta = {**train.meta, "text_encoder": {**train.meta["text_encoder"], "token_layer": 3}}
     assert training.fingerprint(cfg, "joint", 0, train, val) != first
+
+
+def test_the_wrapped_method_ranks_as_set_through_the_wrapper(tmp_path):
+    """Evaluation sets ``model.rerank`` (the fusion alpha chosen on val) on whatever model it loaded:
+    through the wrapper it must reach the method that ranks."""
+    from dataclasses import replace
+
+    inner = build_aligner(tiny_config(tmp_path, methods={"embed_dim": 16}), "joint", 12, 4)
+    model = attach(inner, TINY, None, "test")
+    assert model.embeds and model.matches and model.reads_tokens and model.rerank is inner.rerank
+    model.rerank = replace(model.rerank, alpha=0.0)
+    assert inner.rerank.alpha == 0.0 and "rerank" not in vars(model)
