@@ -25,7 +25,8 @@ another ``features.text_token_layer``, told apart by their ``meta.json``).
     python -m bench.position --final --arms joint-L3+relation+text-learned   # the chosen arm, on TEST
 
 Writes ``bench/results/position.json`` after every arm (an arm already there with the same
-overrides, epochs and split is skipped, so an interrupted bench resumes), with the machine and
+overrides, epochs and split is skipped, so an interrupted bench resumes; a record marked
+``stopped``, scored from the checkpoint of an arm stopped for time, is not), with the machine and
 its load; prints one line per arm.
 """
 from __future__ import annotations
@@ -167,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{arm}: skipped (no features at its features.text_token_layer and text_trainable_layers among {[str(r) for r in roots]}; "
                   "build them with the features stage and pass --features-roots)")
             continue
-        if any(r["arm"] == arm and r["set"] == sets and r["split"] == split and not a.max_steps for r in doc["runs"]):
+        if any(r["arm"] == arm and r["set"] == sets and r["split"] == split and not r.get("stopped") and not a.max_steps
+               for r in doc["runs"]):  # a run stopped for time (scored from its checkpoint) is run again
             print(f"{arm}: already in {a.out}")
             continue
         load = os.getloadavg()[0]
