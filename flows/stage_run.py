@@ -125,10 +125,14 @@ def admit(root: Path, stage: Any, commit: Any, params_yaml: Any, upstream: Any, 
 
 
 def read_lock(root: Path) -> dict[str, Any]:
+    """The stage entries of ``dvc.lock``, read as DVC reads it: YAML 1.2 (PyYAML's YAML 1.1 takes
+    DVC's ``5e-05`` for a string, and the entry written back would then differ from params.yaml)."""
+    from dvc.utils.serialize import parse_yaml
+
     path = root / "dvc.lock"
     if not path.exists():
         return {}
-    return (yaml.safe_load(path.read_text()) or {}).get("stages", {}) or {}
+    return (parse_yaml(path.read_text(), str(path)) or {}).get("stages", {}) or {}
 
 
 def write_lock(root: Path, entries: dict[str, Any]) -> None:

@@ -305,6 +305,26 @@ def test_pull_targets_are_the_parts_of_upstream_outs_a_stage_reads():
     assert pull_targets(["data/featuresX"], upstream) == []  # a name prefix is not a parent
 
 
+def test_a_lock_entry_keeps_dvcs_exponent_floats_through_a_worker(tmp_path: Path):
+    """DVC writes a small float param as ``5e-05``; a worker reads its dvc.lock, hands the entry back
+    in its result artifact, and the orchestrator writes it: the value stays the float params.yaml
+    holds, so `dvc status` is up to date (a YAML 1.1 read made it the string '5e-05')."""
+    from dvc.utils.serialize import dump_yaml
+
+    from flows.stage_run import parse_result, read_lock, result_markdown, write_lock
+
+    entry = {"cmd": "c", "params": {"params.yaml": {"train.text_layers_lr": 5e-05, "train.lr": 0.001}}}
+    dump_yaml(tmp_path / "dvc.lock", {"schema": "2.0", "stages": {"train@a": entry}})
+    assert "train.text_layers_lr: 5e-05" in (tmp_path / "dvc.lock").read_text()  # DVC's own spelling
+    read = read_lock(tmp_path)["train@a"]
+    assert read == entry and isinstance(read["params"]["params.yaml"]["train.text_layers_lr"], float)
+    back = parse_result(result_markdown({"stage": "train@a", "outcome": "ran", "host": "h", "flow_run_id": "f",
+                                         "lock": read, "side": {}}))["lock"]
+    (tmp_path / "orchestrator").mkdir()
+    write_lock(tmp_path / "orchestrator", {"train@a": back})
+    assert read_lock(tmp_path / "orchestrator")["train@a"] == entry
+
+
 def test_result_artifact_round_trips_a_lock_entry():
     from flows.stage_run import parse_result, result_key, result_markdown
 
